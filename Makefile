@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine; each creates its own virtualenv.
+#   make demo   pretrain the demo model on the synthetic dataset (CPU, minutes)
+#   make test   formatter + linter check, then the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= workdirs/demo
+
+.PHONY: demo test lint format
+
+$(BIN)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+demo: $(BIN)/.runtime
+	$(BIN)/python launch/train.py --config=configs/demo.py --workdir=$(WORKDIR)
+
+lint: $(BIN)/.dev
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(BIN)/.dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest -q tests
