@@ -1,0 +1,1 @@
+"""asda-jax: ASDA (audio spectrogram differential attention) in JAX/Flax."""

@@ -1,0 +1,317 @@
+"""Differential attention as one pure function with swappable kernel backends.
+
+    out = softmax(s·q1 k1ᵀ) v − λ · softmax(s·q2 k2ᵀ) v,      s = 1/√d_qk
+
+Both forms of ASDA's attention share this core; they differ only in how q/k/v and λ
+are produced and how the heads are normalised afterwards (see ``model.py``).
+
+Backends (one signature; ``implementation="auto"`` picks per platform):
+
+=============== ============================================================== ==========
+name            what runs                                                      where
+=============== ============================================================== ==========
+xla             both (T, T) maps in float32, then one A·V with A = A1 − λA2;   everywhere
+                the oracle of the tests and the only one that returns maps
+dot_product     two ``jax.nn.dot_product_attention`` calls sharing V (XLA)     everywhere
+cudnn           the same two calls through cuDNN flash attention               GPU, bf16/fp16
+pallas_flash    two Pallas TPU flash-attention calls                           TPU (CPU: interpret)
+pallas_splash   two Pallas TPU splash-attention calls (no additive bias)       TPU (CPU: interpret)
+=============== ============================================================== ==========
+
+Because (A1 − λA2)v = A1·v − λ·(A2·v), the fused backends never materialise a T×T
+map. ``stack_heads=True`` makes them one call over 2H heads with V repeated per pair
+instead of two calls over H heads.
+
+Layout: q, k, v are (B, T, H, D) as in ``jax.nn.dot_product_attention``. Padding is a
+boolean key mask (B, T), True for real tokens. Padding must be trailing (as produced by
+variable-length batching): the cuDNN backend passes it on as sequence lengths.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from asda_jax import sharding
+
+BACKENDS = ("xla", "dot_product", "cudnn", "pallas_flash", "pallas_splash")
+PALLAS_BLOCK = 128  # Pallas TPU kernels work on sequence blocks of 128
+# Below this many tokens XLA's materialised attention beats the TPU kernels.
+PALLAS_MIN_LENGTH = 128
+CUDNN_MAX_HEAD_DIM = 256
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def attention_weights(
+    q: jax.Array,  # (B, Tq, H, D)
+    k: jax.Array,  # (B, Tk, H, D)
+    *,
+    mask: jax.Array | None = None,  # (B, Tk) bool
+    bias: jax.Array | None = None,  # broadcastable to (B, H, Tq, Tk)
+) -> jax.Array:  # (B, H, Tq, Tk) float32
+    """softmax(q kᵀ / √D) in float32, with padded keys given zero weight."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def differential_attention(
+    q1: jax.Array,  # (B, T, H, Dk)
+    k1: jax.Array,  # (B, T, H, Dk)
+    q2: jax.Array,  # (B, T, H, Dk)
+    k2: jax.Array,  # (B, T, H, Dk)
+    v: jax.Array,  # (B, T, H, Dv)
+    lam: jax.Array | float,  # scalar or (H,)
+    *,
+    mask: jax.Array | None = None,  # (B, T) bool, True = real token
+    bias: jax.Array | None = None,  # broadcastable to (B, H, T, T)
+    implementation: str = "auto",
+    stack_heads: bool = False,
+    interpret: bool = False,
+    return_maps: bool = False,
+) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(softmax(q1k1ᵀ/√Dk) − λ·softmax(q2k2ᵀ/√Dk)) v, per head: (B, T, H, Dv).
+
+    With ``return_maps`` also returns the two softmax maps (A1, A2), each
+    (B, H, T, T) float32; that always runs the ``xla`` backend.
+    """
+    backend = choose_backend(
+        implementation,
+        dtype=q1.dtype,
+        head_dim=max(q1.shape[-1], v.shape[-1]),
+        length=q1.shape[1],
+        has_bias=bias is not None,
+        need_maps=return_maps,
+        interpret=interpret,
+    )
+    lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (q1.shape[2],))  # (H,)
+    if backend == "xla":
+        a1 = attention_weights(q1, k1, mask=mask, bias=bias)
+        a2 = attention_weights(q2, k2, mask=mask, bias=bias)
+        a = a1 - lam[:, None, None] * a2  # (B, H, T, T)
+        out = jnp.einsum("bhqk,bkhd->bqhd", a.astype(v.dtype), v)
+        return (out, (a1, a2)) if return_maps else out
+
+    attend = functools.partial(_fused_attention, backend, mask=mask, bias=bias, interpret=interpret)
+    if stack_heads:
+        o = attend(
+            jnp.concatenate([q1, q2], 2), jnp.concatenate([k1, k2], 2), jnp.tile(v, (1, 1, 2, 1))
+        )
+        o1, o2 = jnp.split(o, 2, axis=2)
+    else:
+        o1, o2 = attend(q1, k1, v), attend(q2, k2, v)
+    return (o1 - lam[:, None] * o2).astype(v.dtype)
+
+
+def dot_product_attention(
+    q: jax.Array,  # (B, T, H, D)
+    k: jax.Array,  # (B, T, H, D)
+    v: jax.Array,  # (B, T, H, Dv)
+    *,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    implementation: str = "auto",
+    interpret: bool = False,
+    return_maps: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Plain softmax attention behind the same backends: (B, T, H, Dv)."""
+    backend = choose_backend(
+        implementation,
+        dtype=q.dtype,
+        head_dim=max(q.shape[-1], v.shape[-1]),
+        length=q.shape[1],
+        has_bias=bias is not None,
+        need_maps=return_maps,
+        interpret=interpret,
+    )
+    if backend == "xla":
+        a = attention_weights(q, k, mask=mask, bias=bias)
+        out = jnp.einsum("bhqk,bkhd->bqhd", a.astype(v.dtype), v)
+        return (out, a) if return_maps else out
+    return _fused_attention(backend, q, k, v, mask=mask, bias=bias, interpret=interpret)
+
+
+def choose_backend(
+    implementation: str,
+    *,
+    dtype,
+    head_dim: int,
+    length: int,
+    has_bias: bool,
+    need_maps: bool,
+    interpret: bool = False,
+    platform: str | None = None,
+) -> str:
+    """The backend to run: the requested one if it can run here, else the best fallback.
+
+    ``auto``: TPU → Pallas splash (flash with a bias) from 128 tokens, XLA below;
+    GPU → cuDNN for bf16/fp16, XLA otherwise; CPU → XLA. A requested backend that
+    cannot run here falls back to ``xla`` with a warning.
+    """
+    platform = platform or jax.default_backend()
+    if implementation != "auto" and implementation not in BACKENDS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; one of {BACKENDS}")
+    if need_maps:
+        return "xla"
+    if implementation == "auto":
+        if platform == "tpu" and length >= PALLAS_MIN_LENGTH:
+            return "pallas_flash" if has_bias else "pallas_splash"
+        if platform == "gpu" and _cudnn_can_run(dtype, head_dim):
+            return "cudnn"
+        return "xla"
+    reason = _why_not_available(implementation, platform, dtype, head_dim, has_bias, interpret)
+    if reason is None:
+        return implementation
+    _warn_fallback(implementation, reason)
+    return "xla"
+
+
+def _cudnn_can_run(dtype, head_dim: int) -> bool:
+    return (
+        jnp.dtype(dtype) in [jnp.dtype(d) for d in HALF_DTYPES] and head_dim <= CUDNN_MAX_HEAD_DIM
+    )
+
+
+def _why_not_available(
+    implementation: str, platform: str, dtype, head_dim: int, has_bias: bool, interpret: bool
+) -> str | None:
+    if implementation == "cudnn":
+        if platform != "gpu":
+            return f"cuDNN needs a GPU, this is {platform}"
+        if not _cudnn_can_run(dtype, head_dim):
+            return f"cuDNN needs bf16/fp16 and head dim <= {CUDNN_MAX_HEAD_DIM}"
+    if implementation.startswith("pallas") and platform != "tpu" and not interpret:
+        return f"Pallas TPU kernels need a TPU (or interpret=True), this is {platform}"
+    if implementation == "pallas_splash" and has_bias:
+        return "splash attention takes no additive bias"
+    return None
+
+
+@functools.cache
+def _warn_fallback(implementation: str, reason: str) -> None:
+    logging.warning("attention %r unavailable (%s); using 'xla'", implementation, reason)
+
+
+def _fused_attention(
+    backend: str,
+    q: jax.Array,  # (B, T, H, Dk)
+    k: jax.Array,  # (B, T, H, Dk)
+    v: jax.Array,  # (B, T, H, Dv)
+    *,
+    mask: jax.Array | None,
+    bias: jax.Array | None,
+    interpret: bool,
+) -> jax.Array:  # (B, T, H, Dv)
+    """One softmax attention through a fused kernel, heads of q/k padded to V's width."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k = _pad_last(q, v.shape[-1]), _pad_last(k, v.shape[-1])  # zeros leave q·k unchanged
+    if backend in ("dot_product", "cudnn"):
+        return _jax_nn_attention(q, k, v, mask, bias, scale, cudnn=backend == "cudnn")
+    kernel = _pallas_flash if backend == "pallas_flash" else _pallas_splash
+    return _pallas_attention(kernel, q, k, v, mask, bias, scale, interpret)
+
+
+def _pad_last(x: jax.Array, width: int) -> jax.Array:
+    pad = width - x.shape[-1]
+    if pad < 0:
+        raise ValueError(f"query/key heads ({x.shape[-1]}) wider than value heads ({width})")
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
+
+
+def _jax_nn_attention(q, k, v, mask, bias, scale, *, cudnn: bool) -> jax.Array:
+    if cudnn:
+        lengths = None if mask is None else mask.sum(-1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(
+            q, k, v, bias=bias, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"
+        )
+    dense_mask = None if mask is None else mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense_mask, scale=scale)
+
+
+def _pallas_attention(kernel: Callable, q, k, v, mask, bias, scale, interpret) -> jax.Array:
+    """Runs a Pallas kernel in its (B, H, T, D) layout on 128-aligned sequences.
+
+    Padding (the caller's and the alignment's) becomes segment id 0, real tokens 1, so a
+    real query never attends a padded key. Under a mesh the kernel is shard_mapped
+    over the batch and head axes, since a Pallas call cannot be auto-partitioned.
+    """
+    batch, length = q.shape[:2]
+    padded = -(-length // PALLAS_BLOCK) * PALLAS_BLOCK
+    valid = jnp.ones((batch, length), bool) if mask is None else mask
+    segments = jnp.pad(valid, ((0, 0), (0, padded - length))).astype(jnp.int32)  # (B, Tp)
+
+    def to_kernel_layout(x):  # (B, T, H, D) -> (B, H, Tp, D)
+        return jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    args = [to_kernel_layout(x) for x in (q, k, v)] + [segments]
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (batch, q.shape[2], length, length)).astype(jnp.float32)
+        args.append(jnp.pad(bias, ((0, 0), (0, 0), (0, padded - length), (0, padded - length))))
+    run = functools.partial(kernel, scale=scale, interpret=interpret)
+    spec = sharding.current_mesh_spec(("batch", "heads", "length", "head_dim"))
+    if spec is not None:
+        seg_spec = jax.sharding.PartitionSpec(spec[0], None)
+        in_specs = (spec, spec, spec, seg_spec) + ((spec,) if bias is not None else ())
+        run = jax.shard_map(run, in_specs=in_specs, out_specs=spec, check_vma=False)
+    out = run(*args)  # (B, H, Tp, Dv)
+    return out[:, :, :length].transpose(0, 2, 1, 3)
+
+
+def _in_tpu_interpret_mode(fn: Callable) -> Callable:
+    """``fn`` with its Pallas TPU calls traced in interpret mode, its backward pass too.
+
+    The kernel's backward is traced after ``fn`` returns, outside any context opened
+    inside it, so a custom VJP re-enters the context around the kernel's own VJP.
+    """
+    from jax.experimental.pallas import tpu as pltpu
+
+    @jax.custom_vjp
+    def wrapped(*args):
+        with pltpu.force_tpu_interpret_mode():
+            return fn(*args)
+
+    def forward(*args):
+        with pltpu.force_tpu_interpret_mode():
+            return jax.vjp(fn, *args)
+
+    def backward(kernel_vjp, cotangent):
+        with pltpu.force_tpu_interpret_mode():
+            return kernel_vjp(cotangent)
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
+
+
+def _pallas_flash(q, k, v, segments, bias=None, *, scale, interpret):
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    def kernel(q, k, v, segments, bias):
+        # The kernel scales bias and logits together, softmax((q·kᵀ + ab)·sm_scale),
+        # so q is scaled first to keep the bias additive on the scaled logits.
+        segment_ids = fa.SegmentIds(q=segments, kv=segments)
+        return fa.flash_attention(q * scale, k, v, bias, segment_ids, sm_scale=1.0)
+
+    return (_in_tpu_interpret_mode(kernel) if interpret else kernel)(q, k, v, segments, bias)
+
+
+def _pallas_splash(q, k, v, segments, *, scale, interpret):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    heads, length = q.shape[1], q.shape[2]
+    full = sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(heads)])
+    kernel = sk.make_splash_mha(full, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def one_example(q, k, v, seg):  # (H, Tp, D) each, seg (Tp,)
+        return kernel(q * scale, k, v, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+
+    return jax.vmap(one_example)(q, k, v, segments)

@@ -1,0 +1,107 @@
+"""Meshes and the one table that maps logical axis names to mesh axes.
+
+Parameters carry logical names (``embed``, ``heads``, ``mlp`` ...); activations are
+constrained with the same names. ``LOGICAL_AXIS_RULES`` is the only place that says
+which mesh axis each name is split over, so the same model runs on 1 CPU, 8 fake CPU
+devices, a GPU box or a TPU pod by changing the mesh shape alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or axes, or None for replicated)
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),  # examples: pure data parallelism plus FSDP
+    ("embed", "fsdp"),  # model width of weights: sharded by FSDP, gathered per layer
+    ("heads", "tensor"),  # attention heads: tensor parallelism
+    ("mlp", "tensor"),  # MLP hidden units: tensor parallelism
+    ("head_dim", None),
+    ("qk_group", None),  # the [q1 | q2 | k1 | k2] axis of the fused projection
+    ("length", None),
+    ("act_embed", None),  # model width of activations: replicated
+    ("conv", None),  # spatial taps of convolution kernels
+    ("classes", None),
+    ("norm", None),  # LayerNorm scales and other small vectors
+)
+
+
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int],
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh with automatic (GSPMD) axis types.
+
+    ``shape`` gives each axis's size; one entry may be -1 to take the devices left
+    over. The product must equal the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
+    if len(sizes) != len(MESH_AXES):
+        raise ValueError(f"mesh shape needs {len(MESH_AXES)} axes {MESH_AXES}, got {sizes}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+            f"but {len(devices)} are present"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh):
+    """Maps a tree of logical PartitionSpecs to NamedShardings on ``mesh``."""
+    return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_AXIS_RULES)
+
+
+def variable_shardings(abstract_variables, mesh: Mesh):
+    """NamedShardings for (boxed, abstract) Flax variables, as the rules say."""
+    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (example) axis split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[Mesh]:
+    """Makes ``mesh`` and the logical rules current (activation constraints, kernels)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside ``activate``."""
+    return nn.with_logical_constraint(x, tuple(logical_axes))
+
+
+def current_mesh_spec(logical_axes: Sequence[str | None]) -> P | None:
+    """The PartitionSpec that the active rules give ``logical_axes``, or None without a mesh."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return None
+    return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)

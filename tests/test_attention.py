@@ -1,0 +1,282 @@
+"""Differential attention: NumPy oracles for both forms, and every backend vs the reference."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asda_jax import attention as attn_lib
+from asda_jax import model as model_lib
+
+RNG = np.random.default_rng(0)
+
+
+# --------------------------------------------------------------------- NumPy oracles
+
+
+def np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_softmax_map(q, k, mask=None, bias=None):  # (B,T,H,D) -> (B,H,T,T), float64
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = np.where(mask[:, None, None, :], logits, -np.inf)
+    return np_softmax(logits)
+
+
+def np_differential_core(q1, k1, q2, k2, v, lam, mask=None, bias=None):
+    lam = np.broadcast_to(lam, (q1.shape[2],))[None, :, None, None]
+    a = np_softmax_map(q1, k1, mask, bias) - lam * np_softmax_map(q2, k2, mask, bias)
+    return np.einsum("bhqk,bkhd->bqhd", a, v)
+
+
+def np_layer_norm(x, gamma, beta, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * gamma + beta
+
+
+def np_release_attention(x, w, heads, mask=None):
+    """The release's AltAttention from its formula; weights in torch (out, in) layout."""
+    b, t, d = x.shape
+    qk = x @ w["qk_w"].T + w["qk_b"]
+    q1, q2, k1, k2 = (
+        qk[..., i * d : (i + 1) * d].reshape(b, t, heads, d // heads) for i in range(4)
+    )
+    v = (x @ w["v_w"].T + w["v_b"]).reshape(b, t, heads, d // heads)
+    o = np_differential_core(q1, k1, q2, k2, v, 0.1, mask).reshape(b, t, d)
+    o = np_layer_norm(o, w["norm_w"], w["norm_b"], 1e-5) * 0.95
+    return o @ w["proj_w"].T + w["proj_b"]
+
+
+def np_diff_transformer_attention(x, w, num_heads, layer_index, mask=None):
+    """multihead_diffattn (Ye et al.) from its equations; num_heads = differential heads."""
+    b, t, d_model = x.shape
+    d = d_model // num_heads // 2
+    q = (x @ w["q_w"].T).reshape(b, t, 2 * num_heads, d)
+    k = (x @ w["k_w"].T).reshape(b, t, 2 * num_heads, d)
+    v = (x @ w["v_w"].T).reshape(b, t, num_heads, 2 * d)
+    a = np_softmax_map(q, k, mask).reshape(b, num_heads, 2, t, t)  # sub-heads 2i, 2i+1 pair
+    lam_init = 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+    lam = math.exp(np.sum(w["lq1"] * w["lk1"])) - math.exp(np.sum(w["lq2"] * w["lk2"])) + lam_init
+    o = np.einsum("bhqk,bkhd->bqhd", a[:, :, 0] - lam * a[:, :, 1], v)  # (B, T, H, 2d)
+    o = o / np.sqrt((o**2).mean(-1, keepdims=True) + 1e-5) * w["subln"]
+    o = o * (1 - lam_init)
+    return o.reshape(b, t, d_model) @ w["o_w"].T
+
+
+def trailing_mask(lengths, total):
+    return np.arange(total)[None, :] < np.asarray(lengths)[:, None]
+
+
+def randn(*shape, scale=1.0):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+# --------------------------------------------------------------------- both forms vs oracles
+
+
+@pytest.mark.parametrize("lengths", [None, (9, 5)])
+def test_release_form_matches_numpy_formula(lengths):
+    d, heads, t = 32, 4, 9
+    x = randn(2, t, d)
+    w = {
+        "qk_w": randn(4 * d, d, scale=0.3),
+        "qk_b": randn(4 * d, scale=0.1),
+        "v_w": randn(d, d, scale=0.3),
+        "v_b": randn(d, scale=0.1),
+        "norm_w": 1 + randn(d, scale=0.1),
+        "norm_b": randn(d, scale=0.1),
+        "proj_w": randn(d, d, scale=0.3),
+        "proj_b": randn(d, scale=0.1),
+    }
+    dh = d // heads
+    params = {
+        "qk": {
+            "kernel": w["qk_w"].T.reshape(d, 4, heads, dh),
+            "bias": w["qk_b"].reshape(4, heads, dh),
+        },
+        "v": {"kernel": w["v_w"].T.reshape(d, heads, dh), "bias": w["v_b"].reshape(heads, dh)},
+        "norm": {"scale": w["norm_w"].reshape(heads, dh), "bias": w["norm_b"].reshape(heads, dh)},
+        "proj": {"kernel": w["proj_w"].T.reshape(heads, dh, d), "bias": w["proj_b"]},
+    }
+    mask = None if lengths is None else trailing_mask(lengths, t)
+    cfg = model_lib.ModelConfig(embed_dim=d, num_heads=heads)
+    ours = model_lib.AsdaAttention(cfg).apply(
+        {"params": params}, x, None if mask is None else jnp.asarray(mask)
+    )
+    expected = np_release_attention(x.astype(np.float64), w, heads, mask)
+    valid = np.ones((2, t), bool) if mask is None else mask
+    np.testing.assert_allclose(np.asarray(ours)[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer_index", [0, 5])
+@pytest.mark.parametrize("lengths", [None, (7, 4)])
+def test_diff_transformer_form_matches_published_equations(layer_index, lengths):
+    d_model, num_heads, t = 32, 4, 7  # 2 differential heads, q/k sub-heads 8 wide, v 16 wide
+    h, d = num_heads // 2, d_model // num_heads
+    x = randn(2, t, d_model)
+    w = {n: randn(d_model, d_model, scale=0.3) for n in ("q_w", "k_w", "v_w", "o_w")}
+    w.update({n: randn(d, scale=0.3) for n in ("lq1", "lk1", "lq2", "lk2")})
+    w["subln"] = 1 + randn(2 * d, scale=0.1)
+    params = {
+        "q": {"kernel": w["q_w"].T.reshape(d_model, h, 2, d)},
+        "k": {"kernel": w["k_w"].T.reshape(d_model, h, 2, d)},
+        "v": {"kernel": w["v_w"].T.reshape(d_model, h, 2 * d)},
+        "out_proj": {"kernel": w["o_w"].T.reshape(h, 2 * d, d_model)},
+        "lambda_q1": w["lq1"],
+        "lambda_k1": w["lk1"],
+        "lambda_q2": w["lq2"],
+        "lambda_k2": w["lk2"],
+        "subln": {"scale": w["subln"]},
+    }
+    mask = None if lengths is None else trailing_mask(lengths, t)
+    cfg = model_lib.ModelConfig(embed_dim=d_model, num_heads=num_heads, attention="diff")
+    module = model_lib.DiffTransformerAttention(cfg, layer_index)
+    ours = module.apply({"params": params}, x, None if mask is None else jnp.asarray(mask))
+    expected = np_diff_transformer_attention(x.astype(np.float64), w, h, layer_index, mask)
+    valid = np.ones((2, t), bool) if mask is None else mask
+    np.testing.assert_allclose(np.asarray(ours)[valid], expected[valid], atol=1e-5, rtol=0)
+
+
+def test_lambda_init_per_layer_is_the_published_schedule():
+    published = [0.2000, 0.3555, 0.4707, 0.5561, 0.6193, 0.6661]
+    published += [0.7008, 0.7265, 0.7456, 0.7597, 0.7701, 0.7779]
+    ours = [model_lib.lambda_init(layer) for layer in range(12)]
+    np.testing.assert_allclose(ours, published, atol=5e-5)
+
+
+def test_core_matches_numpy_with_per_head_lambda_mask_and_bias():
+    b, t, h, dk, dv = 2, 11, 3, 8, 16
+    q1, k1, q2, k2 = (randn(b, t, h, dk) for _ in range(4))
+    v = randn(b, t, h, dv)
+    lam = np.array([0.1, 0.5, -0.2], np.float32)
+    bias = randn(1, h, t, t, scale=0.5)
+    mask = trailing_mask((11, 6), t)
+    out = attn_lib.differential_attention(q1, k1, q2, k2, v, lam, mask=jnp.asarray(mask), bias=bias)
+    expected = np_differential_core(
+        *(a.astype(np.float64) for a in (q1, k1, q2, k2, v)), lam, mask, bias
+    )
+    np.testing.assert_allclose(np.asarray(out)[mask], expected[mask], atol=1e-5, rtol=0)
+
+
+def test_returned_maps_are_row_stochastic_and_ignore_padding():
+    b, t, h, d = 2, 10, 2, 8
+    q1, k1, q2, k2, v = (randn(b, t, h, d) for _ in range(5))
+    mask = trailing_mask((10, 4), t)
+    _, (a1, a2) = attn_lib.differential_attention(
+        q1, k1, q2, k2, v, 0.1, mask=jnp.asarray(mask), return_maps=True
+    )
+    for a in (np.asarray(a1), np.asarray(a2)):
+        assert a.shape == (b, h, t, t)
+        np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-6)
+        assert np.all(a[1, :, :, 4:] == 0.0)  # padded keys get no weight
+
+
+# --------------------------------------------------------------------- backends vs reference
+
+
+def _inputs(dk=16, dv=16, t=40, h=2, b=2):
+    arrays = [randn(b, t, h, dk) for _ in range(4)] + [randn(b, t, h, dv)]
+    return [jnp.asarray(a) for a in arrays], jnp.asarray(trailing_mask((t, t - 13), t))
+
+
+def _forward_and_grads(implementation, arrays, mask, bias=None, stack_heads=False):
+    weights = jax.random.normal(jax.random.key(1), arrays[4].shape)  # the same for every call
+    valid_rows = mask[:, :, None, None]
+
+    def loss(q1, k1, q2, k2, v, lam):
+        out = attn_lib.differential_attention(
+            q1, k1, q2, k2, v, lam, mask=mask, bias=bias,
+            implementation=implementation, stack_heads=stack_heads, interpret=True,
+        )  # fmt: skip
+        return jnp.sum(jnp.where(valid_rows, out * weights, 0.0)), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=range(6), has_aux=True)(
+        *arrays, jnp.float32(0.3)
+    )
+    return jnp.where(valid_rows, out, 0.0), grads
+
+
+BACKEND_CASES = [
+    ("dot_product", False),
+    ("dot_product", True),
+    ("pallas_flash", False),
+    ("pallas_flash", True),
+    ("pallas_splash", False),
+]
+
+
+@pytest.mark.parametrize(("implementation", "stack_heads"), BACKEND_CASES)
+def test_backend_matches_reference_forward_and_gradients(implementation, stack_heads):
+    arrays, mask = _inputs()
+    ref_out, ref_grads = _forward_and_grads("xla", arrays, mask)
+    out, grads = _forward_and_grads(implementation, arrays, mask, stack_heads=stack_heads)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["dot_product", "pallas_flash"])
+def test_backend_with_bias_and_wider_values_matches_reference(implementation):
+    arrays, mask = _inputs(dk=8, dv=16, t=24)  # DIFF form: v heads twice as wide as q/k
+    bias = jnp.asarray(randn(1, 2, 24, 24, scale=0.5))
+    ref_out, ref_grads = _forward_and_grads("xla", arrays, mask, bias)
+    out, grads = _forward_and_grads(implementation, arrays, mask, bias)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
+
+
+def test_plain_attention_backends_agree():
+    (q, k, _, _, v), mask = _inputs()
+    ref = attn_lib.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    for implementation in ("dot_product", "pallas_flash"):
+        out = attn_lib.dot_product_attention(
+            q, k, v, mask=mask, implementation=implementation, interpret=True
+        )
+        np.testing.assert_allclose(
+            np.asarray(out)[np.asarray(mask)], np.asarray(ref)[np.asarray(mask)], atol=1e-5
+        )
+
+
+# --------------------------------------------------------------------- the chooser
+
+
+def _choose(implementation, **kw):
+    args = dict(dtype=jnp.float32, head_dim=64, length=513, has_bias=False, need_maps=False)
+    return attn_lib.choose_backend(implementation, **{**args, **kw})
+
+
+def test_auto_picks_the_platform_kernel():
+    assert _choose("auto", platform="cpu") == "xla"
+    assert _choose("auto", platform="gpu", dtype=jnp.bfloat16) == "cudnn"
+    assert _choose("auto", platform="gpu", dtype=jnp.float32) == "xla"
+    assert _choose("auto", platform="tpu") == "pallas_splash"
+    assert _choose("auto", platform="tpu", has_bias=True) == "pallas_flash"
+    assert _choose("auto", platform="tpu", length=103) == "xla"  # student tokens: XLA wins
+    assert _choose("auto", platform="tpu", need_maps=True) == "xla"
+
+
+def test_unavailable_kernels_fall_back_to_xla_and_still_compute(caplog):
+    assert _choose("cudnn", platform="cpu") == "xla"
+    assert _choose("cudnn", platform="gpu", dtype=jnp.float32) == "xla"
+    assert _choose("pallas_flash", platform="cpu") == "xla"
+    assert _choose("pallas_flash", platform="cpu", interpret=True) == "pallas_flash"
+    assert _choose("pallas_splash", platform="tpu", has_bias=True) == "xla"
+    assert _choose("dot_product", platform="cpu") == "dot_product"
+    arrays, mask = _inputs(t=12)
+    ref = attn_lib.differential_attention(*arrays, 0.1, mask=mask)
+    out = attn_lib.differential_attention(*arrays, 0.1, mask=mask, implementation="cudnn")
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        _choose("flash3")
