@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,7 +31,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qk_group", None),  # the [q1 | q2 | k1 | k2] axis of the fused projection
     ("length", None),
     ("act_embed", None),  # model width of activations: replicated
-    ("conv", None),  # spatial taps of convolution kernels
+    ("conv_time", None),  # convolution kernels: time taps,
+    ("conv_freq", None),  # frequency taps,
+    ("conv_in", None),  # and input channels per group
     ("classes", None),
     ("norm", None),  # LayerNorm scales and other small vectors
 )
@@ -105,3 +107,16 @@ def current_mesh_spec(logical_axes: Sequence[str | None]) -> P | None:
     if jax.sharding.get_abstract_mesh().empty:
         return None
     return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+
+
+def init_sharded(init_fn: Callable, mesh: Mesh, *args):
+    """Runs a Flax ``init`` so that every variable is created already sharded.
+
+    Shapes come from ``jax.eval_shape`` (nothing is allocated), shardings from the
+    logical names through ``LOGICAL_AXIS_RULES``. Returns (plain variables, shardings).
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = variable_shardings(abstract, mesh)
+    with activate(mesh):
+        variables = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return nn.meta.unbox(variables), shardings

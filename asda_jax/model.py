@@ -1,0 +1,584 @@
+"""Flax modules: the ASDA encoder, its CNN decoder and the classification head.
+
+The encoder follows the authors' release (see ``shared/asda-method.md``):
+
+    spectrogram (B, T, 128) → 16×16 patches (B, N, D) + fixed 2-D sin-cos positions
+    → [keep a subset of patches] → prepend CLS (no position) → LayerNorm
+    → ``depth`` post-norm differential-attention blocks (no final norm)
+
+Every parameter carries logical axis names (``sharding.LOGICAL_AXIS_RULES``). Modules
+are used only through ``apply``; parameters are a plain dict. To see attention maps,
+apply with ``mutable=["intermediates"]``: each attention layer then runs the ``xla``
+backend and sows its maps as ``attention_maps`` (B, branches, H, T, T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asda_jax import attention as attn_lib
+from asda_jax import sharding
+
+ATTENTION_VARIANTS = ("asda", "diff", "plain")
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and execution knobs; defaults are the release's ViT-Base."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 3.5  # the release hard-codes 3.5 (EAT: 4.0)
+    patch_size: int = 16
+    num_mel_bins: int = 128
+    max_time_patches: int = 768  # 768 × 16 frames ≈ 122.9 s
+    attention: str = "asda"  # "asda" (release) | "diff" (DIFF Transformer) | "plain"
+    diff_lambda: float = 0.1  # release form: fixed λ
+    attn_out_scale: float = 0.95  # release form: output scale (1 − 0.05)
+    drop_path: float = 0.0  # largest rate, reached by the last block
+    decoder_dim: int = 768
+    decoder_layers: int = 6
+    decoder_kernel: int = 3
+    decoder_groups: int = 16
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    attention_impl: str = "auto"
+    attention_stack_heads: bool = False
+    attention_interpret: bool = False  # run Pallas TPU kernels in interpret mode (tests)
+    remat_policy: str = "none"
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def freq_patches(self) -> int:
+        return self.num_mel_bins // self.patch_size
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    def validate(self) -> ModelConfig:
+        """Raises ValueError naming the first inconsistent field."""
+        checks = [
+            (
+                self.attention in ATTENTION_VARIANTS,
+                f"attention must be one of {ATTENTION_VARIANTS}",
+            ),
+            (self.embed_dim % self.num_heads == 0, "embed_dim must divide into num_heads"),
+            (
+                self.attention != "diff" or self.num_heads % 2 == 0,
+                "the diff form pairs heads: num_heads must be even",
+            ),
+            (self.num_mel_bins % self.patch_size == 0, "num_mel_bins must divide by patch_size"),
+            (
+                self.remat_policy in REMAT_POLICIES,
+                f"remat_policy must be in {list(REMAT_POLICIES)}",
+            ),
+            (self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}"),
+            (
+                self.attention_impl == "auto" or self.attention_impl in attn_lib.BACKENDS,
+                f"attention_impl must be 'auto' or one of {attn_lib.BACKENDS}",
+            ),
+            (
+                self.decoder_dim % self.decoder_groups == 0
+                and self.embed_dim % self.decoder_groups == 0,
+                "decoder_dim and embed_dim must divide by decoder_groups",
+            ),
+            (0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid model config: {message} ({self})")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "base": {},
+    "small": dict(embed_dim=384, num_heads=6, decoder_dim=384),
+    "tiny": dict(
+        embed_dim=64, depth=2, num_heads=4, decoder_dim=64, decoder_layers=2, decoder_groups=4
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named ModelConfig (``base``, ``small``, ``tiny``) with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides}).validate()
+
+
+# ---------------------------------------------------------------------------- init
+
+
+def torch_default_init(fan_in: int) -> Callable:
+    """U(±1/√fan_in): PyTorch's default for Linear/Conv weights and biases."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
+
+
+bert_init = nn.initializers.normal(0.02)
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def named(init: Callable, axes: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+class Linear(nn.Module):
+    """y = x · W + b, contracting the last ``contract`` axes of x into ``features``.
+
+    The kernel keeps the structured shape (inputs…, features…), e.g. (D, 4, H, Dh)
+    for the fused q/k projection, so each axis can carry its own logical name.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical names of kernel dims (inputs…, features…)
+    contract: int = 1
+    use_bias: bool = True
+    kernel_init: Callable = bert_init
+    bias_init: Callable = zeros
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.contract :]
+        kernel = self.param(
+            "kernel", named(self.kernel_init, self.axes), (*in_shape, *self.features)
+        )
+        y = jnp.tensordot(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            axes=(tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))),
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias", named(self.bias_init, self.axes[self.contract :]), self.features
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def layer_norm(
+    epsilon: float,
+    dtype,
+    *,
+    axes: tuple[str | None, ...] = ("norm",),
+    affine: bool = True,
+    name: str | None = None,
+) -> nn.LayerNorm:
+    """LayerNorm over the trailing ``len(axes)`` dims, two-pass variance as PyTorch."""
+    reduce = tuple(range(-len(axes), 0))
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=dtype,
+        use_scale=affine,
+        use_bias=affine,
+        reduction_axes=reduce,
+        feature_axes=reduce,
+        scale_init=named(ones, axes),
+        bias_init=named(zeros, axes),
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    return nn.gelu(x, approximate=False)  # the exact (erf) form, as torch.nn.GELU
+
+
+@functools.cache
+def sincos_table(time_patches: int, freq_patches: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sin-cos table (time_patches·freq_patches, dim) in float32.
+
+    Row r = t·F + f holds [e(f) | e(t)]: the first half encodes the frequency patch
+    index, the second the time index, with e(p) = [sin(p·ω), cos(p·ω)] and
+    ω_i = 10000^(−i/(dim/4)). Built from float32 arguments, as the release was.
+    """
+    quarter = dim // 4
+    omega = 1.0 / np.float32(10000) ** (np.arange(quarter, dtype=np.float32) / np.float32(quarter))
+
+    def encode(positions: np.ndarray) -> np.ndarray:  # (N,) -> (N, dim/2)
+        angles = np.outer(positions.astype(np.float32), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    t, f = np.meshgrid(np.arange(time_patches), np.arange(freq_patches), indexing="ij")
+    return np.concatenate([encode(f.ravel()), encode(t.ravel())], axis=1).astype(np.float32)
+
+
+def sincos_positions(cfg: ModelConfig, time_patches: int) -> np.ndarray:
+    """The first ``time_patches`` time rows of the table for ``max_time_patches``."""
+    if time_patches > cfg.max_time_patches:
+        max_frames = cfg.max_time_patches * cfg.patch_size
+        raise ValueError(
+            f"input has {time_patches} time patches ({time_patches * cfg.patch_size} frames); "
+            f"the positional table holds {cfg.max_time_patches} ({max_frames} frames)"
+        )
+    table = sincos_table(cfg.max_time_patches, cfg.freq_patches, cfg.embed_dim)
+    return table[: time_patches * cfg.freq_patches]
+
+
+def token_mask(
+    frame_lengths: jax.Array, time_patches: int, cfg: ModelConfig
+) -> jax.Array:  # (B, 1 + N) bool
+    """Which tokens (CLS first, then patches time-major) hold real audio."""
+    valid_patches = (frame_lengths // cfg.patch_size) * cfg.freq_patches  # (B,)
+    patch_ids = jnp.arange(time_patches * cfg.freq_patches)
+    patches = patch_ids[None, :] < valid_patches[:, None]
+    return jnp.concatenate([jnp.ones_like(patches[:, :1]), patches], axis=1)
+
+
+class PatchEmbed(nn.Module):
+    """(B, T, F) spectrogram → (B, T//p · F//p, D) tokens, time-major, plus positions."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, spec: jax.Array) -> jax.Array:
+        c = self.cfg
+        if spec.ndim != 3 or spec.shape[-1] != c.num_mel_bins:
+            raise ValueError(f"expected (batch, frames, {c.num_mel_bins}) input, got {spec.shape}")
+        # Xavier-uniform of the kernel seen as (D, p·p), as the release initialises it.
+        xavier = nn.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
+        )
+        p = c.patch_size
+        x = nn.Conv(
+            c.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=c.compute_dtype,
+            kernel_init=named(xavier, ("conv_time", "conv_freq", "conv_in", "embed")),
+            bias_init=named(torch_default_init(p * p), ("embed",)),
+            name="proj",
+        )(spec[..., None].astype(c.compute_dtype))  # (B, Nt, Nf, D)
+        batch, time_patches, freq_patches, dim = x.shape
+        x = x.reshape(batch, time_patches * freq_patches, dim)
+        return x + jnp.asarray(sincos_positions(c, time_patches), x.dtype)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def _differential_core(module: nn.Module, cfg: ModelConfig, q1, k1, q2, k2, v, lam, mask):
+    """Runs differential attention; sows the two maps when intermediates are mutable."""
+    if module.is_mutable_collection("intermediates"):
+        out, maps = attn_lib.differential_attention(
+            q1, k1, q2, k2, v, lam, mask=mask, return_maps=True
+        )
+        module.sow("intermediates", "attention_maps", jnp.stack(maps, axis=1))
+        return out
+    return attn_lib.differential_attention(
+        q1,
+        k1,
+        q2,
+        k2,
+        v,
+        lam,
+        mask=mask,
+        implementation=cfg.attention_impl,
+        stack_heads=cfg.attention_stack_heads,
+        interpret=cfg.attention_interpret,
+    )
+
+
+HEADS = ("batch", "length", "heads", "head_dim")
+
+
+class AsdaAttention(nn.Module):
+    """Release form: qk → [q1 | q2 | k1 | k2], v; (A1 − λA2)v; LayerNorm over all heads × 0.95."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:  # (B, T, D)
+        c = self.cfg
+        dense = functools.partial(Linear, dtype=c.compute_dtype)
+        qk = dense(
+            (4, c.num_heads, c.head_dim), ("embed", "qk_group", "heads", "head_dim"), name="qk"
+        )(x)  # (B, T, 4, H, Dh)
+        v = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), name="v")(x)
+        q1, q2, k1, k2 = (sharding.constrain(qk[:, :, i], HEADS) for i in range(4))
+        o = _differential_core(
+            self, c, q1, k1, q2, k2, sharding.constrain(v, HEADS), c.diff_lambda, mask
+        )
+        o = layer_norm(1e-5, c.compute_dtype, axes=("heads", "head_dim"), name="norm")(o)
+        o = o * c.attn_out_scale
+        return dense((c.embed_dim,), ("heads", "head_dim", "embed"), contract=2, name="proj")(o)
+
+
+def lambda_init(layer_index: int) -> float:
+    """DIFF Transformer's λ_init for a 0-based layer index: 0.8 − 0.6·exp(−0.3·l)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+
+
+class DiffTransformerAttention(nn.Module):
+    """Paper / DIFF-Transformer form (Ye et al. 2024) at the same width.
+
+    H = num_heads/2 differential heads; q and k sub-heads of width d = D/num_heads
+    interleaved per head, v heads of width 2d, no biases. Learnable
+    λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init(l), shared by the heads of a layer;
+    each head's output is RMS-normalised and scaled by (1 − λ_init(l)).
+    """
+
+    cfg: ModelConfig
+    layer_index: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        c = self.cfg
+        heads, d = c.num_heads // 2, c.head_dim
+        dense = functools.partial(Linear, use_bias=False, dtype=c.compute_dtype)
+        pair_axes = ("embed", "heads", "qk_group", "head_dim")
+        q = dense((heads, 2, d), pair_axes, name="q")(x)  # (B, T, H, 2, d)
+        k = dense((heads, 2, d), pair_axes, name="k")(x)
+        v = dense((heads, 2 * d), ("embed", "heads", "head_dim"), name="v")(x)  # (B, T, H, 2d)
+        init = lambda_init(self.layer_index)
+        lam_params = [
+            self.param(n, named(nn.initializers.normal(0.1), ("head_dim",)), (d,))
+            for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+        ]
+        lq1, lk1, lq2, lk2 = lam_params
+        lam = jnp.exp(jnp.sum(lq1 * lk1)) - jnp.exp(jnp.sum(lq2 * lk2)) + init
+        o = _differential_core(
+            self, c, q[:, :, :, 0], k[:, :, :, 0], q[:, :, :, 1], k[:, :, :, 1], v, lam, mask
+        )
+        o = nn.RMSNorm(
+            epsilon=1e-5, dtype=c.compute_dtype, scale_init=named(ones, ("head_dim",)), name="subln"
+        )(o)
+        o = o * (1.0 - init)
+        return dense((c.embed_dim,), ("heads", "head_dim", "embed"), contract=2, name="out_proj")(o)
+
+
+class PlainAttention(nn.Module):
+    """Standard multi-head attention (EAT / data2vec 2.0 layout): the baseline."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        c = self.cfg
+        dense = functools.partial(Linear, dtype=c.compute_dtype)
+        qkv = dense(
+            (3, c.num_heads, c.head_dim), ("embed", "qk_group", "heads", "head_dim"), name="qkv"
+        )(x)
+        q, k, v = (sharding.constrain(qkv[:, :, i], HEADS) for i in range(3))
+        if self.is_mutable_collection("intermediates"):
+            o, a = attn_lib.dot_product_attention(q, k, v, mask=mask, return_maps=True)
+            self.sow("intermediates", "attention_maps", a[:, None])
+        else:
+            o = attn_lib.dot_product_attention(
+                q, k, v, mask=mask, implementation=c.attention_impl, interpret=c.attention_interpret
+            )
+        return dense((c.embed_dim,), ("heads", "head_dim", "embed"), contract=2, name="proj")(o)
+
+
+def make_attention(cfg: ModelConfig, layer_index: int) -> nn.Module:
+    if cfg.attention == "asda":
+        return AsdaAttention(cfg, name="attn")
+    if cfg.attention == "diff":
+        return DiffTransformerAttention(cfg, layer_index, name="attn")
+    return PlainAttention(cfg, name="attn")
+
+
+# ---------------------------------------------------------------------------- blocks
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.cfg
+        h = Linear((c.mlp_dim,), ("embed", "mlp"), dtype=c.compute_dtype, name="fc1")(x)
+        h = sharding.constrain(gelu(h), ("batch", "length", "mlp"))
+        return Linear((c.embed_dim,), ("mlp", "embed"), dtype=c.compute_dtype, name="fc2")(h)
+
+
+class Block(nn.Module):
+    """Post-norm block; returns (output, MLP output before the residual = teacher target)."""
+
+    cfg: ModelConfig
+    layer_index: int
+    drop_path: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None, train: bool):
+        c = self.cfg
+        # Per-example stochastic depth: one Bernoulli draw per row of the batch.
+        drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
+        a = make_attention(c, self.layer_index)(x, mask)
+        x = layer_norm(1e-6, c.compute_dtype, name="norm1")(x + drop_path(a))
+        f = Mlp(c, name="mlp")(x)
+        x = layer_norm(1e-6, c.compute_dtype, name="norm2")(x + drop_path(f))
+        return sharding.constrain(x, ("batch", "length", "act_embed")), f
+
+
+class EncoderOutput(NamedTuple):
+    tokens: jax.Array  # (B, 1 + N, D): CLS, then patches
+    layer_results: tuple[jax.Array, ...]  # per block (B, 1 + N, D): MLP output
+    mask: jax.Array | None  # (B, 1 + N) bool, or None when every token is real
+
+
+class Encoder(nn.Module):
+    """Patch embedding, CLS, context LayerNorm and the differential blocks."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        self.patch_embed = PatchEmbed(c)
+        self.cls_token = self.param(
+            "cls_token",
+            named(nn.initializers.normal(1.0), (None, None, "norm")),
+            (1, 1, c.embed_dim),
+        )
+        self.context_norm = layer_norm(1e-6, c.compute_dtype)
+        policy = REMAT_POLICIES[c.remat_policy]
+        block = (
+            Block
+            if c.remat_policy == "none"
+            else nn.remat(Block, policy=policy, static_argnums=(3,))
+        )
+        rates = np.linspace(0.0, c.drop_path, c.depth) if c.depth > 1 else [c.drop_path]
+        self.blocks = [block(c, i, float(rates[i])) for i in range(c.depth)]
+
+    def embed(self, spec: jax.Array) -> jax.Array:
+        """(B, T, F) → (B, N, D) patch tokens with positions (T floored to the patch)."""
+        return self.patch_embed(spec)
+
+    def contextualize(
+        self, patches: jax.Array, mask: jax.Array | None = None, train: bool = False
+    ) -> EncoderOutput:
+        """Prepends CLS to (B, N, D) patch tokens and runs the norm and blocks."""
+        batch = patches.shape[0]
+        cls = jnp.broadcast_to(self.cls_token.astype(patches.dtype), (batch, 1, patches.shape[-1]))
+        x = self.context_norm(jnp.concatenate([cls, patches], axis=1))
+        x = sharding.constrain(x, ("batch", "length", "act_embed"))
+        layer_results = []
+        for block in self.blocks:
+            x, f = block(x, mask, train)
+            layer_results.append(f)
+        return EncoderOutput(x, tuple(layer_results), mask)
+
+    def __call__(
+        self, spec: jax.Array, frame_lengths: jax.Array | None = None, train: bool = False
+    ) -> EncoderOutput:
+        """Encodes a (B, T, F) batch; ``frame_lengths`` (B,) masks trailing padding."""
+        patches = self.embed(spec)
+        mask = None
+        if frame_lengths is not None:
+            time_patches = patches.shape[1] // self.cfg.freq_patches
+            mask = token_mask(frame_lengths, time_patches, self.cfg)
+        return self.contextualize(patches, mask, train)
+
+
+# ---------------------------------------------------------------------------- heads
+
+
+class Decoder(nn.Module):
+    """The student's CNN decoder over the (time, freq) patch grid (release: Decoder2d).
+
+    Each block: grouped Conv k×k → LayerNorm (no affine) → GELU, with a residual around
+    it when the widths match; then a Linear back to the encoder width.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, grid: jax.Array) -> jax.Array:  # (B, Nt, Nf, D) -> (B, Nt·Nf, D)
+        c = self.cfg
+        k = c.decoder_kernel
+        x = grid.astype(c.compute_dtype)
+        for i in range(c.decoder_layers):
+            fan_in = x.shape[-1] // c.decoder_groups * k * k
+            y = nn.Conv(
+                c.decoder_dim,
+                (k, k),
+                padding="SAME",
+                feature_group_count=c.decoder_groups,
+                dtype=c.compute_dtype,
+                kernel_init=named(
+                    torch_default_init(fan_in), ("conv_time", "conv_freq", "conv_in", "embed")
+                ),
+                bias_init=named(torch_default_init(fan_in), ("embed",)),
+                name=f"blocks_{i}",
+            )(x)
+            y = gelu(layer_norm(1e-5, c.compute_dtype, affine=False)(y))
+            x = y + x if y.shape == x.shape else y
+        batch, time_patches, freq_patches, dim = x.shape
+        x = x.reshape(batch, time_patches * freq_patches, dim)
+        init = torch_default_init(c.decoder_dim)
+        return Linear(
+            (c.embed_dim,),
+            ("embed", "act_embed"),
+            kernel_init=init,
+            bias_init=init,
+            dtype=c.compute_dtype,
+            name="proj",
+        )(x)
+
+
+def pool(out: EncoderOutput, pooling: str) -> jax.Array:  # (B, D)
+    """CLS token, or the mean of the real patch tokens."""
+    if pooling == "cls":
+        return out.tokens[:, 0]
+    if pooling == "mean":
+        patches = out.tokens[:, 1:]
+        if out.mask is None:
+            return patches.mean(axis=1)
+        weights = out.mask[:, 1:, None].astype(patches.dtype)
+        return (patches * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
+class Classifier(nn.Module):
+    """Encoder → pooled token → LayerNorm (``fc_norm``) → Linear (``head``): logits."""
+
+    cfg: ModelConfig
+    num_classes: int
+    pooling: str = "cls"
+
+    @nn.compact
+    def __call__(
+        self, spec: jax.Array, frame_lengths: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:  # (B, num_classes) float32
+        out = Encoder(self.cfg, name="encoder")(spec, frame_lengths, train)
+        pooled = layer_norm(1e-6, self.cfg.compute_dtype, name="fc_norm")(pool(out, self.pooling))
+        logits = Linear(
+            (self.num_classes,),
+            ("embed", "classes"),
+            kernel_init=nn.initializers.truncated_normal(0.02),
+            dtype=self.cfg.compute_dtype,
+            name="head",
+        )(pooled)
+        return logits.astype(jnp.float32)

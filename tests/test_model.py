@@ -1,0 +1,258 @@
+"""The Flax model against the release's structure and an independent PyTorch re-implementation."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from asda_jax import model as model_lib
+from asda_jax import release_weights
+from tests import torch_reference as ref
+
+SMALL = dict(embed_dim=64, depth=2, num_heads=4, max_time_patches=64)
+
+
+def shapes(tree):
+    return jax.tree.map(lambda x: tuple(x.shape), tree)
+
+
+def count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def abstract_params(module, *args):
+    return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))["params"]
+
+
+def torch_model(seed=0, **kw) -> ref.ReleaseModel:
+    torch.manual_seed(seed)
+    return ref.randomize_(ref.ReleaseModel(**kw), seed).eval()
+
+
+# --------------------------------------------------------------------- structure
+
+
+def test_base_encoder_has_the_release_structure_and_parameter_count():
+    cfg = model_lib.preset("base")
+    ours = abstract_params(model_lib.Encoder(cfg), jnp.zeros((1, 1024, 128)))
+    release = ref.ReleaseModel()  # the release's ViT-B with its module names
+    mapped = release_weights.encoder_params(ref.state_dict_numpy(release), cfg)
+    assert shapes(ours) == shapes(mapped)
+    assert count(ours) == 92_364_288  # trainable encoder of the release (positions excluded)
+    assert ours["blocks_0"]["attn"]["qk"]["kernel"].shape == (768, 4, 12, 64)
+    assert ours["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (768, 2688)
+
+
+def test_base_decoder_has_the_release_structure_and_parameter_count():
+    cfg = model_lib.preset("base")
+    ours = abstract_params(model_lib.Decoder(cfg), jnp.zeros((1, 64, 8, 768)))
+    release = ref.ReleaseModel(depth=0, decoder_layers=6)
+    mapped = release_weights.decoder_params(ref.state_dict_numpy(release), cfg)
+    assert shapes(ours) == shapes(mapped)
+    assert count(ours) == 2_585_856
+
+
+def test_positional_table_layout():
+    table = model_lib.sincos_table(768, 8, 768)
+    assert table.shape == (6144, 768) and table.dtype == np.float32
+    changed_by_freq = np.nonzero(table[1] != table[0])[0]
+    changed_by_time = np.nonzero(table[8] != table[0])[0]
+    assert changed_by_freq.min() >= 0 and changed_by_freq.max() < 384  # first half: frequency
+    assert changed_by_time.min() >= 384  # second half: time
+    expected = ref.sincos_positions(768, 8, 768)[0].numpy()
+    # float32 pow differs by an ulp between libraries; times positions up to 767 → ≤ 1e-4
+    np.testing.assert_allclose(table, expected, atol=1e-4)
+    cfg = model_lib.preset("base")
+    np.testing.assert_array_equal(model_lib.sincos_positions(cfg, 64), table[:512])
+
+
+# --------------------------------------------------------------------- parity with PyTorch
+
+
+def _ours_from_torch(torch_model, cfg):
+    state = ref.state_dict_numpy(torch_model)
+    return {"params": jax.tree.map(jnp.asarray, release_weights.encoder_params(state, cfg))}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_encoder_matches_pytorch_reimplementation(padded):
+    cfg = model_lib.ModelConfig(**SMALL)
+    tm = torch_model(dim=64, depth=2, num_heads=4, max_time_patches=64)
+    spec = np.random.default_rng(0).standard_normal((2, 160, 128)).astype(np.float32)
+    lengths = np.array([160, 96])  # 10 and 6 time patches
+    padding = None
+    if padded:
+        patch_valid = np.arange(80)[None] < (lengths // 16 * 8)[:, None]
+        padding = torch.from_numpy(~np.concatenate([np.ones((2, 1), bool), patch_valid], 1))
+    with torch.no_grad():
+        tokens, layers = tm(torch.from_numpy(spec), padding)
+    out = model_lib.Encoder(cfg).apply(
+        _ours_from_torch(tm, cfg), spec, jnp.asarray(lengths) if padded else None
+    )
+    valid = np.ones((2, 81), bool) if padding is None else ~padding.numpy()
+    np.testing.assert_allclose(np.asarray(out.tokens)[valid], tokens.numpy()[valid], atol=1e-5)
+    for ours, theirs in zip(out.layer_results, layers, strict=True):
+        np.testing.assert_allclose(np.asarray(ours)[valid], theirs.numpy()[valid], atol=1e-5)
+
+
+def test_classifier_and_decoder_match_pytorch_reimplementation():
+    cfg = model_lib.ModelConfig(**SMALL, decoder_dim=64, decoder_layers=2, decoder_groups=4)
+    tm = torch_model(
+        dim=64, depth=2, num_heads=4, max_time_patches=64, decoder_layers=2,
+        decoder_groups=4, decoder_grid=(10, 8), num_classes=7,
+    )  # fmt: skip
+    state = ref.state_dict_numpy(tm)
+    spec = np.random.default_rng(1).standard_normal((2, 160, 128)).astype(np.float32)
+    params = {
+        "encoder": release_weights.encoder_params(state, cfg),
+        **release_weights.head_params(state),
+    }
+    logits = model_lib.Classifier(cfg, num_classes=7).apply({"params": params}, spec)
+    with torch.no_grad():
+        expected = tm.logits(torch.from_numpy(spec)).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+    tokens = np.random.default_rng(2).standard_normal((2, 80, 64)).astype(np.float32)
+    decoded = model_lib.Decoder(cfg).apply(
+        {"params": release_weights.decoder_params(state, cfg)}, tokens.reshape(2, 10, 8, 64)
+    )
+    with torch.no_grad():
+        expected = tm.image.decoder(torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(decoded, expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------- variable length
+
+
+def _tiny_encoder(**overrides):
+    cfg = model_lib.preset("tiny", **overrides)
+    encoder = model_lib.Encoder(cfg)
+    variables = nn.meta.unbox(encoder.init(jax.random.key(0), jnp.zeros((1, 1024, 128))))
+    return cfg, encoder, variables
+
+
+def test_padded_batch_equals_each_clip_alone():
+    _, encoder, variables = _tiny_encoder()
+    rng = np.random.default_rng(3)
+    five, ten = 498, 998  # fbank frames of 5 s and 10 s clips
+    clips = [rng.standard_normal((n, 128)).astype(np.float32) for n in (five, ten)]
+    batch = np.zeros((2, ten, 128), np.float32)
+    batch[0, :five], batch[1] = clips
+    apply = jax.jit(encoder.apply)
+    together = apply(variables, batch, jnp.array([five, ten]))
+    for i, clip in enumerate(clips):
+        alone = apply(variables, clip[None])
+        n = alone.tokens.shape[1]
+        np.testing.assert_allclose(together.tokens[i, :n], alone.tokens[0], atol=1e-5)
+        for t, a in zip(together.layer_results, alone.layer_results, strict=True):
+            np.testing.assert_allclose(t[i, :n], a[0], atol=1e-5)
+    assert n == 1 + 62 * 8
+
+
+def test_two_minute_clip_runs_and_longer_is_a_clear_error():
+    cfg, encoder, variables = _tiny_encoder()
+    frames = cfg.max_time_patches * cfg.patch_size  # 12288 frames ≈ 122.9 s
+    out = jax.jit(encoder.apply)(variables, jnp.ones((1, frames, 128)))
+    assert out.tokens.shape == (1, 1 + 768 * 8, cfg.embed_dim)
+    assert np.isfinite(np.asarray(out.tokens)).all()
+    with pytest.raises(ValueError, match="positional table holds 768"):
+        encoder.apply(variables, jnp.ones((1, frames + 16, 128)))
+
+
+def test_mean_pooling_ignores_padding():
+    out = model_lib.EncoderOutput(
+        tokens=jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3),
+        layer_results=(),
+        mask=jnp.array([[True, True, True, True], [True, True, False, False]]),
+    )
+    pooled = model_lib.pool(out, "mean")
+    np.testing.assert_allclose(pooled[0], out.tokens[0, 1:].mean(0))
+    np.testing.assert_allclose(pooled[1], out.tokens[1, 1])
+    np.testing.assert_allclose(model_lib.pool(out, "cls"), out.tokens[:, 0])
+
+
+# --------------------------------------------------------------------- options
+
+
+def test_attention_maps_are_captured_without_changing_outputs():
+    cfg, encoder, variables = _tiny_encoder()
+    spec = jnp.ones((2, 64, 128))
+    plain = encoder.apply(variables, spec)
+    out, state = encoder.apply(variables, spec, mutable=["intermediates"])
+    np.testing.assert_allclose(out.tokens, plain.tokens, atol=1e-6)
+    maps = state["intermediates"]["blocks_0"]["attn"]["attention_maps"][0]
+    assert maps.shape == (2, 2, cfg.num_heads, 33, 33)  # (B, branches, H, T, T)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+
+
+def test_drop_path_is_per_example_and_only_in_training():
+    _, encoder, variables = _tiny_encoder(drop_path=0.5, depth=4)
+    rates = [b.drop_path for b in encoder.bind(variables).blocks]
+    np.testing.assert_allclose(rates, [0.0, 1 / 6, 2 / 6, 0.5])
+    spec = jax.random.normal(jax.random.key(1), (8, 64, 128))
+    evaluation = encoder.apply(variables, spec)
+    np.testing.assert_array_equal(evaluation.tokens, encoder.apply(variables, spec).tokens)
+    train = encoder.apply(variables, spec, train=True, rngs={"dropout": jax.random.key(2)})
+    changed = np.abs(np.asarray(train.tokens - evaluation.tokens)).max(axis=(1, 2)) > 1e-6
+    assert 0 < changed.sum() < 8 or changed.all()  # whole examples are dropped or kept
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_changes_nothing_numerically(policy):
+    cfg, encoder, variables = _tiny_encoder()
+    remat = model_lib.Encoder(dataclasses.replace(cfg, remat_policy=policy))
+    spec = jax.random.normal(jax.random.key(1), (2, 64, 128))
+
+    def loss(module):
+        return lambda v: jnp.sum(module.apply(v, spec).tokens ** 2)
+
+    g_ref = jax.grad(loss(encoder))(variables)
+    g = jax.jit(jax.grad(loss(remat)))(variables)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    _, encoder, variables = _tiny_encoder(dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+    out = encoder.apply(variables, jnp.ones((1, 64, 128)))
+    assert out.tokens.dtype == jnp.bfloat16
+    f32 = model_lib.Encoder(model_lib.preset("tiny")).apply(variables, jnp.ones((1, 64, 128)))
+    np.testing.assert_allclose(out.tokens.astype(jnp.float32), f32.tokens, atol=0.1)
+
+
+@pytest.mark.parametrize("variant", ["diff", "plain"])
+def test_other_attention_variants_build_and_run(variant):
+    cfg, encoder, variables = _tiny_encoder(attention=variant)
+    out = encoder.apply(variables, jnp.ones((2, 64, 128)), jnp.array([64, 32]))
+    assert out.tokens.shape == (2, 33, cfg.embed_dim)
+    if variant == "diff":
+        params = variables["params"]
+        assert params["blocks_1"]["attn"]["lambda_q1"].shape == (cfg.head_dim,)
+        assert params["blocks_1"]["attn"]["v"]["kernel"].shape == (64, 2, 32)  # 2 heads × 2d
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(num_heads=5), "divide into num_heads"),
+        (dict(attention="linear"), "attention must be one of"),
+        (dict(attention="diff", num_heads=3, embed_dim=96), "num_heads must be even"),
+        (dict(remat_policy="some"), "remat_policy"),
+        (dict(attention_impl="flash9"), "attention_impl"),
+        (dict(decoder_groups=5), "decoder_groups"),
+    ],
+)
+def test_invalid_model_configs_are_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        model_lib.preset("tiny", **overrides)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    _, encoder, variables = _tiny_encoder()
+    with pytest.raises(ValueError, match=r"expected \(batch, frames, 128\)"):
+        encoder.apply(variables, jnp.ones((1, 64, 80)))

@@ -1,0 +1,113 @@
+"""Sharding on 8 simulated CPU devices: rules, shardings and equality with one device."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from asda_jax import model as model_lib
+from asda_jax import sharding
+
+MESH_SHAPE = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_eight_devices_are_simulated():
+    assert jax.device_count() == 8
+
+
+def test_mesh_fills_one_axis_and_rejects_wrong_sizes():
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert sharding.data_parallel_size(mesh) == 8
+    with pytest.raises(ValueError, match="needs 12 devices, but 8 are present"):
+        sharding.make_mesh({"data": 3, "fsdp": 2, "tensor": 2})
+    with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+        sharding.make_mesh((-1, -1, 2))
+    single = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    assert single.devices.size == 1
+
+
+def _classifier_on(mesh, cfg):
+    model = model_lib.Classifier(cfg, num_classes=5)
+    spec = jnp.zeros((8, 64, 128))
+    variables, shardings = sharding.init_sharded(model.init, mesh, jax.random.key(0), spec)
+    return model, variables, shardings
+
+
+def test_parameters_are_sharded_as_the_rules_say():
+    cfg = model_lib.preset("tiny")  # D 64, 4 heads of 16, MLP 224
+    mesh = sharding.make_mesh(MESH_SHAPE)
+    _, variables, _ = _classifier_on(mesh, cfg)
+    block = variables["params"]["encoder"]["blocks_0"]
+    expected = {
+        ("attn", "qk", "kernel"): (P("fsdp", None, "tensor", None), (32, 4, 2, 16)),
+        ("attn", "v", "kernel"): (P("fsdp", "tensor", None), (32, 2, 16)),
+        ("attn", "proj", "kernel"): (P("tensor", None, "fsdp"), (2, 16, 32)),
+        ("attn", "norm", "scale"): (P("tensor", None), (2, 16)),
+        ("mlp", "fc1", "kernel"): (P("fsdp", "tensor"), (32, 112)),
+        ("mlp", "fc2", "kernel"): (P("tensor", "fsdp"), (112, 32)),
+        ("norm1", "scale"): (P(None), (64,)),
+    }
+    for path, (spec, shard_shape) in expected.items():
+        leaf = block
+        for key in path:
+            leaf = leaf[key]
+        assert leaf.sharding.spec == spec, path
+        assert leaf.addressable_shards[0].data.shape == shard_shape, path
+    patch = variables["params"]["encoder"]["patch_embed"]["proj"]["kernel"]
+    assert patch.sharding.spec == P(None, None, None, "fsdp")
+
+
+def _loss_and_grads(model, variables, spec, lengths, labels):
+    def loss(params):
+        logits = model.apply({"params": params}, spec, lengths)
+        return jnp.mean((logits - labels) ** 2)
+
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+def test_forward_and_backward_on_the_mesh_equal_one_device():
+    cfg = model_lib.preset("tiny")
+    mesh = sharding.make_mesh(MESH_SHAPE)
+    model, variables, _ = _classifier_on(mesh, cfg)
+    rng = np.random.default_rng(0)
+    spec = rng.standard_normal((8, 64, 128)).astype(np.float32)
+    lengths = np.array([64, 48, 64, 32, 64, 16, 64, 64])
+    labels = rng.standard_normal((8, 5)).astype(np.float32)
+
+    host = jax.device_get(variables)
+    one = jax.devices()[0]
+    on_one = [jax.device_put(x, one) for x in (spec, lengths, labels)]
+    loss_1, grads_1 = _loss_and_grads(model, jax.device_put(host, one), *on_one)
+
+    batch = sharding.batch_sharding(mesh)
+    on_mesh = [jax.device_put(x, batch) for x in (spec, lengths, labels)]
+    with sharding.activate(mesh):
+        loss_8, grads_8 = _loss_and_grads(model, variables, *on_mesh)
+
+    assert len(loss_8.sharding.device_set) == 8
+    np.testing.assert_allclose(loss_8, loss_1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_8), jax.tree.leaves(grads_1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_pallas_kernel_is_shard_mapped_under_the_mesh():
+    base = model_lib.preset("tiny")
+    pallas = model_lib.preset("tiny", attention_impl="pallas_splash", attention_interpret=True)
+    mesh = sharding.make_mesh(MESH_SHAPE)
+    spec = jax.random.normal(jax.random.key(3), (8, 64, 128))
+    lengths = jnp.array([64, 48, 64, 32, 64, 16, 64, 64])
+    encoder = model_lib.Encoder(base)
+    variables = nn.meta.unbox(encoder.init(jax.random.key(0), spec))
+    expected = encoder.apply(variables, spec, lengths)
+    batch = sharding.batch_sharding(mesh)
+    with sharding.activate(mesh):
+        out = jax.jit(model_lib.Encoder(pallas).apply)(
+            variables, jax.device_put(spec, batch), jax.device_put(lengths, batch)
+        )
+    valid = np.asarray(expected.mask)
+    np.testing.assert_allclose(
+        np.asarray(out.tokens)[valid], np.asarray(expected.tokens)[valid], atol=1e-5
+    )
