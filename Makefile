@@ -11,6 +11,7 @@ WORKDIR ?= workdirs/demo
 $(BIN)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
 $(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt

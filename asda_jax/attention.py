@@ -48,15 +48,15 @@ HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def attention_weights(
-    q: jax.Array,  # (B, Tq, H, D)
-    k: jax.Array,  # (B, Tk, H, D)
+    q: jax.Array,  # (B, H, Tq, D)
+    k: jax.Array,  # (B, H, Tk, D)
     *,
     mask: jax.Array | None = None,  # (B, Tk) bool
     bias: jax.Array | None = None,  # broadcastable to (B, H, Tq, Tk)
 ) -> jax.Array:  # (B, H, Tq, Tk) float32
     """softmax(q kᵀ / √D) in float32, with padded keys given zero weight."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
@@ -95,11 +95,12 @@ def differential_attention(
     )
     lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (q1.shape[2],))  # (H,)
     if backend == "xla":
-        a1 = attention_weights(q1, k1, mask=mask, bias=bias)
-        a2 = attention_weights(q2, k2, mask=mask, bias=bias)
-        a = a1 - lam[:, None, None] * a2  # (B, H, T, T)
-        out = jnp.einsum("bhqk,bkhd->bqhd", a.astype(v.dtype), v)
-        return (out, (a1, a2)) if return_maps else out
+        coeffs = jnp.stack([jnp.ones_like(lam), -lam])  # (2, H)
+        qs, ks = (_heads_first(q1), _heads_first(q2)), (_heads_first(k1), _heads_first(k2))
+        if return_maps:
+            out, maps, _ = _mixture_forward(qs, ks, _heads_first(v), coeffs, mask, bias)
+            return _heads_first(out), tuple(maps)
+        return _heads_first(_softmax_mixture(qs, ks, _heads_first(v), coeffs, mask, bias))
 
     attend = functools.partial(_fused_attention, backend, mask=mask, bias=bias, interpret=interpret)
     if stack_heads:
@@ -134,10 +135,86 @@ def dot_product_attention(
         interpret=interpret,
     )
     if backend == "xla":
-        a = attention_weights(q, k, mask=mask, bias=bias)
-        out = jnp.einsum("bhqk,bkhd->bqhd", a.astype(v.dtype), v)
-        return (out, a) if return_maps else out
+        qs, ks, v = (_heads_first(q),), (_heads_first(k),), _heads_first(v)
+        if return_maps:
+            out, (a,), _ = _mixture_forward(qs, ks, v, None, mask, bias)
+            return _heads_first(out), a
+        return _heads_first(_softmax_mixture(qs, ks, v, None, mask, bias))
     return _fused_attention(backend, q, k, v, mask=mask, bias=bias, interpret=interpret)
+
+
+# ----------------------------------------------------------------------------- xla reference
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+    """(B, T, H, D) ↔ (B, H, T, D)."""
+    return x.transpose(0, 2, 1, 3)
+
+
+def _mixture_forward(qs, ks, v, coeffs, mask, bias):
+    """o = A·v with A = Σ_j c_j softmax(q_j k_jᵀ/√D), in (B, H, T, D) layout.
+
+    Returns (o, maps, A); ``coeffs=None`` means one branch with coefficient 1.
+    """
+    maps = [attention_weights(q, k, mask=mask, bias=bias) for q, k in zip(qs, ks, strict=True)]
+    if coeffs is None:
+        mixed = maps[0]
+    else:
+        mixed = sum(c[:, None, None] * a for c, a in zip(coeffs, maps, strict=True))
+    out = jnp.einsum("bhqk,bhkd->bhqd", mixed.astype(v.dtype), v)
+    return out, maps, mixed
+
+
+@jax.custom_vjp
+def _softmax_mixture(qs, ks, v, coeffs, mask, bias):
+    """The ``xla`` backend: softmax maps mixed per head with coefficients, times V.
+
+    One branch with ``coeffs=None`` is plain attention; two with (1, −λ) differential
+    attention. The hand-written backward reuses each softmax's row sums r_j = Σ_k G⊙A_j
+    for dc_j, and applies per-head coefficients to (T, D) matmul results instead of
+    (T, T) maps: XLA CPU would materialise such a broadcast as a T×T buffer.
+    """
+    return _mixture_forward(qs, ks, v, coeffs, mask, bias)[0]
+
+
+def _softmax_mixture_fwd(qs, ks, v, coeffs, mask, bias):
+    out, maps, mixed = _mixture_forward(qs, ks, v, coeffs, mask, bias)
+    # Padding lives on as zeros in the maps; the mixed map is kept for dV.
+    return out, (qs, ks, v, coeffs, bias, maps, mixed)
+
+
+def _softmax_mixture_bwd(residuals, d_out):  # d_out (B, H, T, Dv)
+    qs, ks, v, coeffs, bias, maps, mixed = residuals
+    scale = 1.0 / math.sqrt(qs[0].shape[-1])
+    g = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)  # dL/dA
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", mixed.astype(d_out.dtype), d_out)
+    factors = [None] * len(maps) if coeffs is None else list(coeffs)
+    d_qs, d_ks, d_coeffs, d_logits = [], [], [], []
+    for c, a, q, k in zip(factors, maps, qs, ks, strict=True):
+        rowsum = jnp.sum(g * a, axis=-1, keepdims=True)  # (B, H, T, 1)
+        u = a * (g - rowsum)  # softmax backward, before the branch coefficient
+        factor = scale if c is None else (c * scale)[:, None, None]  # per head
+        d_qs.append((jnp.einsum("bhqk,bhkd->bhqd", u.astype(q.dtype), k) * factor).astype(q.dtype))
+        d_ks.append((jnp.einsum("bhqk,bhqd->bhkd", u.astype(q.dtype), q) * factor).astype(k.dtype))
+        if c is not None:
+            d_coeffs.append(jnp.sum(rowsum, axis=(0, 2, 3)))  # (H,)
+        if bias is not None:
+            d_logits.append(u if c is None else c[:, None, None] * u)
+    d_coeffs = None if coeffs is None else jnp.stack(d_coeffs)
+    d_bias = None if bias is None else _sum_to_shape(sum(d_logits), bias.shape).astype(bias.dtype)
+    return tuple(d_qs), tuple(d_ks), d_v.astype(v.dtype), d_coeffs, None, d_bias
+
+
+_softmax_mixture.defvjp(_softmax_mixture_fwd, _softmax_mixture_bwd)
+
+
+def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums ``x`` over the axes along which ``shape`` was broadcast to x.shape."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1
+    )
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
 
 
 def choose_backend(

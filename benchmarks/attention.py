@@ -1,0 +1,129 @@
+"""Differential vs plain attention: forward+backward time and peak memory per backend.
+
+    python -m benchmarks.attention [--repeats 20] [--dtype float32]
+
+Shapes are the pretraining ones at 12 heads × 64: the teacher (clips × 513 tokens)
+and the student (16 clones × 103 tokens). Plain and differential attention of each row
+are timed in alternating rounds in this process (medians); ratios are to plain
+attention on the same backend and on the reference (``xla``) backend.
+Pallas kernels only run interpreted off TPU, so they are timed only on a TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from asda_jax import attention as attn_lib
+from asda_jax import model as model_lib
+from benchmarks import common
+
+HEADS, HEAD_DIM = 12, 64
+SHAPES = {"teacher 2×513": (2, 513), "student 16×103": (16, 103)}
+
+
+def backends_here() -> list[tuple[str, bool]]:
+    """(backend, stack_heads) pairs that run natively on this platform."""
+    rows = [("xla", False), ("dot_product", False), ("dot_product", True)]
+    platform = jax.default_backend()
+    if platform == "gpu":
+        rows += [("cudnn", False), ("cudnn", True)]
+    if platform == "tpu":
+        rows += [("pallas_flash", False), ("pallas_splash", False)]
+    return rows
+
+
+def fwd_bwd(core, inputs):
+    """Gradient of a weighted sum of the output w.r.t. every input: forward + backward."""
+    weights = jnp.ones_like(inputs[-1])
+
+    def loss(*xs):
+        return jnp.sum(core(*xs).astype(jnp.float32) * weights)
+
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))
+
+
+def measure(batch, length, implementation, stack_heads, dtype, repeats):
+    """(seconds, peak bytes) of plain and differential fwd+bwd, timed in alternation."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    qkv = [jax.random.normal(k, (batch, length, HEADS, HEAD_DIM), dtype) for k in keys]
+    plain = functools.partial(attn_lib.dot_product_attention, implementation=implementation)
+    diff = functools.partial(
+        attn_lib.differential_attention,
+        lam=0.1,
+        implementation=implementation,
+        stack_heads=stack_heads,
+    )
+    calls = [(fwd_bwd(plain, qkv[:3]), qkv[:3]), (fwd_bwd(diff, qkv), qkv)]
+    seconds = common.interleaved_medians(calls, repeats=repeats)
+    peaks = [common.compiled_peak_bytes(step, *inputs) for step, inputs in calls]
+    return list(zip(seconds, peaks, strict=True))
+
+
+def measure_blocks(batch, length, dtype, repeats):
+    """(seconds, peak bytes) of a plain and a differential ViT-B block, fwd+bwd."""
+    spec = jax.random.normal(jax.random.key(0), (batch, length, 768), dtype)
+    calls = []
+    for variant in ("plain", "asda"):
+        cfg = model_lib.preset("base", attention=variant, dtype=jnp.dtype(dtype).name)
+        block = model_lib.Block(cfg, layer_index=0)
+        params = block.init(jax.random.key(1), spec, None, False)
+
+        def loss(params, x, block=block):
+            out, _ = block.apply(params, x, None, False)
+            return jnp.sum(out.astype(jnp.float32))
+
+        calls.append((jax.jit(jax.grad(loss, argnums=(0, 1))), (params, spec)))
+    seconds = common.interleaved_medians(calls, repeats=repeats)
+    peaks = [common.compiled_peak_bytes(step, *inputs) for step, inputs in calls]
+    return list(zip(seconds, peaks, strict=True))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    dtype = jnp.dtype(args.dtype)
+    print(f"machine: {common.machine()}\nversions: {common.versions()}\ndtype: {args.dtype}")
+    header = [
+        "shape", "backend", "plain ms", "diff ms", "diff / plain (same backend)",
+        "diff / plain xla", "diff / plain jax.nn", "plain MiB", "diff MiB",
+    ]  # fmt: skip
+    rows = []
+    for shape_name, (batch, length) in SHAPES.items():
+        results = {
+            (impl, stack): measure(batch, length, impl, stack, dtype, args.repeats)
+            for impl, stack in backends_here()
+        }
+        plain_xla = results["xla", False][0][0]
+        plain_jax_nn = results["dot_product", False][0][0]
+        for (impl, stack), ((plain_s, plain_b), (diff_s, diff_b)) in results.items():
+            rows.append([
+                shape_name, impl + (" (2H heads, one call)" if stack else ""),
+                f"{plain_s * 1e3:.2f}", f"{diff_s * 1e3:.2f}", f"{diff_s / plain_s:.2f}×",
+                f"{diff_s / plain_xla:.2f}×", f"{diff_s / plain_jax_nn:.2f}×",
+                f"{plain_b / 2**20:.1f}", f"{diff_b / 2**20:.1f}",
+            ])  # fmt: skip
+    common.print_table(
+        "Attention core, forward + backward, median of repeats (12 heads × 64)", header, rows
+    )
+    block_rows = []
+    for shape_name, (batch, length) in SHAPES.items():
+        (plain_s, plain_b), (diff_s, diff_b) = measure_blocks(batch, length, dtype, args.repeats)
+        block_rows.append([
+            shape_name, f"{plain_s * 1e3:.1f}", f"{diff_s * 1e3:.1f}", f"{diff_s / plain_s:.2f}×",
+            f"{plain_b / 2**20:.0f}", f"{diff_b / 2**20:.0f}",
+        ])  # fmt: skip
+    common.print_table(
+        "Whole ViT-B block (768 wide, MLP 3.5×), forward + backward, default backend",
+        ["shape", "plain block ms", "diff block ms", "diff / plain", "plain MiB", "diff MiB"],
+        block_rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Timing, memory and environment helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+
+import jax
+
+
+def median_seconds(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``fn(*args)`` with its outputs ready, after warm-up calls."""
+    return interleaved_medians([(fn, args)], repeats=repeats, warmup=warmup)[0]
+
+
+def interleaved_medians(
+    calls: Sequence[tuple[Callable, Sequence]], repeats: int = 10, warmup: int = 2
+) -> list[float]:
+    """Median wall time of each ``fn(*args)``, timed in alternating rounds.
+
+    Alternating makes slow drifts of a shared machine hit every candidate alike, so
+    ratios between them are steadier than from back-to-back series.
+    """
+    for fn, args in calls:
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for i, (fn, args) in enumerate(calls):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def compiled_peak_bytes(jitted: Callable, *args) -> int:
+    """XLA's planned peak for one call: temporaries plus outputs (arguments excluded)."""
+    analysis = jitted.lower(*args).compile().memory_analysis()
+    return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+
+
+def versions(packages: Sequence[str] = ("jax", "jaxlib", "flax", "numpy")) -> str:
+    found = []
+    for name in packages:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def machine() -> str:
+    devices = jax.devices()
+    kind = devices[0].device_kind if devices else "?"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax backend {jax.default_backend()} ({len(devices)}× {kind}), "
+        f"Python {platform.python_version()}"
+    )
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A Markdown table, ready to paste into BENCHMARKS.md."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
