@@ -1,0 +1,227 @@
+"""Audio front end: reading and checking waveforms, Kaldi fbank, normalisation.
+
+The release's front end (``shared/asda-method.md``): mono, 16 kHz, clip mean removed →
+Kaldi log-mel fbank (128 bins, 25 ms Hanning windows every 10 ms, pre-emphasis 0.97,
+per-frame DC removal, no dither, no energy) → zero-pad at the end or crop to a fixed
+frame count → ``(x − mean) / (2·std)``.
+
+``fbank`` is written against the array API shared by NumPy and ``jax.numpy``: the
+same code runs on the host (``xp=np``) or jitted on an accelerator (``xp=jnp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16_000
+LOG_FLOOR = float(np.finfo(np.float32).eps)  # log(eps) ≈ −15.94, as torchaudio
+MIN_SAMPLES = 400  # one 25 ms window
+
+
+class AudioError(ValueError):
+    """A file or array that cannot be used as audio (empty, corrupt, NaN, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FbankOptions:
+    """Kaldi fbank options; the defaults are the release's."""
+
+    sample_rate: int = SAMPLE_RATE
+    num_mel_bins: int = 128
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    low_freq: float = 20.0
+    high_freq: float = 0.0  # ≤ 0: offset from Nyquist
+    preemphasis: float = 0.97
+
+    @property
+    def window_size(self) -> int:
+        return int(self.sample_rate * self.frame_length_ms / 1000)
+
+    @property
+    def window_shift(self) -> int:
+        return int(self.sample_rate * self.frame_shift_ms / 1000)
+
+    @property
+    def fft_size(self) -> int:
+        return 1 << (self.window_size - 1).bit_length()
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames Kaldi makes of ``num_samples`` (snip_edges): 10 s → 998."""
+        if num_samples < self.window_size:
+            return 0
+        return 1 + (num_samples - self.window_size) // self.window_shift
+
+    def num_samples(self, num_frames: int) -> int:
+        """Samples needed for ``num_frames`` frames: 1024 → 164 080."""
+        return (num_frames - 1) * self.window_shift + self.window_size
+
+
+RELEASE_FBANK = FbankOptions()
+
+# (mean, std) of the release's normalisation per dataset.
+NORM_STATS = {
+    "audioset": (-4.268, 4.569),
+    "esc50": (-6.627, 5.359),
+    "spcv2": (-6.846, 5.565),
+    "fsd50k": (-7.966, 4.753),
+}
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_audio(
+    source: str | bytes,
+    *,
+    max_seconds: float | None = None,
+    start_seconds: float = 0.0,
+) -> np.ndarray:
+    """Reads a file (path or encoded bytes) as mono float32 at 16 kHz, mean removed.
+
+    Reads at most ``max_seconds`` from ``start_seconds`` (long files are never
+    decoded whole). Raises AudioError for anything that is not usable audio.
+    """
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        with sf.SoundFile(handle) as f:
+            rate = f.samplerate
+            f.seek(min(int(start_seconds * rate), f.frames))
+            count = -1 if max_seconds is None else math.ceil(max_seconds * rate)
+            data = f.read(frames=count, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+        raise AudioError(f"{name}: unreadable audio ({e})") from e
+    wave = data.mean(axis=1)  # (N, channels) -> (N,)
+    if rate != SAMPLE_RATE:
+        wave = resample(wave, rate)
+    return check_waveform(wave, name)
+
+
+def resample(wave: np.ndarray, rate: int) -> np.ndarray:
+    import librosa
+
+    return librosa.resample(wave, orig_sr=rate, target_sr=SAMPLE_RATE, res_type="soxr_hq").astype(
+        np.float32
+    )
+
+
+def check_waveform(wave: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """Validates a mono waveform and removes its mean (the release's DC removal)."""
+    wave = np.asarray(wave, np.float32)
+    if wave.ndim != 1:
+        raise AudioError(f"{name}: expected a mono waveform, got shape {wave.shape}")
+    if wave.size < MIN_SAMPLES:
+        raise AudioError(f"{name}: {wave.size} samples, shorter than one 25 ms frame")
+    if not np.isfinite(wave).all():
+        raise AudioError(f"{name}: contains NaN or infinite samples")
+    return wave - wave.mean()
+
+
+def encode_flac(wave: np.ndarray) -> bytes:
+    """16-bit mono FLAC at 16 kHz: how prepared datasets store audio."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(wave, -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+
+def roll_and_gain(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The release's waveform augmentation: circular shift, gain ~ Beta(10, 10) + 0.5."""
+    shift = int(rng.integers(0, wave.shape[-1]))
+    return np.roll(wave, shift, axis=-1) * np.float32(rng.beta(10.0, 10.0) + 0.5)
+
+
+# ---------------------------------------------------------------------------- fbank
+
+
+@functools.cache
+def mel_banks(opts: FbankOptions = RELEASE_FBANK) -> np.ndarray:
+    """Kaldi's triangular mel filters, (num_mel_bins, fft_size/2 + 1) float32.
+
+    Filters are triangles on the Kaldi mel scale 1127·ln(1 + f/700) between low_freq
+    and high_freq; the Nyquist column is zero. A filter that catches no FFT bin stays
+    all zero (torchaudio's behaviour; Kaldi itself refuses such settings).
+    """
+    nyquist = opts.sample_rate / 2
+    high = opts.high_freq if opts.high_freq > 0 else nyquist + opts.high_freq
+
+    def mel(f):
+        return 1127.0 * np.log(1.0 + np.asarray(f, np.float64) / 700.0)
+
+    mel_low, mel_high = mel(opts.low_freq), mel(high)
+    delta = (mel_high - mel_low) / (opts.num_mel_bins + 1)
+    bin_mel = mel(opts.sample_rate / opts.fft_size * np.arange(opts.fft_size // 2))  # (K,)
+    left = mel_low + delta * np.arange(opts.num_mel_bins)[:, None]  # (M, 1)
+    rising = (bin_mel - left) / delta
+    falling = (left + 2 * delta - bin_mel) / delta
+    weights = np.maximum(0.0, np.minimum(rising, falling))  # (M, K)
+    return np.pad(weights, ((0, 0), (0, 1))).astype(np.float32)
+
+
+def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
+    """Kaldi log-mel fbank of (..., N) waveforms → (..., frames, num_mel_bins) float32.
+
+    Frames are snipped at the edges (1 + (N − window)//shift of them), each gets its
+    DC removed, pre-emphasis, a symmetric Hanning window, a zero-padded FFT and its
+    power spectrum. ``xp`` is ``numpy`` or ``jax.numpy``.
+    """
+    size, shift = opts.window_size, opts.window_shift
+    num_frames = opts.num_frames(wave.shape[-1])
+    if num_frames < 1:
+        raise AudioError(f"{wave.shape[-1]} samples: shorter than one {size}-sample window")
+    index = np.arange(num_frames)[:, None] * shift + np.arange(size)[None, :]  # (F, W)
+    frames = wave[..., index].astype(xp.float32)  # (..., F, W)
+    frames = frames - frames.mean(axis=-1, keepdims=True)
+    previous = xp.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)
+    frames = frames - opts.preemphasis * previous
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / (size - 1))
+    frames = frames * xp.asarray(window, xp.float32)
+    spectrum = xp.fft.rfft(frames, n=opts.fft_size, axis=-1)
+    power = (spectrum.real**2 + spectrum.imag**2).astype(xp.float32)  # (..., F, fft/2+1)
+    energies = power @ xp.asarray(mel_banks(opts).T)
+    return xp.log(xp.maximum(energies, LOG_FLOOR))
+
+
+# ---------------------------------------------------------------------------- to model input
+
+
+def pad_or_crop(spec, target_frames: int, start: int = 0, *, xp: Any = np):
+    """(..., F, M) → (..., target_frames, M): crop from ``start`` or zero-pad the end.
+
+    Padding is a raw log-mel 0 before normalisation, as in the release.
+    """
+    spec = spec[..., start : start + target_frames, :]
+    missing = target_frames - spec.shape[-2]
+    if missing > 0:
+        pad = [(0, 0)] * (spec.ndim - 2) + [(0, missing), (0, 0)]
+        spec = xp.pad(spec, pad)
+    return spec
+
+
+def normalize(spec, mean: float, std: float):
+    """The release's normalisation: (x − mean) / (2·std)."""
+    return (spec - mean) / (2.0 * std)
+
+
+def spectrogram(
+    wave: np.ndarray,
+    target_frames: int,
+    norm: tuple[float, float],
+    *,
+    start_frame: int = 0,
+    opts: FbankOptions = RELEASE_FBANK,
+) -> tuple[np.ndarray, int]:
+    """Host front end of one clip: (target_frames, M) normalised, and its real frame count."""
+    spec = fbank(wave, opts)
+    real = min(spec.shape[0] - start_frame, target_frames)
+    return normalize(pad_or_crop(spec, target_frames, start_frame), *norm), real
