@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import io
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,15 @@ MIN_SAMPLES = 400  # one 25 ms window
 
 
 class AudioError(ValueError):
-    """A file or array that cannot be used as audio (empty, corrupt, NaN, ...)."""
+    """A file or array that cannot be used as audio; ``reason`` names the kind of fault."""
+
+    REASONS = ("missing", "unreadable", "non_finite", "too_short", "not_mono")
+
+    def __init__(self, message: str, reason: str):
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown audio fault {reason!r}; one of {self.REASONS}")
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +100,8 @@ def read_audio(
     """
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes) and not os.path.isfile(source):
+        raise AudioError(f"{name}: no such file", "missing")
     try:
         with sf.SoundFile(handle) as f:
             rate = f.samplerate
@@ -98,7 +109,7 @@ def read_audio(
             count = -1 if max_seconds is None else math.ceil(max_seconds * rate)
             data = f.read(frames=count, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
-        raise AudioError(f"{name}: unreadable audio ({e})") from e
+        raise AudioError(f"{name}: unreadable audio ({e})", "unreadable") from e
     wave = data.mean(axis=1)  # (N, channels) -> (N,)
     if rate != SAMPLE_RATE:
         wave = resample(wave, rate)
@@ -117,11 +128,11 @@ def check_waveform(wave: np.ndarray, name: str = "<array>") -> np.ndarray:
     """Validates a mono waveform and removes its mean (the release's DC removal)."""
     wave = np.asarray(wave, np.float32)
     if wave.ndim != 1:
-        raise AudioError(f"{name}: expected a mono waveform, got shape {wave.shape}")
+        raise AudioError(f"{name}: expected a mono waveform, got shape {wave.shape}", "not_mono")
     if wave.size < MIN_SAMPLES:
-        raise AudioError(f"{name}: {wave.size} samples, shorter than one 25 ms frame")
+        raise AudioError(f"{name}: {wave.size} samples, shorter than one 25 ms frame", "too_short")
     if not np.isfinite(wave).all():
-        raise AudioError(f"{name}: contains NaN or infinite samples")
+        raise AudioError(f"{name}: contains NaN or infinite samples", "non_finite")
     return wave - wave.mean()
 
 
@@ -178,7 +189,9 @@ def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
     size, shift = opts.window_size, opts.window_shift
     num_frames = opts.num_frames(wave.shape[-1])
     if num_frames < 1:
-        raise AudioError(f"{wave.shape[-1]} samples: shorter than one {size}-sample window")
+        raise AudioError(
+            f"{wave.shape[-1]} samples: shorter than one {size}-sample window", "too_short"
+        )
     index = np.arange(num_frames)[:, None] * shift + np.arange(size)[None, :]  # (F, W)
     frames = wave[..., index].astype(xp.float32)  # (..., F, W)
     frames = frames - frames.mean(axis=-1, keepdims=True)
@@ -225,3 +238,19 @@ def spectrogram(
     spec = fbank(wave, opts)
     real = min(spec.shape[0] - start_frame, target_frames)
     return normalize(pad_or_crop(spec, target_frames, start_frame), *norm), real
+
+
+def device_spectrogram(waves, num_samples, norm: tuple[float, float], opts=RELEASE_FBANK):
+    """Jittable batch front end: (B, S) waveforms of ``opts.num_samples(T)`` samples,
+    (B,) real sample counts → ((B, T, M) normalised spectrograms, (B,) real frames).
+
+    Frames past a clip's real length become raw 0 before normalisation, as on the host.
+    """
+    import jax.numpy as jnp
+
+    spec = fbank(waves, opts, xp=jnp)  # (B, T, M)
+    target = spec.shape[-2]
+    real = (num_samples - opts.window_size) // opts.window_shift + 1
+    frames = jnp.clip(jnp.where(num_samples >= opts.window_size, real, 0), 0, target)
+    keep = jnp.arange(target)[None, :, None] < frames[:, None, None]
+    return normalize(jnp.where(keep, spec, 0.0), *norm), frames.astype(jnp.int32)

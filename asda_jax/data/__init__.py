@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders) and the sharded input pipeline."""

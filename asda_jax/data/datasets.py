@@ -1,0 +1,115 @@
+"""Preparing datasets from local sources, and opening prepared ones for reading."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+
+from asda_jax.data import builders
+from asda_jax.data.audioset import AudioSet
+
+BUILDERS: dict[str, type[builders.AudioSourceBuilder]] = {
+    "audioset": AudioSet,
+    "esc50": builders.Esc50,
+    "speech_commands_v2": builders.SpeechCommandsV2,
+    "audio_folder": builders.AudioFolder,
+    "synthetic": builders.Synthetic,
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset that has not been prepared under the given data_dir."""
+
+
+def builder_class(name: str) -> type[builders.AudioSourceBuilder]:
+    if name not in BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; one of {sorted(BUILDERS)}")
+    return BUILDERS[name]
+
+
+def prepare(
+    name: str,
+    data_dir: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+    **options,
+) -> PreparedDataset:
+    """Builds ``name`` from ``source_dir`` into ``data_dir``.
+
+    A dataset already prepared there is reused as it is; to rebuild, remove its folder.
+    """
+    tfds.disable_progress_bar()
+    builder = builder_class(name)(data_dir=str(data_dir), source_dir=source_dir, **options)
+    if Path(builder.data_dir).exists():
+        logging.info("%s already prepared in %s (remove it to rebuild)", name, builder.data_dir)
+        return load(name, data_dir)
+    builder.download_and_prepare(file_format="array_record")
+    for split, weights in builder.sample_weights.items():
+        np.save(Path(builder.data_dir) / builders.WEIGHTS_FILE.format(split=split), weights)
+    dataset = load(name, data_dir)
+    logging.info("%s prepared in %s: %s", name, dataset.directory, dataset.split_sizes)
+    return dataset
+
+
+def load(name: str, data_dir: str | Path) -> PreparedDataset:
+    """Opens the newest prepared version of ``name`` under ``data_dir``."""
+    root = Path(data_dir) / name
+    versions = sorted(p for p in root.glob("*") if (p / "dataset_info.json").exists())
+    if not versions:
+        raise DatasetNotFoundError(
+            f"dataset {name!r} is not prepared under {data_dir} (no {root}/<version>/"
+            f"dataset_info.json). Prepare it with: python launch/prepare_data.py "
+            f"--dataset={name} --data_dir={data_dir}"
+            + ("" if name == "synthetic" else " --source=<your copy of the dataset>")
+        )
+    return PreparedDataset(name, versions[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedDataset:
+    """A prepared dataset on disk: its splits, classes and per-split sidecars."""
+
+    name: str
+    directory: Path
+
+    @functools.cached_property
+    def builder(self) -> tfds.core.DatasetBuilder:
+        return tfds.builder_from_directory(str(self.directory))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.builder.info.metadata["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {name: info.num_examples for name, info in self.builder.info.splits.items()}
+
+    @property
+    def skipped(self) -> dict[str, dict[str, int]]:
+        return dict(self.builder.info.metadata.get("skipped", {}))
+
+    def source(self, split: str):
+        """Random-access records of ``split`` (TFDS split syntax, e.g. ``fold1+fold2``)."""
+        for part in split.split("+"):
+            base = part.split("[")[0]
+            if base not in self.split_sizes:
+                raise ValueError(f"{self.name} has no split {base!r}; splits: {self.split_sizes}")
+        return self.builder.as_data_source(split=split)
+
+    def sample_weights(self, split: str) -> np.ndarray | None:
+        """Balanced-sampling weights aligned with ``source(split)``, or None without them."""
+        if "[" in split:
+            raise ValueError(f"sample weights need whole splits, not a slice: {split!r}")
+        parts = [self.directory / builders.WEIGHTS_FILE.format(split=p) for p in split.split("+")]
+        if not all(p.exists() for p in parts):
+            return None
+        return np.concatenate([np.load(p) for p in parts])

@@ -1,0 +1,50 @@
+"""Prepares a dataset from files you already have (nothing is downloaded).
+
+    python launch/prepare_data.py --dataset=synthetic --data_dir=data
+    python launch/prepare_data.py --dataset=esc50 --source=/data/ESC-50-master --data_dir=data
+    python launch/prepare_data.py --dataset=audioset --source=/data/audioset --data_dir=data
+    python launch/prepare_data.py --dataset=speech_commands_v2 --source=/data/sc_v2 --data_dir=data
+    python launch/prepare_data.py --dataset=audio_folder --source=/data/my_sounds --data_dir=data
+
+Each dataset's expected source layout is printed when --source does not match it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from asda_jax.data import builders, datasets
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("dataset", None, sorted(datasets.BUILDERS), "Dataset to prepare.")
+flags.DEFINE_string("source", None, "Local source tree (not needed for synthetic).")
+flags.DEFINE_string("data_dir", "data", "Where prepared datasets live.")
+flags.DEFINE_float("max_seconds", None, "Longest audio kept per clip (default per dataset).")
+flags.DEFINE_integer("workers", None, "Decoding threads (default: up to 8).")
+flags.DEFINE_integer("clips_per_class", 300, "synthetic only: clips per class.")
+flags.mark_flag_as_required("dataset")
+
+
+def main(argv):
+    del argv
+    options = {"max_seconds": FLAGS.max_seconds, "workers": FLAGS.workers}
+    if FLAGS.dataset == "synthetic":
+        options["clips_per_class"] = FLAGS.clips_per_class
+    try:
+        dataset = datasets.prepare(
+            FLAGS.dataset, FLAGS.data_dir, source_dir=FLAGS.source, **options
+        )
+    except (builders.DatasetLayoutError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{dataset.name}: {dataset.directory}")
+    print(f"  classes: {dataset.num_classes}")
+    for split, size in dataset.split_sizes.items():
+        skipped = dataset.skipped.get(split) or {}
+        print(f"  {split}: {size} clips" + (f", skipped {skipped}" if skipped else ""))
+
+
+if __name__ == "__main__":
+    app.run(main)
