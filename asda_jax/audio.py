@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import numpy as np
+import scipy.fft
 import soundfile as sf
 
 SAMPLE_RATE = 16_000
@@ -179,12 +180,25 @@ def mel_banks(opts: FbankOptions = RELEASE_FBANK) -> np.ndarray:
     return np.pad(weights, ((0, 0), (0, 1))).astype(np.float32)
 
 
+def hanning(size: int) -> np.ndarray:
+    """Kaldi's symmetric Hanning window; its first tap is exactly 0."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / (size - 1))).astype(np.float32)
+
+
 def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
     """Kaldi log-mel fbank of (..., N) waveforms → (..., frames, num_mel_bins) float32.
 
-    Frames are snipped at the edges (1 + (N − window)//shift of them), each gets its
-    DC removed, pre-emphasis, a symmetric Hanning window, a zero-padded FFT and its
-    power spectrum. ``xp`` is ``numpy`` or ``jax.numpy``.
+    Kaldi frames the signal (1 + (N − window)//shift frames, snipped at the edges) and
+    per frame removes the DC, applies pre-emphasis and a symmetric Hanning window, then
+    takes a zero-padded FFT's power. With m the frame mean and pe the pre-emphasised
+    *waveform*, the processed frame is (pe − (1 − coeff)·m)·window for every sample the
+    window keeps (its first tap is 0, which hides the one sample where this differs),
+    so by linearity
+
+        FFT(frame) = FFT(pe_frame · window) − (1 − coeff) · m · FFT(window).
+
+    Pre-emphasis then runs once per sample instead of once per overlapping frame, and
+    each frame is one fused gather. ``xp`` is ``numpy`` or ``jax.numpy``.
     """
     size, shift = opts.window_size, opts.window_shift
     num_frames = opts.num_frames(wave.shape[-1])
@@ -192,14 +206,19 @@ def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
         raise AudioError(
             f"{wave.shape[-1]} samples: shorter than one {size}-sample window", "too_short"
         )
+    wave = wave.astype(xp.float32)
     index = np.arange(num_frames)[:, None] * shift + np.arange(size)[None, :]  # (F, W)
-    frames = wave[..., index].astype(xp.float32)  # (..., F, W)
-    frames = frames - frames.mean(axis=-1, keepdims=True)
-    previous = xp.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)
-    frames = frames - opts.preemphasis * previous
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(size) / (size - 1))
-    frames = frames * xp.asarray(window, xp.float32)
-    spectrum = xp.fft.rfft(frames, n=opts.fft_size, axis=-1)
+    emphasised = xp.concatenate(
+        [wave[..., :1], wave[..., 1:] - opts.preemphasis * wave[..., :-1]], axis=-1
+    )
+    window = hanning(size)
+    frames = emphasised[..., index] * xp.asarray(window)  # (..., F, W)
+    means = wave[..., index].mean(axis=-1, keepdims=True)  # (..., F, 1)
+    window_spectrum = np.fft.rfft(window.astype(np.float64), n=opts.fft_size)
+    rfft = scipy.fft.rfft if xp is np else xp.fft.rfft  # SciPy's FFT: 2× NumPy's on float32
+    spectrum = rfft(frames, n=opts.fft_size, axis=-1) - (1.0 - opts.preemphasis) * (
+        means * xp.asarray(window_spectrum.astype(np.complex64))
+    )
     power = (spectrum.real**2 + spectrum.imag**2).astype(xp.float32)  # (..., F, fft/2+1)
     energies = power @ xp.asarray(mel_banks(opts).T)
     return xp.log(xp.maximum(energies, LOG_FLOOR))
