@@ -41,6 +41,19 @@ def test_two_hosts_read_disjoint_shards_covering_an_epoch_once(synthetic_dir):
     assert sorted(np.concatenate(per_host)) == list(range(40))
 
 
+def test_hosts_assemble_exactly_the_single_process_batches(synthetic_dir):
+    cfg = config(synthetic_dir, random_crop=True, roll_and_gain=True, target_frames=64)
+    single = take(pipeline.make_pipeline(cfg, train=True), 3)
+    hosts = [
+        take(pipeline.make_pipeline(cfg, train=True, process_index=h, process_count=2), 3)
+        for h in range(2)
+    ]
+    for step, expected in enumerate(single):
+        for key, value in expected.items():
+            assembled = np.concatenate([hosts[0][step][key], hosts[1][step][key]])
+            np.testing.assert_array_equal(assembled, value)
+
+
 def test_evaluation_counts_every_clip_exactly_once_over_hosts(synthetic_dir):
     cfg = config(synthetic_dir, split="test", batch_size=4)  # 10 clips: 3 batches, 2 padded rows
     seen, steps = [], []

@@ -3,11 +3,13 @@
     records ──(per-host slice of a seeded per-epoch order)──▶ decode + augment ──▶ batch
             ──▶ global jax.Arrays on the mesh, prefetched
 
-Each host reads only its slice ``[process_index::process_count]`` of one global order,
-so the hosts' shards are disjoint and cover every epoch. Per-example randomness
-(crop, roll, gain) is seeded by the example's position in the stream, so a restored
-iterator replays exactly. Evaluation streams are padded to whole batches of equal
-count on every host, with a ``valid`` flag, so every clip is counted exactly once.
+Each host reads only its rows of every global batch (a contiguous block per batch)
+of one global order, so the hosts' shards are disjoint, cover every epoch, and
+assemble into exactly the batch one process would read. Per-example randomness
+(crop, roll, gain) is seeded by the example's global stream position, so a restored
+iterator replays exactly and any host count sees the same data. Evaluation streams
+are padded to whole batches of equal count on every host, with a ``valid`` flag, so
+every clip is counted exactly once.
 
 Batches hold either normalised spectrograms (``fbank_on="host"``) or raw waveforms
 that ``audio.device_spectrogram`` turns into spectrograms inside the jitted step
@@ -96,6 +98,28 @@ class WeightedEpochs(grain.MapDataset):
             return self.slice(position)
         epoch, offset = divmod(position, self._draws)
         return int(self._epoch(epoch)[offset])
+
+
+class HostRows(grain.MapDataset):
+    """One host's rows of every global batch: positions [h·b, (h+1)·b) of each block of B.
+
+    Concatenating the hosts' rows in process order (as ``to_global`` does) rebuilds
+    the global batch exactly as a single process would read it.
+    """
+
+    def __init__(self, parent: grain.MapDataset, host: int, hosts: int, host_batch: int):
+        super().__init__(parent)
+        self._stream, self._host, self._hosts, self._rows = parent, host, hosts, host_batch
+
+    def __len__(self) -> int:
+        total = len(self._stream)
+        return total if total == sys.maxsize else total // self._hosts
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return self.slice(position)
+        step, row = divmod(position, self._rows)
+        return self._stream[(step * self._hosts + self._host) * self._rows + row]
 
 
 class ReadStats:
@@ -187,10 +211,9 @@ def make_pipeline(
     else:
         padded = -(-len(source) // cfg.batch_size) * cfg.batch_size
         order = grain.MapDataset.range(padded)
-    order = order[process_index::process_count]
 
-    def load(position_and_index, rng=None):
-        index = int(position_and_index)
+    def load(index, rng=None):
+        index = int(index)
         if not train and index >= len(source):
             return empty_features(num_classes, cfg)
         record = source[index]
@@ -202,7 +225,9 @@ def make_pipeline(
             return None if train else empty_features(num_classes, cfg)
         return example_features(wave, record["label_ids"], index, num_classes, cfg, rng)
 
+    # Randomness is keyed by the global stream position, before the per-host split.
     examples = order.random_map(load, seed=cfg.seed) if train else order.map(load)
+    examples = HostRows(examples, process_index, process_count, host_batch)
     options = grain.ReadOptions(num_threads=cfg.threads, prefetch_buffer_size=cfg.prefetch)
     stream = examples.to_iter_dataset(options)
     if train:
