@@ -39,32 +39,48 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(
-    shape: Mapping[str, int] | Sequence[int],
-    devices: Sequence[jax.Device] | None = None,
-) -> Mesh:
-    """A (data, fsdp, tensor) mesh with automatic (GSPMD) axis types.
-
-    ``shape`` gives each axis's size; one entry may be -1 to take the devices left
-    over. The product must equal the number of devices.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
+def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], device_count: int) -> list[int]:
+    """Sizes of (data, fsdp, tensor) for ``device_count`` devices; one size may be -1."""
+    sizes = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
     if len(sizes) != len(MESH_AXES):
         raise ValueError(f"mesh shape needs {len(MESH_AXES)} axes {MESH_AXES}, got {sizes}")
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if device_count % known:
+            raise ValueError(f"{device_count} devices do not divide into mesh {sizes}")
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
-            f"but {len(devices)} are present"
+            f"but {device_count} are present"
         )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return sizes
+
+
+def make_mesh(
+    shape: Mapping[str, int] | Sequence[int],
+    devices: Sequence[jax.Device] | None = None,
+    dcn_shape: Mapping[str, int] | None = None,
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh with automatic (GSPMD) axis types.
+
+    ``shape`` gives each axis's size within a slice; one may be -1 to take the devices
+    left over. ``dcn_shape`` (multi-slice TPU) gives each axis's size across slices:
+    the mesh is then built by ``create_hybrid_device_mesh`` so that only the axes
+    named there cross the slower data-centre network.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not dcn_shape:
+        sizes = resolve_mesh_shape(shape, len(devices))
+        return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    from jax.experimental import mesh_utils
+
+    dcn = [dcn_shape.get(a, 1) for a in MESH_AXES]
+    ici = resolve_mesh_shape(shape, len(devices) // math.prod(dcn))
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, MESH_AXES)
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh):
@@ -120,3 +136,12 @@ def init_sharded(init_fn: Callable, mesh: Mesh, *args):
     with activate(mesh):
         variables = jax.jit(init_fn, out_shardings=shardings)(*args)
     return nn.meta.unbox(variables), shardings
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as a NumPy array on every host (gathered across processes)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -135,6 +135,23 @@ def _tiny_encoder(**overrides):
     return cfg, encoder, variables
 
 
+def test_grouped_conv_by_taps_equals_xla_grouped_conv_with_gradients():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 4, 16))
+    weights = jax.random.normal(jax.random.key(1), (2, 6, 4, 24))
+    results = {}
+    for impl in ("xla", "taps"):
+        init = nn.initializers.normal(0.3)
+        conv = model_lib.GroupedConv(24, 3, 4, kernel_init=init, bias_init=init, impl=impl)
+        params = conv.init(jax.random.key(2), x)
+        results[impl] = jax.value_and_grad(
+            lambda p, x, conv=conv: jnp.sum(conv.apply(p, x) * weights), argnums=(0, 1)
+        )(params, x)
+    (value_xla, grads_xla), (value_taps, grads_taps) = results["xla"], results["taps"]
+    np.testing.assert_allclose(value_taps, value_xla, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_taps), jax.tree.leaves(grads_xla), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_padded_batch_equals_each_clip_alone():
     _, encoder, variables = _tiny_encoder()
     rng = np.random.default_rng(3)

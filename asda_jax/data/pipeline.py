@@ -254,6 +254,14 @@ def evaluation_steps(cfg: InputConfig, dataset_size: int) -> int:
 # ---------------------------------------------------------------------------- to devices
 
 
+def spectrograms(batch: dict, cfg: InputConfig) -> tuple[jax.Array, jax.Array]:
+    """(B, T, F) normalised spectrograms and (B,) real frame counts of a batch, whichever
+    side (host or device) computes the fbank."""
+    if "spectrogram" in batch:
+        return batch["spectrogram"], batch["frames"]
+    return audio.device_spectrogram(batch["waveform"], batch["num_samples"], cfg.norm)
+
+
 def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """Assembles this host's rows into global arrays split over the data axes."""
     data_sharding = sharding.batch_sharding(mesh)

@@ -1,0 +1,121 @@
+"""The optimiser: AdamW with warmup + cosine, clipping, decay mask, layer-wise lr decay."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import optax
+
+NO_DECAY_LEAVES = ("bias", "scale")  # LayerNorm/RMSNorm and bias vectors
+NO_DECAY_PARAMS = ("cls_token", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-4
+    warmup_steps: int = 106_666
+    total_steps: int = 800_000
+    min_lr: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    # The release means to exempt biases and norms from decay, but fairseq's composite
+    # optimiser drops that override, so it decays everything. True reproduces that.
+    decay_everything: bool = False
+    clip_norm: float = 4.0  # 0: no clipping (the release's fine-tuning)
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay for fine-tuning
+
+    def validate(self) -> OptimConfig:
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"optim.warmup_steps must be in [0, total_steps], got {self}")
+        if self.lr <= 0 or not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.lr must be > 0 and layer_decay in (0, 1], got {self}")
+        return self
+
+
+def schedule(cfg: OptimConfig, scale: float = 1.0) -> optax.Schedule:
+    """Linear warmup from 0 to lr·scale, then cosine down to min_lr."""
+    peak = cfg.lr * scale
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+        end_value=min(cfg.min_lr, peak),
+    )
+
+
+def path_names(path) -> list[str]:
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def decays(path) -> bool:
+    names = path_names(path)
+    return names[-1] not in NO_DECAY_LEAVES and not set(names) & set(NO_DECAY_PARAMS)
+
+
+def decay_mask(params, cfg: OptimConfig):
+    """True where weight decay applies."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: cfg.decay_everything or decays(path), params
+    )
+
+
+def layer_index(path, depth: int) -> int:
+    """Layer id for lr decay: 0 for the embeddings (patch, CLS, context norm),
+    1 + i for block i, depth + 1 for everything after the blocks (head, fc_norm)."""
+    for name in path_names(path):
+        match = re.fullmatch(r"blocks_(\d+)", name)
+        if match:
+            return int(match.group(1)) + 1
+    names = set(path_names(path))
+    if names & {"patch_embed", "cls_token", "context_norm"}:
+        return 0
+    return depth + 1
+
+
+def lr_scales(params, depth: int, layer_decay: float, embeddings_at_full_lr: bool = True):
+    """Per-parameter lr multipliers: layer_decay^(depth + 1 − layer).
+
+    The release (data2vec 2.0) leaves the embeddings at scale 1.0 while block 0 gets
+    layer_decay^depth: ``embeddings_at_full_lr`` keeps that; False gives the usual
+    BEiT rule (embeddings at layer_decay^(depth + 1)).
+    """
+
+    def scale(path, _):
+        layer = layer_index(path, depth)
+        if layer == 0 and embeddings_at_full_lr:
+            return 1.0
+        return layer_decay ** (depth + 1 - layer)
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def adamw(cfg: OptimConfig, learning_rate) -> optax.GradientTransformation:
+    # A callable mask: inside multi_transform each group sees a partly masked tree.
+    return optax.adamw(
+        learning_rate,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: decay_mask(params, cfg),
+    )
+
+
+def make_optimizer(
+    cfg: OptimConfig, params, *, depth: int = 0, embeddings_at_full_lr: bool = True
+) -> optax.GradientTransformation:
+    """Clip → AdamW, one schedule per distinct layer-decay multiplier."""
+    cfg.validate()
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    if cfg.layer_decay >= 1.0:
+        return optax.chain(*chain, adamw(cfg, schedule(cfg)))
+    scales = lr_scales(params, depth, cfg.layer_decay, embeddings_at_full_lr)
+    labels = jax.tree.map(lambda s: f"lr×{s:.6g}", scales)
+    scale_of = dict(zip(jax.tree.leaves(labels), jax.tree.leaves(scales), strict=True))
+    groups = {label: adamw(cfg, schedule(cfg, s)) for label, s in scale_of.items()}
+    return optax.chain(*chain, optax.multi_transform(groups, labels))

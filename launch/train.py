@@ -1,0 +1,100 @@
+"""Trains a model: pretraining or fine-tuning, as the config's ``task`` says.
+
+    python launch/train.py --config=configs/demo.py --workdir=workdirs/demo
+    python launch/train.py --config=configs/pretrain_as2m.py:mesh=v4-32 --workdir=/ckpt/as2m
+
+Override any field with --config.block.field=value. A workdir that holds checkpoints
+is resumed from its latest one. On a multi-host TPU pod or GPU cluster run the same
+command on every host: jax.distributed.initialize() joins them (pass
+--coordinator_address/--num_processes/--process_id where nothing detects it).
+
+Exit codes: 0 done (or stopped by SIGTERM after saving), 2 bad config or missing data,
+3 the run stopped itself (NaN loss or collapse; the last checkpoint is intact).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from asda_jax import cli, config_lib, probe, train_lib
+from asda_jax.data import datasets
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed(config) -> None:
+    """Joins a multi-host run; a single-process run stays as it is."""
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+    elif (config.get("num_processes") or 1) > 1:
+        jax.distributed.initialize()  # TPU pods and SLURM clusters describe themselves
+
+
+def prepare_embedded_data(config) -> None:
+    """The synthetic default is generated here if it is not there yet."""
+    if config.data.dataset != "synthetic":
+        return
+    if jax.process_index() == 0:
+        datasets.prepare("synthetic", config.data.data_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("synthetic dataset ready")
+
+
+def report_probe(config, state, task, mesh, workdir: Path) -> None:
+    results = probe.compare_with_random_init(
+        task.model_cfg,
+        state.params["encoder"],
+        task.data_cfg,
+        mesh,
+        config.probe.train_split,
+        config.probe.test_split,
+        config.seed,
+    )
+    if jax.process_index() == 0:
+        (workdir / "probe.json").write_text(json.dumps(results, indent=2))
+        print(
+            f"linear-probe accuracy on {task.data_cfg.dataset}:{config.probe.test_split}: "
+            f"pretrained {results['pretrained']:.1%}, random init {results['random_init']:.1%}"
+        )
+
+
+def main(argv):
+    del argv
+    cli.quiet_library_logs()
+    config = FLAGS.config
+    workdir = Path(FLAGS.workdir)
+    initialize_distributed(config)
+    try:
+        prepare_embedded_data(config)
+        state, task, mesh = train_lib.train(config, workdir)
+    except (config_lib.ConfigError, datasets.DatasetNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except train_lib.TrainingStopped as e:
+        logging.error("%s", e)
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(3)
+    if config.get("probe") and int(state.step) == config.num_train_steps:
+        report_probe(config, state, task, mesh, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
