@@ -41,17 +41,21 @@ class MeshPreset:
     batch_size: int | None = None  # when the recipe's 48 clips do not divide over the hosts
 
 
+def _data_parallel() -> dict:
+    return {"data": -1, "fsdp": 1, "tensor": 1}
+
+
 MESH_PRESETS = {
-    "cpu": MeshPreset({"data": -1}, 1, dtype="float32", fbank_on="host"),
-    "gpu": MeshPreset({"data": -1}, 1),  # 1–8 GPUs in one box
-    "gpu_fsdp": MeshPreset({"data": 1, "fsdp": -1}, 1),
-    "v4-8": MeshPreset({"data": -1}, 1),  # 4 chips, 1 host
-    "v4-32": MeshPreset({"data": -1}, 4),  # 16 chips, 4 hosts
-    "v5e-8": MeshPreset({"data": -1}, 1),
-    "v5e-32": MeshPreset({"data": -1}, 8),
-    "v5e-256": MeshPreset({"data": -1}, 64, batch_size=64),
-    "v5p-128": MeshPreset({"data": -1}, 16),
-    "2x-v5e-256": MeshPreset({"data": -1}, 128, dcn={"data": 2}, batch_size=128),
+    "cpu": MeshPreset(_data_parallel(), 1, dtype="float32", fbank_on="host"),
+    "gpu": MeshPreset(_data_parallel(), 1),  # 1–8 GPUs in one box
+    "gpu_fsdp": MeshPreset({"data": 1, "fsdp": -1, "tensor": 1}, 1),
+    "v4-8": MeshPreset(_data_parallel(), 1),  # 4 chips, 1 host
+    "v4-32": MeshPreset(_data_parallel(), 4),  # 16 chips, 4 hosts
+    "v5e-8": MeshPreset(_data_parallel(), 1),
+    "v5e-32": MeshPreset(_data_parallel(), 8),
+    "v5e-256": MeshPreset(_data_parallel(), 64, batch_size=64),
+    "v5p-128": MeshPreset(_data_parallel(), 16),
+    "2x-v5e-256": MeshPreset(_data_parallel(), 128, dcn={"data": 2}, batch_size=128),
 }
 
 

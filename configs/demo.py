@@ -49,7 +49,7 @@ def get_config(arg=None):
     config.eval_data = None
     config.optim = dict(lr=1e-3, warmup_steps=30, total_steps=STEPS, clip_norm=4.0)
     config.num_train_steps = STEPS
-    config.mesh = {"data": -1}
+    config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     config.mesh_dcn = None
     config.num_processes = 1
     config.seed = 0

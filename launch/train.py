@@ -14,6 +14,10 @@ Exit codes: 0 done (or stopped by SIGTERM after saving), 2 bad config or missing
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (used by clu) is chatty
+
 import json
 import sys
 from pathlib import Path
@@ -43,7 +47,14 @@ def initialize_distributed(config) -> None:
             process_id=FLAGS.process_id,
         )
     elif (config.get("num_processes") or 1) > 1:
-        jax.distributed.initialize()  # TPU pods and SLURM clusters describe themselves
+        try:
+            jax.distributed.initialize()  # TPU pods and SLURM clusters describe themselves
+        except ValueError as e:
+            raise config_lib.ConfigError(
+                f"config expects {config.num_processes} processes, but no multi-host "
+                f"environment was detected ({e}); pass --coordinator_address, "
+                "--num_processes and --process_id, or set --config.num_processes=1"
+            ) from e
 
 
 def prepare_embedded_data(config) -> None:
@@ -81,8 +92,8 @@ def main(argv):
     cli.quiet_library_logs()
     config = FLAGS.config
     workdir = Path(FLAGS.workdir)
-    initialize_distributed(config)
     try:
+        initialize_distributed(config)
         prepare_embedded_data(config)
         state, task, mesh = train_lib.train(config, workdir)
     except (config_lib.ConfigError, datasets.DatasetNotFoundError) as e:

@@ -1,0 +1,94 @@
+"""Multi-host training for real, on one machine: two processes joined on loopback."""
+
+import socket
+
+import jax
+import numpy as np
+import pytest
+
+from asda_jax import checkpoints, sharding, train_lib
+from asda_jax.data import datasets
+from tests import train_helpers as th
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_pair(workdir, data_dir, steps: int):
+    """Two processes × 4 simulated CPU devices = the same 8 devices as one test process."""
+    address = f"127.0.0.1:{free_port()}"
+    extra = {
+        "num_train_steps": steps,
+        "optim.total_steps": 8,
+        "checkpoint_every": 3,
+        "num_processes": 2,
+    }
+    return [
+        th.launch_train(
+            workdir,
+            [
+                "--config=configs/demo.py",
+                *th.tiny_flags(data_dir, **extra),
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        )
+        for i in range(2)
+    ]
+
+
+def wait_all(procs, timeout=300):
+    for proc in procs:
+        code = proc.wait(timeout=timeout)
+        assert code == 0, proc.stderr.read()[-3000:]
+
+
+def restore_on_one_device(workdir, step: int, data_dir: str):
+    """A checkpoint restored onto this process's first device, whoever saved it."""
+    task = train_lib.make_task(th.tiny_config(data_dir))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    abstract, shardings, _, _ = train_lib.state_shardings(task, mesh, jax.random.PRNGKey(0))
+    target = checkpoints.abstract_state(abstract, shardings)
+    return checkpoints.Checkpoints(workdir).restore(step, target)[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    datasets.prepare("synthetic", root, clips_per_class=4)
+    return str(root)
+
+
+def test_two_processes_train_like_one_and_resume_from_their_checkpoint(data_dir, tmp_path):
+    single = tmp_path / "single"
+    train_lib.train(
+        th.tiny_config(data_dir, num_train_steps=3, checkpoint_every=3, **{"optim.total_steps": 8}),
+        single,
+    )
+    pair = tmp_path / "pair"
+    wait_all(launch_pair(pair, data_dir, steps=3))
+    assert checkpoints.Checkpoints(pair).all_steps() == [3]
+    expected = restore_on_one_device(single, 3, data_dir)
+    got = restore_on_one_device(pair, 3, data_dir)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    for step in (1, 2, 3):
+        assert th.losses(pair)[step][0] == pytest.approx(th.losses(single)[step][0], rel=1e-5)
+
+    wait_all(launch_pair(pair, data_dir, steps=5))  # the pair resumes from step 3
+    assert sorted(th.losses(pair)) == [1, 2, 3, 4, 5]
+    assert 5 in checkpoints.Checkpoints(pair).all_steps()
+
+
+def test_a_run_whose_process_count_disagrees_with_its_config_fails_at_start(data_dir, tmp_path):
+    proc = th.launch_train(
+        tmp_path, ["--config=configs/demo.py", *th.tiny_flags(data_dir, num_processes=2)]
+    )
+    assert proc.wait(timeout=120) == 2
+    assert "config expects 2 processes" in proc.stderr.read()
+    assert not (tmp_path / "metrics.jsonl").exists()
