@@ -18,12 +18,17 @@ def median_seconds(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> f
 
 
 def interleaved_medians(
-    calls: Sequence[tuple[Callable, Sequence]], repeats: int = 10, warmup: int = 2
+    calls: Sequence[tuple[Callable, Sequence]],
+    repeats: int = 10,
+    warmup: int = 2,
+    per_round: int = 1,
 ) -> list[float]:
     """Median wall time of each ``fn(*args)``, timed in alternating rounds.
 
     Alternating makes slow drifts of a shared machine hit every candidate alike, so
-    ratios between them are steadier than from back-to-back series.
+    ratios between them are steadier than from back-to-back series. With
+    ``per_round > 1`` each round runs a candidate that many times and drops the first
+    run: large steps (GiBs of working set) slow down right after a switch.
     """
     for fn, args in calls:
         for _ in range(warmup):
@@ -31,9 +36,11 @@ def interleaved_medians(
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(repeats):
         for i, (fn, args) in enumerate(calls):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[i].append(time.perf_counter() - start)
+            for run in range(per_round):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                if per_round == 1 or run > 0:
+                    times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -232,3 +233,36 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def state_dict_numpy(model: nn.Module) -> dict:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def pretraining_objective(
+    student: ReleaseModel,
+    teacher: ReleaseModel,
+    spec: torch.Tensor,  # (B, T, F)
+    kept: torch.Tensor,  # (B·C, K) long
+    masked: torch.Tensor,  # (B·C, L) bool
+    noise: torch.Tensor,  # (B·C, L, D)
+    clones: int,
+    top_k: int,
+    cls_loss: float = 0.5,
+    utterance_rows: int = 192,
+) -> torch.Tensor:
+    """The release's objective for given masks and decoder noise (shared/asda-method.md)."""
+    x = student.embed(spec).repeat_interleave(clones, 0)  # (R, L, D)
+    visible = torch.gather(x, 1, kept[..., None].expand(-1, -1, x.shape[-1]))
+    tokens, _ = student.encode(visible)
+    full = noise.clone()
+    full[torch.arange(full.shape[0])[:, None], kept] = tokens[:, 1:]
+    predictions = student.image.decoder(full)
+    with torch.no_grad():
+        _, layers = teacher(spec)
+        normed = [
+            F.instance_norm(f[:, 1:].transpose(1, 2)).transpose(1, 2) for f in layers[-top_k:]
+        ]
+        y = F.layer_norm(sum(normed) / len(normed), (x.shape[-1],))
+    scale = 1 / math.sqrt(x.shape[-1])
+    slot_error = ((predictions - y.repeat_interleave(clones, 0)) ** 2).sum(-1) * scale
+    frame = slot_error[masked].sum() / masked.sum()
+    utterance_target = y.mean(1).repeat_interleave(clones, 0)
+    row_error = ((tokens[:, 0] - utterance_target) ** 2).sum(-1) * scale
+    return frame + cls_loss * utterance_rows * row_error.mean()
