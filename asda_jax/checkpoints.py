@@ -8,6 +8,8 @@ rest. Saves are asynchronous; ``wait`` (called at exit) surfaces a failed save.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,102 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# ---------------------------------------------------------------------------- encoders
+
+EXPORT_CONFIG = "model.json"  # an exported encoder: <dir>/model.json + <dir>/params/
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that is not where it is expected, or does not fit the model."""
+
+
+def export_encoder(directory: str | Path, encoder_params, model_cfg) -> Path:
+    """Writes encoder params + their ModelConfig as JSON; refuses to overwrite."""
+    directory = Path(directory).absolute()
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} is not empty; choose a new export directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as saver:
+        saver.save(directory / "params", encoder_params)
+    if jax.process_index() == 0:
+        (directory / EXPORT_CONFIG).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2))
+    return directory
+
+
+def locate_params(path: str | Path, step: int | None = None) -> tuple[Path, tuple[str, ...]]:
+    """(Orbax item folder, key path of the parameters inside it) of any of:
+    an exported encoder, a training workdir (latest or ``step``), or one of its steps."""
+    path = Path(path).absolute()
+    if (path / EXPORT_CONFIG).is_file():
+        return path / "params", ()
+    if (path / "checkpoints").is_dir():
+        steps = Checkpoints(path, async_save=False)
+        chosen = steps.latest_step() if step is None else step
+        if chosen is None or chosen not in steps.all_steps():
+            raise CheckpointMismatch(
+                f"{path}/checkpoints has no step {step if step is not None else '(none saved)'}; "
+                f"saved: {steps.all_steps()}"
+            )
+        steps.close()
+        path = path / "checkpoints" / str(chosen)
+    if (path / "state").is_dir():
+        return path / "state", ("params",)
+    raise CheckpointMismatch(
+        f"{path} is neither an exported encoder (<dir>/{EXPORT_CONFIG} + <dir>/params/) nor a "
+        "training workdir (<workdir>/checkpoints/<step>/state/) nor one of its steps"
+    )
+
+
+def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in leaves}
+
+
+def check_fits(saved, target, where: str) -> None:
+    """Raises CheckpointMismatch listing missing and unexpected keys and shape mismatches."""
+    have, want = _flat_shapes(saved), _flat_shapes(target)
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    differ = [k for k in want if k in have and have[k] != want[k]]
+    shapes = [f"{k}: saved {have[k]}, model {want[k]}" for k in differ]
+    if missing or shapes:
+        raise CheckpointMismatch(
+            f"{where} does not fit the model: missing {missing or 'none'}; "
+            f"shape mismatches {shapes or 'none'}; unexpected {unexpected or 'none'}"
+        )
+
+
+def saved_tree(item: Path, keys: tuple[str, ...] = ()):
+    """The metadata (shapes, dtypes) of the subtree at ``keys`` of an Orbax item."""
+    tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
+    for depth, key in enumerate(keys):
+        if not isinstance(tree, dict) or key not in tree:
+            found = list(tree) if isinstance(tree, dict) else type(tree).__name__
+            raise CheckpointMismatch(f"{item} has no {'/'.join(keys[: depth + 1])} (found {found})")
+        tree = tree[key]
+    return tree
+
+
+def restore_params(path: str | Path, target, subtree: tuple[str, ...] = (), step=None):
+    """Restores the parameters ``target`` describes (ShapeDtypeStructs with shardings,
+    any mesh) from ``path`` (see ``locate_params``), reading only that subtree."""
+    item, prefix = locate_params(path, step)
+    keys = (*prefix, *subtree)
+    saved = saved_tree(item, keys)
+    check_fits(saved, target, f"{item}:{'/'.join(keys)}")
+    wrapped = target
+    for key in reversed(keys):
+        wrapped = {key: wrapped}
+    restored = ocp.PyTreeCheckpointer().restore(
+        item,
+        args=ocp.args.PyTreeRestore(
+            item=wrapped,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(wrapped),
+            partial_restore=True,
+        ),
+    )
+    for key in keys:
+        restored = restored[key]
+    return restored

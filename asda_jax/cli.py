@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from absl import logging as absl_logging
+
+from asda_jax import audio
+from asda_jax.data import builders
 
 NOISY_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/")
 
@@ -20,3 +26,31 @@ class _QuietLibraries(logging.Filter):
 
 def quiet_library_logs() -> None:
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def audio_inputs(path: str | Path) -> tuple[list[Path], Path]:
+    """(audio files, the folder their output paths are relative to) of a file or folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path], path.parent
+    if path.is_dir():
+        files = builders.audio_files(path)
+        if not files:
+            raise FileNotFoundError(f"no audio files {builders.AUDIO_EXTENSIONS} under {path}")
+        return files, path
+    raise FileNotFoundError(f"{path}: no such file or folder")
+
+
+def run_over_files(files: list[Path], work: Callable[[Path], str]) -> int:
+    """Runs ``work`` on each file, printing its line; unusable audio is reported and
+    skipped. Returns the exit code: 0 if any file succeeded, else 1."""
+    skipped = []
+    for path in files:
+        try:
+            print(f"{path}: {work(path)}", flush=True)
+        except audio.AudioError as e:
+            skipped.append(path)
+            print(f"skipped {path}: {e}", file=sys.stderr, flush=True)
+    done = len(files) - len(skipped)
+    print(f"{done} of {len(files)} files done, {len(skipped)} skipped", flush=True)
+    return 0 if done else 1

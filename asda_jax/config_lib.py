@@ -80,7 +80,7 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def _fields(cls, block: ml_collections.ConfigDict | dict, exclude: Sequence[str] = ()):
+def dataclass_fields(cls, block: ml_collections.ConfigDict | dict, exclude: Sequence[str] = ()):
     values = dict(block)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names - set(exclude))
@@ -93,25 +93,25 @@ def model_config(config) -> model_lib.ModelConfig:
     block = dict(config.model)
     preset = block.pop("preset", "base")
     try:
-        return model_lib.preset(preset, **_fields(model_lib.ModelConfig, block))
+        return model_lib.preset(preset, **dataclass_fields(model_lib.ModelConfig, block))
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
 def mask_config(config) -> masking.MaskConfig:
-    return masking.MaskConfig(**_fields(masking.MaskConfig, config.mask))
+    return masking.MaskConfig(**dataclass_fields(masking.MaskConfig, config.mask))
 
 
 def pretrain_config(config) -> objectives.PretrainConfig:
-    return objectives.PretrainConfig(**_fields(objectives.PretrainConfig, config.pretrain))
+    return objectives.PretrainConfig(**dataclass_fields(objectives.PretrainConfig, config.pretrain))
 
 
 def input_config(config, block: str = "data") -> pipeline.InputConfig:
-    return pipeline.InputConfig(**_fields(pipeline.InputConfig, config[block]))
+    return pipeline.InputConfig(**dataclass_fields(pipeline.InputConfig, config[block]))
 
 
 def optim_config(config) -> optim.OptimConfig:
-    cfg = optim.OptimConfig(**_fields(optim.OptimConfig, config.optim))
+    cfg = optim.OptimConfig(**dataclass_fields(optim.OptimConfig, config.optim))
     try:
         return cfg.validate()
     except ValueError as e:
@@ -161,6 +161,8 @@ def validate(config, *, device_count: int, process_count: int) -> None:
     for block in ("data", "eval_data"):
         if block in config and config[block] is not None:
             _require_dataset(input_config(config, block))
+    if config.task != "pretrain":
+        _validate_finetune(config)
     if config.task == "pretrain":
         top_k = config.pretrain.get("average_top_k_layers", 12)
         if not 0 < top_k <= model_cfg.depth:
@@ -170,9 +172,15 @@ def validate(config, *, device_count: int, process_count: int) -> None:
     optim_config(config)
 
 
-def _data_parallel(sizes: list[int], devices: int, known: int) -> int:
-    data, fsdp, _ = (devices // known if s == -1 else s for s in sizes)
-    return data * fsdp
+def _validate_finetune(config) -> None:
+    from asda_jax import checkpoints, finetune  # they build on this module
+
+    cfg = finetune.finetune_config(config)
+    if cfg.init_from:
+        try:
+            checkpoints.locate_params(cfg.init_from)
+        except checkpoints.CheckpointMismatch as e:
+            raise ConfigError(f"finetune.init_from: {e}") from e
 
 
 def _require_dataset(data: pipeline.InputConfig) -> None:

@@ -151,12 +151,14 @@ def state_shardings(task, mesh, rng):
 
     abstract = jax.eval_shape(init, rng)
     replicated = sharding.replicated(mesh)
+    masked = lambda x: isinstance(x, optax.MaskedNode)
     opt_shardings = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        lambda leaf, s: leaf if masked(leaf) else s,
         abstract.opt_state,
         param_shardings,
         transform_non_params=lambda _: replicated,
+        is_leaf=masked,
     )
     teacher_shardings = None if abstract.teacher is None else param_shardings["encoder"]
     shardings = TrainState(

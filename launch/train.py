@@ -26,7 +26,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from asda_jax import cli, config_lib, probe, train_lib
+from asda_jax import cli, config_lib, finetune, probe, train_lib
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -87,6 +87,12 @@ def report_probe(config, state, task, mesh, workdir: Path) -> None:
         )
 
 
+def report_evaluation(state, task, mesh, workdir: Path) -> None:
+    results = finetune.final_evaluation(state, task, mesh, workdir)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_clips")
+    print(f"{task.eval_cfg.dataset}:{task.eval_cfg.split} at step {int(state.step)}: {shown}")
+
+
 def main(argv):
     del argv
     cli.quiet_library_logs()
@@ -103,8 +109,12 @@ def main(argv):
         logging.error("%s", e)
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(3)
-    if config.get("probe") and int(state.step) == config.num_train_steps:
+    if int(state.step) != config.num_train_steps:
+        return  # stopped early by SIGTERM: nothing final to report
+    if config.get("probe"):
         report_probe(config, state, task, mesh, workdir)
+    if config.task != "pretrain" and task.eval_cfg is not None:
+        report_evaluation(state, task, mesh, workdir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""Models loaded from disk for the tools: embeddings of audio files, and their labels.
+
+Sources: a training workdir (its ``config.json`` says the model; the latest or a given
+checkpoint holds the weights) or an exported encoder (``model.json`` + ``params/``).
+One file is read and encoded at a time at its own length, so files of any duration
+(up to the positional table's 122.88 s) and any mix of good and bad files work.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from asda_jax import audio, checkpoints, config_lib
+from asda_jax import model as model_lib
+
+PATCH_FRAMES = 16
+
+
+def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise checkpoints.CheckpointMismatch(
+            f"{workdir} has no config.json: not a workdir written by launch/train.py"
+        )
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def model_config_of(path: str | Path) -> ml_collections.ConfigDict | model_lib.ModelConfig:
+    """The ModelConfig of an exported encoder or of a training workdir."""
+    export = Path(path) / checkpoints.EXPORT_CONFIG
+    if export.is_file():
+        fields = json.loads(export.read_text())
+        return model_lib.ModelConfig(**config_lib.dataclass_fields(model_lib.ModelConfig, fields))
+    return config_lib.model_config(run_config(path))
+
+
+def _abstract(module: nn.Module, spec_shape):
+    """The module's params as ShapeDtypeStructs on the first local device."""
+    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(spec_shape))["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(boxed)
+    )
+
+
+def load_encoder(path: str | Path, step: int | None = None):
+    """(encode, ModelConfig) of an export or of a pretraining/fine-tuning workdir's
+    encoder; ``encode`` maps (B, T, F) spectrograms to (B, 1 + N, D) output tokens."""
+    cfg = dataclasses.replace(model_config_of(path), drop_path=0.0)
+    encoder = model_lib.Encoder(cfg)
+    target = _abstract(encoder, (1, PATCH_FRAMES, cfg.num_mel_bins))
+    subtree = () if (Path(path) / checkpoints.EXPORT_CONFIG).is_file() else ("encoder",)
+    params = checkpoints.restore_params(path, target, subtree, step)
+    return jax.jit(lambda spec: encoder.apply({"params": params}, spec).tokens), cfg
+
+
+def load_classifier(workdir: str | Path, step: int | None = None):
+    """(classify, run config) of a fine-tuning workdir; ``classify`` maps (B, T, F)
+    spectrograms to (B, C) scores (softmax for a CE-trained head, else sigmoid)."""
+    config = run_config(workdir)
+    if config.task == "pretrain":
+        raise checkpoints.CheckpointMismatch(
+            f"{workdir} is a pretraining run: it has no classification head"
+        )
+    cfg = dataclasses.replace(config_lib.model_config(config), drop_path=0.0)
+    item, prefix = checkpoints.locate_params(workdir, step)
+    num_classes = checkpoints.saved_tree(item, (*prefix, "head", "kernel")).shape[-1]
+    finetune = dict(config.get("finetune") or {})
+    classifier = model_lib.Classifier(cfg, num_classes, finetune.get("pooling", "cls"))
+    target = _abstract(classifier, (1, PATCH_FRAMES, cfg.num_mel_bins))
+    params = checkpoints.restore_params(workdir, target, (), step)
+    squash = jax.nn.softmax if finetune.get("loss") == "ce" else jax.nn.sigmoid
+    return jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec))), config
+
+
+def whole_clip(path, norm, max_frames: int) -> np.ndarray:  # (T, 128), T a multiple of 16
+    """The normalised spectrogram of a whole file (at most ``max_frames``), its frame
+    count rounded up to whole patches (the padding is the normalised silence, as in
+    training)."""
+    opts = audio.RELEASE_FBANK
+    wave = audio.read_audio(path, max_seconds=opts.num_samples(max_frames) / audio.SAMPLE_RATE)
+    frames = min(-(-opts.num_frames(wave.size) // PATCH_FRAMES) * PATCH_FRAMES, max_frames)
+    spec, _ = audio.spectrogram(wave, frames, norm)
+    return spec
+
+
+def embed(encode, spec: np.ndarray) -> dict[str, np.ndarray]:
+    """utterance (D,) = the CLS output, frames (N, D) = the patch outputs (time-major)."""
+    tokens = np.asarray(encode(jnp.asarray(spec)[None]), np.float32)[0]
+    return {"utterance": tokens[0], "frames": tokens[1:]}
+
+
+def read_label_names(path: str | Path) -> list[str]:
+    """Display names from a label CSV: ``index,mid,display_name`` (AudioSet's
+    class_labels_indices.csv, with or without its header) or ``index,name``."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if rows and not rows[0][0].strip().isdigit():
+        rows = rows[1:]  # header
+    try:
+        indexed = sorted((int(r[0]), r[-1].strip()) for r in rows)
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{path}: expected rows of index,[mid,]name ({e})") from e
+    if [i for i, _ in indexed] != list(range(len(indexed))):
+        raise ValueError(f"{path}: class indices must run 0..{len(indexed) - 1}")
+    return [name for _, name in indexed]
+
+
+def top_k(scores: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-scores)[:k]
+    return [(names[i], float(scores[i])) for i in order]

@@ -1,0 +1,68 @@
+"""Top-k labels of audio files from a fine-tuned checkpoint.
+
+    python launch/infer.py --checkpoint=/ckpt/as20k --audio=clip.wav \
+        [--labels=class_labels_indices.csv] [--top_k=5]
+
+Display names come from --labels (AudioSet's ``index,mid,display_name`` CSV, or
+``index,name``), else from the run's prepared dataset. Each file is cropped or padded
+to the run's training length, as the release's inference does. Unreadable files are
+reported and skipped; the exit code is 1 only if none succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from asda_jax import audio, checkpoints, cli, config_lib, inference
+from asda_jax.data import datasets
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "A fine-tuning run's workdir.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("audio", None, "An audio file or a folder of them.")
+flags.DEFINE_string("labels", None, "Label CSV with display names.")
+flags.DEFINE_integer("top_k", 5, "Labels shown per file.")
+flags.mark_flags_as_required(["checkpoint", "audio"])
+
+
+def class_names(config, num_classes: int) -> list[str]:
+    if FLAGS.labels:
+        names = inference.read_label_names(FLAGS.labels)
+    else:
+        names = datasets.load(config.data.dataset, config.data.data_dir).class_names
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} label names for a head of {num_classes} classes")
+    return names
+
+
+def main(argv):
+    del argv
+    cli.quiet_library_logs()
+    try:
+        classify, config = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
+        data = config_lib.input_config(config)
+        silence = np.zeros((1, data.target_frames, audio.RELEASE_FBANK.num_mel_bins), np.float32)
+        names = class_names(config, classify(silence).shape[-1])
+        files, _ = cli.audio_inputs(FLAGS.audio)
+    except (checkpoints.CheckpointMismatch, datasets.DatasetNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    def label(path) -> str:
+        wave = audio.read_audio(path)
+        spec, _ = audio.spectrogram(wave, data.target_frames, data.norm)
+        scores = classify(spec[None])[0]
+        return "  ".join(f"{n} {s:.3f}" for n, s in inference.top_k(scores, names, FLAGS.top_k))
+
+    sys.exit(cli.run_over_files(files, label))
+
+
+if __name__ == "__main__":
+    app.run(main)

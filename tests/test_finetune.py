@@ -1,0 +1,245 @@
+"""Fine-tuning runs: every recipe on 8 devices, loading encoders, the tools, ESC-50 folds."""
+
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from asda_jax import checkpoints, config_lib, finetune, inference, train_lib
+from asda_jax.data import datasets
+from tests import data_fixtures as fx
+from tests import train_helpers as th
+
+TINY = {
+    "model.preset": "tiny",
+    "data.batch_size": 8,
+    "eval_data.batch_size": 8,
+    "data.target_frames": 64,
+    "eval_data.target_frames": 64,
+    "data.threads": 1,
+    "eval_data.threads": 1,
+    "num_train_steps": 2,
+    "optim.total_steps": 2,
+    "optim.warmup_steps": 1,
+    "log_every": 1,
+    "checkpoint_every": 2,
+}
+
+
+def configured(path: str, arg: str, **overrides):
+    config = th.load_config(path, arg)
+    for key, value in {**TINY, **overrides}.items():
+        block, _, field = key.rpartition(".")
+        (config[block] if block else config)[field] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Every dataset the recipes read, prepared from fixture trees."""
+    root = tmp_path_factory.mktemp("ft")
+    fx.audioset_segments_tree(root / "as")
+    fx.esc50_tree(root / "esc")
+    fx.speech_commands_tree(root / "spc")
+    data = root / "data"
+    datasets.prepare("audioset", data, source_dir=root / "as")
+    datasets.prepare("esc50", data, source_dir=root / "esc")
+    datasets.prepare("speech_commands_v2", data, source_dir=root / "spc")
+    datasets.prepare("synthetic", data, clips_per_class=4)
+    return data
+
+
+@pytest.fixture(scope="module")
+def pretrained(sources, tmp_path_factory):
+    """A tiny pretraining run on the synthetic data (its workdir)."""
+    workdir = tmp_path_factory.mktemp("pretrained")
+    train_lib.train(th.tiny_config(str(sources), num_train_steps=2), workdir)
+    return workdir
+
+
+RECIPES = {  # the AudioSet fixture has no unbalanced_train
+    "as20k": {},
+    "as2m": {"data.split": "balanced_train"},
+    "esc50": {},
+    "spcv2": {},
+}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_runs_two_steps_on_eight_devices(name, sources, tmp_path):
+    config = configured(
+        f"configs/finetune_{name}.py", f"mesh=cpu,data_dir={sources}", **RECIPES[name]
+    )
+    assert dict(config.mesh) == {"data": -1, "fsdp": 1, "tensor": 1}
+    state, task, mesh = train_lib.train(config, tmp_path)
+    assert mesh.devices.size == 8 and int(state.step) == 2
+    assert sorted(th.losses(tmp_path)) == [1, 2]
+    assert all(np.isfinite(v[0]) for v in th.losses(tmp_path).values())
+    results = finetune.final_evaluation(state, task, mesh, tmp_path)
+    size = datasets.load(task.eval_cfg.dataset, sources).split_sizes[task.eval_cfg.split]
+    assert results["num_clips"] == size  # every clip once, padding dropped
+    assert 0 <= results["accuracy"] <= 1
+    if task.ft_cfg.loss == "bce_per_label":
+        assert 0 < results["mAP"] <= 1
+    assert json.loads((tmp_path / "eval.json").read_text()) == results
+
+
+def test_the_as2m_recipe_samples_by_weight_and_spc2_rolls():
+    as2m = th.load_config("configs/finetune_as2m.py", "mesh=cpu")
+    spc = th.load_config("configs/finetune_spcv2.py", "mesh=cpu")
+    assert as2m.data.weighted_sampling and not as2m.eval_data.weighted_sampling
+    assert spc.finetune.spec_noise_and_roll and spc.finetune.loss == "bce"
+    assert spc.seed == 42 and spc.optim.lr == 2e-4 and spc.data.target_frames == 128
+
+
+def test_fine_tuning_starts_from_the_pretrained_student_encoder(sources, pretrained, tmp_path):
+    config = configured(
+        "configs/finetune_demo.py",
+        f"data_dir={sources},init_from={pretrained}",
+        num_train_steps=0,
+        **{"optim.total_steps": 1, "optim.warmup_steps": 0},
+    )
+    state, _, _ = train_lib.train(config, tmp_path)
+    student = checkpoints.restore_params(
+        pretrained, jax.tree.map(_like, state.params["encoder"]), ("encoder",)
+    )  # params/encoder: the student, not the teacher
+    for a, b in zip(
+        jax.tree.leaves(state.params["encoder"]), jax.tree.leaves(student), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def _like(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_the_mismatches(
+    sources, pretrained, tmp_path
+):
+    config = configured(
+        "configs/finetune_demo.py", f"data_dir={sources},init_from={pretrained}", num_train_steps=1
+    )
+    config.model.preset = "demo"
+    with pytest.raises(checkpoints.CheckpointMismatch, match=r"shape mismatches.*blocks_0"):
+        train_lib.train(config, tmp_path)
+    missing = configured("configs/finetune_demo.py", f"data_dir={sources},init_from={tmp_path}/x")
+    with pytest.raises(config_lib.ConfigError, match="neither an exported encoder"):
+        config_lib.validate(missing, device_count=8, process_count=1)
+
+
+def test_linear_probe_trains_the_head_only(sources, pretrained, tmp_path):
+    config = configured(
+        "configs/finetune_demo.py",
+        f"data_dir={sources},init_from={pretrained},task=linear_probe",
+    )
+    state, _, _ = train_lib.train(config, tmp_path)
+    start = checkpoints.restore_params(
+        pretrained, jax.tree.map(_like, state.params["encoder"]), ("encoder",)
+    )
+    for a, b in zip(jax.tree.leaves(state.params["encoder"]), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(a, b)
+    initial = finetune.FinetuneTask(config).init_params(jax.random.PRNGKey(config.seed))
+    head = np.asarray(nn.meta.unbox(initial)["head"]["kernel"])
+    assert np.abs(np.asarray(state.params["head"]["kernel"]) - head).max() > 1e-4
+
+
+def test_esc50_runner_reports_every_fold_and_their_mean(sources, tmp_path):
+    flags = [f"--config.{k}={v}" for k, v in TINY.items() if not k.startswith("eval_data.")]
+    command = [
+        sys.executable,
+        str(th.ROOT / "launch" / "esc50_folds.py"),
+        f"--config=configs/finetune_esc50.py:mesh=cpu,data_dir={sources}",
+        f"--workdir={tmp_path}",
+        *flags,
+        "--config.eval_data.batch_size=8",
+        "--config.eval_data.target_frames=64",
+        "--config.num_train_steps=1",
+        "--config.checkpoint_every=1",
+    ]
+    done = subprocess.run(command, cwd=th.ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "folds.json").read_text())
+    accuracies = [summary["folds"][f"fold{k}"] for k in range(1, 6)]
+    assert summary["mean"] == pytest.approx(np.mean(accuracies))
+    assert summary["std"] == pytest.approx(np.std(accuracies))
+    for k in range(1, 6):  # each fold held out its own two clips
+        fold = json.loads((tmp_path / f"fold{k}" / "eval.json").read_text())
+        assert fold["num_clips"] == 2 and fold["accuracy"] == summary["folds"][f"fold{k}"]
+    assert "mean" not in done.stderr and "± " in done.stdout
+
+
+@pytest.fixture(scope="module")
+def finetuned(sources, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("finetuned")
+    config = configured("configs/finetune_demo.py", f"data_dir={sources},init_from=")
+    state, task, mesh = train_lib.train(config, workdir)
+    finetune.final_evaluation(state, task, mesh, workdir)
+    return workdir
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(th.ROOT / "launch" / f"{name}.py"), *args]
+    return subprocess.run(command, cwd=th.ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_extract_writes_the_encoder_outputs_and_skips_bad_files(finetuned, tmp_path):
+    clips = tmp_path / "clips"
+    fx.write_tone(clips / "a.wav", 440, seconds=1.3)
+    fx.write_tone(clips / "sub" / "b.flac", 880, seconds=0.7, rate=44_100)
+    (clips / "broken.wav").write_text("not audio")
+    (clips / "empty.ogg").write_bytes(b"")
+    done = run_tool(
+        "extract", f"--checkpoint={finetuned}", f"--audio={clips}", f"--output={tmp_path}/out"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 of 4 files done, 2 skipped" in done.stdout
+    assert "broken.wav" in done.stderr and "empty.ogg" in done.stderr
+    encode, cfg = inference.load_encoder(finetuned)
+    for stem, seconds in (("a", 1.3), ("sub/b", 0.7)):
+        utterance = np.load(tmp_path / "out" / f"{stem}.utterance.npy")
+        frames = np.load(tmp_path / "out" / f"{stem}.frames.npy")
+        patches = -(-(int(seconds * 100) - 2) // 16) * cfg.freq_patches
+        assert utterance.shape == (cfg.embed_dim,) and frames.shape == (patches, cfg.embed_dim)
+    spec = inference.whole_clip(clips / "a.wav", (-4.268, 4.569), 12288)
+    expected = inference.embed(encode, spec)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "a.utterance.npy"), expected["utterance"])
+    assert (
+        run_tool("extract", f"--checkpoint={tmp_path}", "--audio=x", "--output=y").returncode == 2
+    )
+
+
+def test_infer_prints_top_labels_with_display_names(finetuned, sources, tmp_path):
+    path = fx.write_tone(tmp_path / "tone.wav", 440, seconds=1.0)
+    names = datasets.load("synthetic", sources).class_names
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "index,mid,display_name\n"
+        + "".join(f'{i},/m/{i},"Nice {n}"\n' for i, n in enumerate(names))
+    )
+    done = run_tool(
+        "infer", f"--checkpoint={finetuned}", f"--audio={path}", f"--labels={labels}", "--top_k=3"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith(str(path)))
+    shown = line.split(": ", 1)[1].split("  ")
+    assert len(shown) == 3 and all(s.startswith("Nice ") for s in shown)
+    scores = [float(s.rsplit(" ", 1)[1]) for s in shown]
+    assert scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-6  # softmax
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF")
+    done = run_tool("infer", f"--checkpoint={finetuned}", f"--audio={bad}")
+    assert done.returncode == 1 and "skipped" in done.stderr
+
+
+def test_eval_tool_recomputes_the_final_metrics(finetuned, tmp_path):
+    done = run_tool("eval", f"--workdir={finetuned}", f"--output={tmp_path}/m.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    final = json.loads((finetuned / "eval.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_clips"] == 10 == final["num_clips"]
+    assert metrics["accuracy"] == pytest.approx(final["accuracy"])
+    assert run_tool("eval", f"--workdir={tmp_path}").returncode == 2  # not a run
