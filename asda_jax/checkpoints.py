@@ -71,29 +71,41 @@ class Checkpoints:
 
 # ---------------------------------------------------------------------------- encoders
 
-EXPORT_CONFIG = "model.json"  # an exported encoder: <dir>/model.json + <dir>/params/
+EXPORT_CONFIG = "model.json"  # an export: <dir>/model.json + <dir>/params/
 
 
 class CheckpointMismatch(ValueError):
     """A checkpoint that is not where it is expected, or does not fit the model."""
 
 
-def export_encoder(directory: str | Path, encoder_params, model_cfg) -> Path:
-    """Writes encoder params + their ModelConfig as JSON; refuses to overwrite."""
+def export(directory: str | Path, params: dict, model_cfg, **description) -> Path:
+    """Writes ``params`` ({"encoder": ..., and optionally "fc_norm"/"head", "decoder",
+    "teacher"}) and a JSON of the ModelConfig plus ``description`` (e.g. the head's
+    pooling and score function); refuses to write into a non-empty directory."""
     directory = Path(directory).absolute()
+    if "encoder" not in params:
+        raise ValueError(f"an export needs an 'encoder' entry, got {sorted(params)}")
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty; choose a new export directory")
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as saver:
-        saver.save(directory / "params", encoder_params)
+        saver.save(directory / "params", params)
     if jax.process_index() == 0:
-        (directory / EXPORT_CONFIG).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2))
+        config = {"model": dataclasses.asdict(model_cfg), **description}
+        (directory / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
     return directory
 
 
+def export_description(path: str | Path) -> dict | None:
+    """The JSON of an export, or None if ``path`` is not one."""
+    config = Path(path) / EXPORT_CONFIG
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
 def locate_params(path: str | Path, step: int | None = None) -> tuple[Path, tuple[str, ...]]:
-    """(Orbax item folder, key path of the parameters inside it) of any of:
-    an exported encoder, a training workdir (latest or ``step``), or one of its steps."""
+    """(Orbax item folder, key path of the parameter tree inside it) of any of: an
+    export, a training workdir (its latest or ``step``'s checkpoint), or one of its steps.
+    Both parameter trees hold "encoder" (and "fc_norm"/"head" for classifiers)."""
     path = Path(path).absolute()
     if (path / EXPORT_CONFIG).is_file():
         return path / "params", ()
@@ -110,7 +122,7 @@ def locate_params(path: str | Path, step: int | None = None) -> tuple[Path, tupl
     if (path / "state").is_dir():
         return path / "state", ("params",)
     raise CheckpointMismatch(
-        f"{path} is neither an exported encoder (<dir>/{EXPORT_CONFIG} + <dir>/params/) nor a "
+        f"{path} is neither an export (<dir>/{EXPORT_CONFIG} + <dir>/params/) nor a "
         "training workdir (<workdir>/checkpoints/<step>/state/) nor one of its steps"
     )
 
@@ -145,13 +157,17 @@ def saved_tree(item: Path, keys: tuple[str, ...] = ()):
     return tree
 
 
-def restore_params(path: str | Path, target, subtree: tuple[str, ...] = (), step=None):
-    """Restores the parameters ``target`` describes (ShapeDtypeStructs with shardings,
-    any mesh) from ``path`` (see ``locate_params``), reading only that subtree."""
-    item, prefix = locate_params(path, step)
-    keys = (*prefix, *subtree)
-    saved = saved_tree(item, keys)
-    check_fits(saved, target, f"{item}:{'/'.join(keys)}")
+def saved_target(item: Path, keys: tuple[str, ...] = ()):
+    """A restore target for the subtree at ``keys`` as it was saved, on the first device."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved_tree(item, keys)
+    )
+
+
+def restore_item(item: Path, keys: tuple[str, ...], target):
+    """The subtree at ``keys`` of an Orbax item, placed as ``target`` says (any mesh)."""
+    check_fits(saved_tree(item, keys), target, f"{item}:{'/'.join(keys)}")
     wrapped = target
     for key in reversed(keys):
         wrapped = {key: wrapped}
@@ -166,3 +182,10 @@ def restore_params(path: str | Path, target, subtree: tuple[str, ...] = (), step
     for key in keys:
         restored = restored[key]
     return restored
+
+
+def restore_params(path: str | Path, target, subtree: tuple[str, ...] = (), step=None):
+    """Restores the parameters ``target`` describes (ShapeDtypeStructs with shardings,
+    any mesh) from ``path`` (see ``locate_params``), reading only that subtree."""
+    item, prefix = locate_params(path, step)
+    return restore_item(item, (*prefix, *subtree), target)

@@ -34,12 +34,12 @@ def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def model_config_of(path: str | Path) -> ml_collections.ConfigDict | model_lib.ModelConfig:
-    """The ModelConfig of an exported encoder or of a training workdir."""
-    export = Path(path) / checkpoints.EXPORT_CONFIG
-    if export.is_file():
-        fields = json.loads(export.read_text())
-        return model_lib.ModelConfig(**config_lib.dataclass_fields(model_lib.ModelConfig, fields))
+def model_config_of(path: str | Path) -> model_lib.ModelConfig:
+    """The ModelConfig of an export or of a training workdir."""
+    description = checkpoints.export_description(path)
+    if description is not None:
+        fields = config_lib.dataclass_fields(model_lib.ModelConfig, description["model"])
+        return model_lib.ModelConfig(**fields)
     return config_lib.model_config(run_config(path))
 
 
@@ -52,34 +52,71 @@ def _abstract(module: nn.Module, spec_shape):
     )
 
 
-def load_encoder(path: str | Path, step: int | None = None):
-    """(encode, ModelConfig) of an export or of a pretraining/fine-tuning workdir's
-    encoder; ``encode`` maps (B, T, F) spectrograms to (B, 1 + N, D) output tokens."""
+def load_encoder(path: str | Path, step: int | None = None, which: str = "encoder"):
+    """(encode, ModelConfig) of the encoder of an export or a workdir (``which="teacher"``:
+    a pretraining export's EMA teacher); ``encode`` maps (B, T, F) spectrograms to
+    (B, 1 + N, D) output tokens."""
     cfg = dataclasses.replace(model_config_of(path), drop_path=0.0)
     encoder = model_lib.Encoder(cfg)
     target = _abstract(encoder, (1, PATCH_FRAMES, cfg.num_mel_bins))
-    subtree = () if (Path(path) / checkpoints.EXPORT_CONFIG).is_file() else ("encoder",)
-    params = checkpoints.restore_params(path, target, subtree, step)
+    params = checkpoints.restore_params(path, target, (which,), step)
     return jax.jit(lambda spec: encoder.apply({"params": params}, spec).tokens), cfg
 
 
-def load_classifier(workdir: str | Path, step: int | None = None):
-    """(classify, run config) of a fine-tuning workdir; ``classify`` maps (B, T, F)
-    spectrograms to (B, C) scores (softmax for a CE-trained head, else sigmoid)."""
-    config = run_config(workdir)
+@dataclasses.dataclass(frozen=True)
+class ClassifierInput:
+    """What a classifier was trained on: input length, normalisation, its label source."""
+
+    target_frames: int
+    norm: tuple[float, float]
+    dataset: str | None = None
+    data_dir: str | None = None
+
+
+def classifier_description(path: str | Path) -> tuple[model_lib.ModelConfig, dict, ClassifierInput]:
+    """(ModelConfig, head options {pooling, scores}, input) of an export or a workdir."""
+    description = checkpoints.export_description(path)
+    if description is not None:
+        head = {
+            "pooling": description.get("pooling", "cls"),
+            "scores": description.get("scores", "sigmoid"),
+        }
+        norm = tuple(description.get("norm", audio.NORM_STATS["audioset"]))
+        return (
+            model_config_of(path),
+            head,
+            ClassifierInput(description.get("target_frames", 1024), norm),
+        )
+    config = run_config(path)
     if config.task == "pretrain":
         raise checkpoints.CheckpointMismatch(
-            f"{workdir} is a pretraining run: it has no classification head"
+            f"{path} is a pretraining run: it has no classification head"
         )
-    cfg = dataclasses.replace(config_lib.model_config(config), drop_path=0.0)
-    item, prefix = checkpoints.locate_params(workdir, step)
-    num_classes = checkpoints.saved_tree(item, (*prefix, "head", "kernel")).shape[-1]
     finetune = dict(config.get("finetune") or {})
-    classifier = model_lib.Classifier(cfg, num_classes, finetune.get("pooling", "cls"))
+    head = {
+        "pooling": finetune.get("pooling", "cls"),
+        "scores": "softmax" if finetune.get("loss") == "ce" else "sigmoid",
+    }
+    data = config_lib.input_config(config)
+    return (
+        config_lib.model_config(config),
+        head,
+        ClassifierInput(data.target_frames, data.norm, data.dataset, data.data_dir),
+    )
+
+
+def load_classifier(path: str | Path, step: int | None = None):
+    """(classify, ClassifierInput) of a fine-tuning workdir or a classifier export;
+    ``classify`` maps (B, T, F) spectrograms to (B, C) scores (softmax or sigmoid)."""
+    model_cfg, head, inputs = classifier_description(path)
+    cfg = dataclasses.replace(model_cfg, drop_path=0.0)
+    item, prefix = checkpoints.locate_params(path, step)
+    num_classes = checkpoints.saved_tree(item, (*prefix, "head", "kernel")).shape[-1]
+    classifier = model_lib.Classifier(cfg, num_classes, head["pooling"])
     target = _abstract(classifier, (1, PATCH_FRAMES, cfg.num_mel_bins))
-    params = checkpoints.restore_params(workdir, target, (), step)
-    squash = jax.nn.softmax if finetune.get("loss") == "ce" else jax.nn.sigmoid
-    return jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec))), config
+    params = checkpoints.restore_params(path, target, (), step)
+    squash = jax.nn.softmax if head["scores"] == "softmax" else jax.nn.sigmoid
+    return jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec))), inputs
 
 
 def whole_clip(path, norm, max_frames: int) -> np.ndarray:  # (T, 128), T a multiple of 16

@@ -126,3 +126,34 @@ def positions_max_difference(
     theirs = np.asarray(state[prefix + POSITIONS], np.float32)[0]
     ours = sincos_table(theirs.shape[0] // cfg.freq_patches, cfg.freq_patches, cfg.embed_dim)
     return float(np.abs(theirs - ours).max())
+
+
+def release_shapes(cfg: ModelConfig, decoder: bool) -> dict[str, tuple[int, ...]]:
+    """Every state_dict name of a release encoder of ``cfg`` (and its decoder), with the
+    tensor's shape."""
+    d, m, p = cfg.embed_dim, cfg.mlp_dim, cfg.patch_size
+    shapes = {
+        IMAGE + "local_encoder.proj.weight": (d, 1, p, p),
+        IMAGE + "local_encoder.proj.bias": (d,),
+        IMAGE + "extra_tokens": (1, 1, d),
+        POSITIONS: (1, cfg.max_time_patches * cfg.freq_patches, d),
+        IMAGE + "context_encoder.norm.weight": (d,),
+        IMAGE + "context_encoder.norm.bias": (d,),
+    }
+    linears = {"attn.qk": (4 * d, d), "attn.v": (d, d), "attn.proj": (d, d)}
+    linears |= {"mlp.fc1": (m, d), "mlp.fc2": (d, m)}
+    for i in range(cfg.depth):
+        for name, (out, inp) in linears.items():
+            shapes |= {f"blocks.{i}.{name}.weight": (out, inp), f"blocks.{i}.{name}.bias": (out,)}
+        for norm in ("norm1", "attn.norm", "norm2"):
+            shapes |= {f"blocks.{i}.{norm}.weight": (d,), f"blocks.{i}.{norm}.bias": (d,)}
+    if decoder:
+        dec, dd, k = IMAGE + "decoder.", cfg.decoder_dim, cfg.decoder_kernel
+        for i in range(cfg.decoder_layers):
+            width = (d if i == 0 else dd) // cfg.decoder_groups
+            shapes |= {
+                f"{dec}blocks.{i}.0.weight": (dd, width, k, k),
+                f"{dec}blocks.{i}.0.bias": (dd,),
+            }
+        shapes |= {dec + "proj.weight": (d, dd), dec + "proj.bias": (d,)}
+    return shapes

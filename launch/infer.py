@@ -1,4 +1,4 @@
-"""Top-k labels of audio files from a fine-tuned checkpoint.
+"""Top-k labels of audio files from a fine-tuned checkpoint (a workdir or an export).
 
     python launch/infer.py --checkpoint=/ckpt/as20k --audio=clip.wav \
         [--labels=class_labels_indices.csv] [--top_k=5]
@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from asda_jax import audio, checkpoints, cli, config_lib, inference
+from asda_jax import audio, checkpoints, cli, inference
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -32,11 +32,13 @@ flags.DEFINE_integer("top_k", 5, "Labels shown per file.")
 flags.mark_flags_as_required(["checkpoint", "audio"])
 
 
-def class_names(config, num_classes: int) -> list[str]:
+def class_names(inputs: inference.ClassifierInput, num_classes: int) -> list[str]:
     if FLAGS.labels:
         names = inference.read_label_names(FLAGS.labels)
+    elif inputs.dataset is not None:
+        names = datasets.load(inputs.dataset, inputs.data_dir).class_names
     else:
-        names = datasets.load(config.data.dataset, config.data.data_dir).class_names
+        raise ValueError("this checkpoint does not name its classes: pass --labels")
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} label names for a head of {num_classes} classes")
     return names
@@ -46,10 +48,9 @@ def main(argv):
     del argv
     cli.quiet_library_logs()
     try:
-        classify, config = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
-        data = config_lib.input_config(config)
+        classify, data = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
         silence = np.zeros((1, data.target_frames, audio.RELEASE_FBANK.num_mel_bins), np.float32)
-        names = class_names(config, classify(silence).shape[-1])
+        names = class_names(data, classify(silence).shape[-1])
         files, _ = cli.audio_inputs(FLAGS.audio)
     except (checkpoints.CheckpointMismatch, datasets.DatasetNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

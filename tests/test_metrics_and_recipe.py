@@ -34,7 +34,9 @@ def test_accuracy_d_prime_and_ap_on_hand_computed_cases():
     labels = np.array([[0, 1], [1, 0], [1, 0], [0, 1]])
     assert metrics.accuracy(scores, labels) == 0.5
     # ranking 1, 0, 1 (scores .9 .5 .1): AP = (1/1 + 2/3) / 2
-    assert metrics.average_precision(np.array([0.9, 0.5, 0.1]), np.array([1, 0, 1])) == pytest.approx(5 / 6, 1e-15)
+    assert metrics.average_precision(
+        np.array([0.9, 0.5, 0.1]), np.array([1, 0, 1])
+    ) == pytest.approx(5 / 6, 1e-15)
     assert metrics.roc_auc(np.array([1.0, 1.0]), np.array([1, 0])) == 0.5  # a tie counts ½
     assert metrics.d_prime(0.5) == 0.0
     # two unit Gaussians one apart: AUC = Φ(1/√2)

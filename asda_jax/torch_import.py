@@ -1,0 +1,209 @@
+"""Reading the authors' PyTorch/fairseq checkpoints safely, into our parameter trees.
+
+A release ``.pt`` is a pickled fairseq dict: ``model`` (the state_dict), ``cfg``, and
+``extra_state`` that pickles fairseq's meter objects. Nothing in it is ever executed:
+the file is read with ``torch.load(weights_only=True)``, whose unpickler only builds
+tensors, containers and allow-listed classes. Classes of the metadata packages
+(``fairseq``, ``omegaconf``) become inert stand-ins (no code of theirs runs; their
+state is just stored); any other global — ``os.system``, ``builtins.eval``, a class
+of some other package — makes the load fail with the list of what was refused.
+
+Pretraining checkpoints hold the student (fp16 in the release), ``_ema`` (the teacher,
+a nested dict, fp32) and the decoder; fine-tuned ones prefix the encoder with
+``model.`` and add ``fc_norm``/``head``. Everything is cast to float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from asda_jax import release_weights
+from asda_jax.model import ModelConfig
+
+METADATA_PACKAGES = ("fairseq.", "omegaconf.")  # inert stand-ins are made for these only
+FINETUNED_PREFIX = "model."
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint whose pickle names code that would run on load; it was not loaded."""
+
+
+def _stand_in(qualified: str) -> type:
+    """An inert class pickle can fill with state, named like ``qualified``."""
+    module, _, name = qualified.rpartition(".")
+    return type(name, (), {"__module__": module, "__setstate__": _keep_state})
+
+
+def _keep_state(self, state) -> None:
+    self.__dict__["pickled_state"] = state
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The unpickled checkpoint dict, read without running any code it names."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # not a torch zip: legacy formats are refused, not guessed at
+        raise UnsafeCheckpoint(
+            f"{path} is not a torch.save zip archive ({e}); re-save it with torch.save"
+        ) from e
+    refused = [g for g in unsafe if not g.startswith(METADATA_PACKAGES)]
+    if refused:
+        raise UnsafeCheckpoint(
+            f"{path} refers to code outside tensors and containers: {refused}. It was not "
+            "loaded: a pickle that names these would run them. Only tensors, containers "
+            f"and the metadata classes of {METADATA_PACKAGES} are accepted"
+        )
+    stand_ins = [_stand_in(g) for g in unsafe]
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpoint(f"{path}: refused by the weights-only unpickler: {e}") from e
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def to_numpy(tree) -> dict:
+    """Tensors (nested dicts of them) as float32 NumPy arrays."""
+    import torch
+
+    if isinstance(tree, Mapping):
+        return {k: to_numpy(v) for k, v in tree.items()}
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to(torch.float32).numpy()
+    return tree
+
+
+@dataclasses.dataclass
+class ReleaseState:
+    """The tensors of a release checkpoint, split by role."""
+
+    student: dict[str, np.ndarray]  # encoder (+ decoder) names without a prefix
+    teacher: dict[str, np.ndarray] | None  # _ema, pretraining only
+    head: dict[str, np.ndarray] | None  # fc_norm.* and head.*, fine-tuned only
+
+    @property
+    def kind(self) -> str:
+        return "finetuned" if self.head is not None else "pretrained"
+
+
+def split_state(state: Mapping) -> ReleaseState:
+    """The checkpoint's ``model`` state_dict (or the state_dict itself) by role."""
+    state = state.get("model", state)
+    if not isinstance(state, Mapping):
+        raise ValueError("the checkpoint has no 'model' state_dict")
+    tensors = {k: v for k, v in to_numpy(state).items() if k != "_ema"}
+    teacher = to_numpy(state["_ema"]) if "_ema" in state else None
+    if any(k.startswith(("fc_norm.", "head.")) for k in tensors):
+        head = {k: v for k, v in tensors.items() if k.startswith(("fc_norm.", "head."))}
+        student = {k.removeprefix(FINETUNED_PREFIX): v for k, v in tensors.items() if k not in head}
+        return ReleaseState(student, teacher, head)
+    return ReleaseState(tensors, teacher, None)
+
+
+def infer_config(student: Mapping[str, np.ndarray], num_heads: int | None = None) -> ModelConfig:
+    """The ModelConfig the tensor shapes imply (heads: 64 wide unless given)."""
+    image = release_weights.IMAGE
+    try:
+        dim = student[image + "extra_tokens"].shape[-1]
+        patch = student[image + "local_encoder.proj.weight"].shape[-1]
+        mlp = student["blocks.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"not an ASDA/EAT release state_dict: no {e}") from e
+    depth = len({k.split(".")[1] for k in student if k.startswith("blocks.")})
+    decoder = [
+        k for k in student if k.startswith(image + "decoder.blocks.") and k.endswith("0.weight")
+    ]
+    fields = dict(
+        embed_dim=dim,
+        depth=depth,
+        num_heads=num_heads or dim // 64,
+        mlp_ratio=mlp / dim,
+        patch_size=patch,
+        decoder_dim=dim,
+    )
+    positions = student.get(release_weights.POSITIONS)
+    if positions is not None:
+        fields["max_time_patches"] = positions.shape[1] // (128 // patch)
+    if decoder:
+        groups = dim // student[decoder[0]].shape[1]
+        fields |= dict(decoder_layers=len(decoder), decoder_groups=groups)
+    return ModelConfig(**fields).validate()
+
+
+def key_report(release: ReleaseState, cfg: ModelConfig) -> dict[str, list[str]]:
+    """Release names the mapping needs but the file lacks, names it does not use, and
+    tensors whose shapes differ from what ``cfg`` needs."""
+    decoder = any(k.startswith(release_weights.IMAGE + "decoder.") for k in release.student)
+    report = _compare(release.student, release_weights.release_shapes(cfg, decoder))
+    if release.teacher is not None:
+        teacher = _compare(release.teacher, release_weights.release_shapes(cfg, False))
+        report |= {f"{k}_in_ema": v for k, v in teacher.items()}
+    if release.head is not None:
+        classes = release.head.get("head.bias", np.zeros(0)).shape[0]
+        head = {"fc_norm.weight": (cfg.embed_dim,), "fc_norm.bias": (cfg.embed_dim,)}
+        head |= {"head.weight": (classes, cfg.embed_dim), "head.bias": (classes,)}
+        for k, v in _compare(release.head, head).items():
+            report[k] += v
+    return report
+
+
+def _compare(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) -> dict:
+    return {
+        "missing": sorted(set(shapes) - set(tensors)),
+        "unexpected": sorted(set(tensors) - set(shapes)),
+        "shape_mismatches": sorted(
+            f"{k}: file {tuple(tensors[k].shape)}, model {shapes[k]}"
+            for k in shapes
+            if k in tensors and tuple(tensors[k].shape) != shapes[k]
+        ),
+    }
+
+
+def convert(release: ReleaseState, cfg: ModelConfig) -> dict:
+    """Our parameter tree: encoder (+ decoder, teacher) or encoder + fc_norm + head."""
+    params = {"encoder": release_weights.encoder_params(release.student, cfg)}
+    if release.head is not None:
+        params |= release_weights.head_params(release.head)
+        return params
+    if cfg.decoder_layers and any(".decoder." in k for k in release.student):
+        params["decoder"] = release_weights.decoder_params(release.student, cfg)
+    if release.teacher is not None:
+        params["teacher"] = release_weights.encoder_params(release.teacher, cfg)
+    return params
+
+
+def check_shapes(params: dict, cfg: ModelConfig) -> None:
+    """Raises CheckpointMismatch where a converted tensor's shape differs from our model's."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from asda_jax import checkpoints
+    from asda_jax import model as model_lib
+
+    def abstract(module, *shape):
+        return nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(shape)))
+
+    spec = (1, cfg.patch_size, cfg.num_mel_bins)
+    expected = {"encoder": abstract(model_lib.Encoder(cfg), *spec)["params"]}
+    expected["teacher"] = expected["encoder"]
+    expected["decoder"] = abstract(model_lib.Decoder(cfg), 1, 1, cfg.freq_patches, cfg.embed_dim)
+    expected["decoder"] = expected["decoder"]["params"]
+    if "head" in params:
+        num_classes = params["head"]["bias"].shape[0]
+        classifier = abstract(model_lib.Classifier(cfg, num_classes), *spec)["params"]
+        expected |= {"fc_norm": classifier["fc_norm"], "head": classifier["head"]}
+    for name, tree in params.items():
+        checkpoints.check_fits(tree, expected[name], f"converted {name}")

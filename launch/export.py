@@ -1,0 +1,59 @@
+"""Exports a run's parameters with its model config, for fine-tuning, extract and infer.
+
+    python launch/export.py --workdir=/ckpt/as2m --output=exports/as2m [--step=N]
+
+A pretraining run exports {encoder (the student), decoder, teacher}; a fine-tuning run
+{encoder, fc_norm, head} with its input length, normalisation and score function.
+The export is a plain Orbax tree plus ``model.json``: it restores onto any mesh or
+device count (finetune.init_from, launch/extract.py, launch/infer.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import sys
+
+from absl import app, flags
+
+from asda_jax import checkpoints, cli, config_lib, inference
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training run's workdir.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("output", None, "A new (or empty) directory for the export.")
+flags.mark_flags_as_required(["workdir", "output"])
+
+
+def run_export(workdir: str, step: int | None):
+    """(params, ModelConfig, description) of a run's checkpoint."""
+    config = inference.run_config(workdir)
+    item, prefix = checkpoints.locate_params(workdir, step)
+    params = checkpoints.restore_item(item, prefix, checkpoints.saved_target(item, prefix))
+    description = {"source": str(item.parent), "kind": config.task}
+    if config.task == "pretrain":
+        params["teacher"] = checkpoints.restore_item(
+            item, ("teacher",), checkpoints.saved_target(item, ("teacher",))
+        )
+    else:
+        _, head, inputs = inference.classifier_description(workdir)
+        description |= dict(head, target_frames=inputs.target_frames, norm=list(inputs.norm))
+    return params, config_lib.model_config(config), description
+
+
+def main(argv):
+    del argv
+    cli.quiet_library_logs()
+    try:
+        params, cfg, description = run_export(FLAGS.workdir, FLAGS.step)
+        out = checkpoints.export(FLAGS.output, params, cfg, **description)
+    except (checkpoints.CheckpointMismatch, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}: {sorted(params)} from {description['source']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

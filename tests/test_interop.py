@@ -1,0 +1,269 @@
+"""The authors' checkpoints through launch/convert_torch.py, exports, resharding restores."""
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from asda_jax import checkpoints, inference, sharding, torch_import, train_lib
+from asda_jax.data import datasets
+from tests import torch_reference as ref
+from tests import train_helpers as th
+
+DIM, DEPTH, HEADS, CLASSES = 64, 2, 4, 5
+FRAMES = 96  # 6 × 8 patches
+
+
+def release_model(seed: int, **kw) -> ref.ReleaseModel:
+    model = ref.ReleaseModel(dim=DIM, depth=DEPTH, num_heads=HEADS, **kw)
+    return ref.randomize_(model, seed).eval()
+
+
+def fairseq_meters() -> types.ModuleType:
+    """A stand-in ``fairseq.logging.meters`` so the saved pickle names a fairseq class."""
+    module = types.ModuleType("fairseq.logging.meters")
+
+    class AverageMeter:
+        def __init__(self):
+            self.val, self.count = 0.5, 3
+
+    AverageMeter.__module__ = module.__name__
+    AverageMeter.__qualname__ = "AverageMeter"
+    module.AverageMeter = AverageMeter
+    return module
+
+
+def save_release(path, model: ref.ReleaseModel, teacher=None, finetuned=False):
+    """The release's container: fp16 student, fp32 ``_ema`` as a nested dict, fairseq
+    meters pickled in ``extra_state``."""
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    if finetuned:
+        head = ("fc_norm.", "head.")
+        state = {(k if k.startswith(head) else "model." + k): v for k, v in state.items()}
+    if teacher is not None:
+        state["_ema"] = {k: v.float() for k, v in teacher.state_dict().items()}
+    meters = fairseq_meters()
+    packages = {"fairseq": types.ModuleType("fairseq"), "fairseq.logging": types.ModuleType("x")}
+    stand_ins = {**packages, meters.__name__: meters}
+    sys.modules.update(stand_ins)
+    try:
+        checkpoint = {
+            "args": None,
+            "cfg": {"model": {"_name": "ASDA"}},
+            "model": state,
+            "extra_state": {"metrics": {"train": meters.AverageMeter()}},
+        }
+        torch.save(checkpoint, path)
+    finally:
+        for name in stand_ins:  # the loader must not need fairseq
+            del sys.modules[name]
+
+
+def rounded(model: ref.ReleaseModel) -> ref.ReleaseModel:
+    """The model with its weights as the fp16 file holds them (the converter's input).
+
+    The fixed positional table is left exact: the converter recomputes it rather than
+    loading its fp16 copy (the report gives the distance, 2.4e-4 here)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("positions"):
+                p.copy_(p.half().float())
+    return model
+
+
+def convert(checkpoint, output, *extra):
+    command = [
+        sys.executable,
+        str(th.ROOT / "launch" / "convert_torch.py"),
+        f"--checkpoint={checkpoint}",
+        f"--output={output}",
+        f"--num_heads={HEADS}",
+        *extra,
+    ]
+    return subprocess.run(command, cwd=th.ROOT, capture_output=True, text=True, timeout=300)
+
+
+def spectrogram(seed=0):
+    return np.random.default_rng(seed).normal(size=(2, FRAMES, 128)).astype(np.float32)
+
+
+def test_a_pretraining_checkpoint_converts_to_the_same_features(tmp_path):
+    student = release_model(0, decoder_layers=2, decoder_groups=4, decoder_grid=(6, 8))
+    teacher = release_model(1)
+    save_release(tmp_path / "pretrained.pt", student, teacher)
+    done = convert(tmp_path / "pretrained.pt", tmp_path / "export")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"missing": []' in done.stdout and '"unexpected": []' in done.stdout
+    spec = spectrogram()
+    for which, model in (("encoder", rounded(student)), ("teacher", teacher)):
+        encode, cfg = inference.load_encoder(tmp_path / "export", which=which)
+        assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (DIM, DEPTH, HEADS)
+        with torch.no_grad():
+            expected, _ = model(torch.from_numpy(spec))
+        ours = np.asarray(encode(spec))
+        np.testing.assert_allclose(ours[:, 0], expected[:, 0].numpy(), atol=1e-4)  # CLS
+        np.testing.assert_allclose(ours[:, 1:], expected[:, 1:].numpy(), atol=1e-4)  # frames
+    assert convert(tmp_path / "pretrained.pt", tmp_path / "export").returncode == 2  # not empty
+
+
+def test_a_fine_tuned_checkpoint_converts_to_the_same_logits(tmp_path):
+    model = release_model(2, num_classes=CLASSES)
+    save_release(tmp_path / "finetuned.pt", model, finetuned=True)
+    done = convert(tmp_path / "finetuned.pt", tmp_path / "export", f"--target_frames={FRAMES}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    classify, inputs = inference.load_classifier(tmp_path / "export")
+    assert inputs.target_frames == FRAMES
+    spec = spectrogram(1)
+    with torch.no_grad():
+        expected = torch.sigmoid(rounded(model).logits(torch.from_numpy(spec))).numpy()
+    np.testing.assert_allclose(np.asarray(classify(spec)), expected, atol=1e-4)
+
+
+def test_missing_and_mismatched_tensors_are_reported(tmp_path):
+    model = release_model(0)
+    state = model.state_dict()
+    del state["blocks.1.mlp.fc2.bias"]
+    state["blocks.0.attn.v.weight"] = torch.zeros(DIM, DIM + 1)
+    state["something.else"] = torch.zeros(3)
+    torch.save({"model": state}, tmp_path / "broken.pt")
+    release = torch_import.split_state(torch_import.load_checkpoint(tmp_path / "broken.pt"))
+    cfg = torch_import.infer_config(release.student, HEADS)
+    report = torch_import.key_report(release, cfg)
+    assert report == {
+        "missing": ["blocks.1.mlp.fc2.bias"],
+        "unexpected": ["something.else"],
+        "shape_mismatches": ["blocks.0.attn.v.weight: file (64, 65), model (64, 64)"],
+    }
+    done = convert(tmp_path / "broken.pt", tmp_path / "out")
+    assert done.returncode == 2 and "blocks.1.mlp.fc2.bias" in done.stderr
+    del state["something.else"]
+    state["blocks.1.mlp.fc2.bias"] = torch.zeros(DIM)
+    torch.save({"model": state}, tmp_path / "shapes.pt")
+    done = convert(tmp_path / "shapes.pt", tmp_path / "out")
+    assert done.returncode == 2 and "blocks.0.attn.v.weight: file (64, 65)" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+class Payload:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    torch.save({"model": release_model(0).state_dict(), "x": Payload(marker)}, tmp_path / "a.pt")
+    with open(tmp_path / "b.pt", "wb") as f:  # a legacy (non-zip) pickle with the same payload
+        pickle.dump({"model": {}, "x": Payload(marker)}, f)
+    for name in ("a.pt", "b.pt"):
+        with pytest.raises(torch_import.UnsafeCheckpoint):
+            torch_import.load_checkpoint(tmp_path / name)
+        done = convert(tmp_path / name, tmp_path / f"out-{name}")
+        assert done.returncode == 2 and "error:" in done.stderr
+    with pytest.raises(torch_import.UnsafeCheckpoint, match="system"):  # names what it refused
+        torch_import.load_checkpoint(tmp_path / "a.pt")
+    assert not marker.exists()  # the payload never ran
+    pickle.loads(pickle.dumps(Payload(marker)))  # control: unpickling it for real does run it
+    assert marker.exists()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    datasets.prepare("synthetic", root, clips_per_class=4)
+    return str(root)
+
+
+def trained_state(data_dir, workdir, mesh_shape):
+    config = th.tiny_config(data_dir, num_train_steps=2, checkpoint_every=2)
+    config.mesh = dict(zip(("data", "fsdp", "tensor"), mesh_shape, strict=True))
+    state, task, _ = train_lib.train(config, workdir)
+    return state, task
+
+
+def restore_onto(task, workdir, mesh):
+    abstract, shardings, _, _ = train_lib.state_shardings(task, mesh, jax.random.PRNGKey(0))
+    target = checkpoints.abstract_state(abstract, shardings)
+    ckpt = checkpoints.Checkpoints(workdir)
+    try:
+        state, _ = ckpt.restore(ckpt.latest_step(), target)
+    finally:
+        ckpt.close()
+    return state, shardings
+
+
+def saved_params(workdir):
+    """The checkpoint's parameters as saved, read onto one device without resharding."""
+    item, prefix = checkpoints.locate_params(workdir)
+    return checkpoints.restore_item(item, prefix, checkpoints.saved_target(item, prefix))
+
+
+def assert_restored(state, shardings, expected_params) -> None:
+    assert int(state.step) == 2
+    for leaf, want in zip(jax.tree.leaves(state), jax.tree.leaves(shardings), strict=True):
+        assert leaf.sharding == want
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_saved_on_8_devices_restores_on_1(data_dir, tmp_path):
+    saved, task = trained_state(data_dir, tmp_path, (2, 2, 2))
+    qk = saved.params["encoder"]["blocks_0"]["attn"]["qk"]["kernel"]
+    assert len(qk.sharding.device_set) == 8
+    state, shardings = restore_onto(
+        task, tmp_path, sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    )
+    assert_restored(state, shardings, saved.params)
+
+
+def test_a_checkpoint_saved_on_1_device_restores_on_8(data_dir, tmp_path):
+    flags = ["--config=configs/demo.py", *th.tiny_flags(data_dir, num_train_steps=2)]
+    one_device = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    proc = th.launch_train(tmp_path, flags, one_device)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    task = train_lib.make_task(th.tiny_config(data_dir))
+    state, shardings = restore_onto(task, tmp_path, sharding.make_mesh((2, 2, 2)))
+    qk = state.params["encoder"]["blocks_0"]["attn"]["qk"]["kernel"]
+    assert len(qk.sharding.device_set) == 8
+    assert_restored(state, shardings, saved_params(tmp_path))
+
+
+def test_an_exported_run_feeds_fine_tuning_and_extraction(data_dir, tmp_path):
+    trained_state(data_dir, tmp_path / "run", (8, 1, 1))
+    command = [
+        sys.executable,
+        str(th.ROOT / "launch" / "export.py"),
+        f"--workdir={tmp_path / 'run'}",
+        f"--output={tmp_path / 'export'}",
+    ]
+    done = subprocess.run(command, cwd=th.ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    description = checkpoints.export_description(tmp_path / "export")
+    assert description["kind"] == "pretrain" and description["model"]["embed_dim"] == 64
+    encode_run, _ = inference.load_encoder(tmp_path / "run")
+    encode_export, _ = inference.load_encoder(tmp_path / "export")
+    spec = spectrogram()[:, :64]
+    np.testing.assert_array_equal(np.asarray(encode_run(spec)), np.asarray(encode_export(spec)))
+    config = th.load_config("configs/finetune_demo.py", f"data_dir={data_dir}")
+    config.finetune.init_from = str(tmp_path / "export")
+    config.model.preset = "tiny"
+    config.data.target_frames = config.eval_data.target_frames = 64
+    config.num_train_steps = 0
+    state, _, _ = train_lib.train(config, tmp_path / "ft")
+    exported = saved_params(tmp_path / "export")["encoder"]
+    for a, b in zip(
+        jax.tree.leaves(state.params["encoder"]), jax.tree.leaves(exported), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
