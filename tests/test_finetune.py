@@ -127,7 +127,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_mismatches(
     with pytest.raises(checkpoints.CheckpointMismatch, match=r"shape mismatches.*blocks_0"):
         train_lib.train(config, tmp_path)
     missing = configured("configs/finetune_demo.py", f"data_dir={sources},init_from={tmp_path}/x")
-    with pytest.raises(config_lib.ConfigError, match="neither an exported encoder"):
+    with pytest.raises(config_lib.ConfigError, match="neither an export"):
         config_lib.validate(missing, device_count=8, process_count=1)
 
 
