@@ -43,9 +43,10 @@ def model_config_of(path: str | Path) -> model_lib.ModelConfig:
     return config_lib.model_config(run_config(path))
 
 
-def _abstract(module: nn.Module, spec_shape):
-    """The module's params as ShapeDtypeStructs on the first local device."""
-    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(spec_shape))["params"]
+def abstract_module_params(module: nn.Module, input_shape):
+    """The module's params (for an input of ``input_shape``) as ShapeDtypeStructs on the
+    first local device: a restore target, or the shapes to check a conversion against."""
+    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(input_shape))["params"]
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(boxed)
@@ -58,7 +59,7 @@ def load_encoder(path: str | Path, step: int | None = None, which: str = "encode
     (B, 1 + N, D) output tokens."""
     cfg = dataclasses.replace(model_config_of(path), drop_path=0.0)
     encoder = model_lib.Encoder(cfg)
-    target = _abstract(encoder, (1, PATCH_FRAMES, cfg.num_mel_bins))
+    target = abstract_module_params(encoder, (1, PATCH_FRAMES, cfg.num_mel_bins))
     params = checkpoints.restore_params(path, target, (which,), step)
     return jax.jit(lambda spec: encoder.apply({"params": params}, spec).tokens), cfg
 
@@ -113,8 +114,8 @@ def load_classifier(path: str | Path, step: int | None = None):
     item, prefix = checkpoints.locate_params(path, step)
     num_classes = checkpoints.saved_tree(item, (*prefix, "head", "kernel")).shape[-1]
     classifier = model_lib.Classifier(cfg, num_classes, head["pooling"])
-    target = _abstract(classifier, (1, PATCH_FRAMES, cfg.num_mel_bins))
-    params = checkpoints.restore_params(path, target, (), step)
+    target = abstract_module_params(classifier, (1, PATCH_FRAMES, cfg.num_mel_bins))
+    params = checkpoints.restore_item(item, prefix, target)
     squash = jax.nn.softmax if head["scores"] == "softmax" else jax.nn.sigmoid
     return jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec))), inputs
 

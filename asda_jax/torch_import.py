@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from asda_jax import release_weights
+from asda_jax import checkpoints, inference, release_weights
+from asda_jax import model as model_lib
 from asda_jax.model import ModelConfig
 
 METADATA_PACKAGES = ("fairseq.", "omegaconf.")  # inert stand-ins are made for these only
@@ -186,24 +187,15 @@ def convert(release: ReleaseState, cfg: ModelConfig) -> dict:
 
 def check_shapes(params: dict, cfg: ModelConfig) -> None:
     """Raises CheckpointMismatch where a converted tensor's shape differs from our model's."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from asda_jax import checkpoints
-    from asda_jax import model as model_lib
-
-    def abstract(module, *shape):
-        return nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(shape)))
-
+    abstract = inference.abstract_module_params
     spec = (1, cfg.patch_size, cfg.num_mel_bins)
-    expected = {"encoder": abstract(model_lib.Encoder(cfg), *spec)["params"]}
+    expected = {"encoder": abstract(model_lib.Encoder(cfg), spec)}
     expected["teacher"] = expected["encoder"]
-    expected["decoder"] = abstract(model_lib.Decoder(cfg), 1, 1, cfg.freq_patches, cfg.embed_dim)
-    expected["decoder"] = expected["decoder"]["params"]
+    grid = (1, 1, cfg.freq_patches, cfg.embed_dim)
+    expected["decoder"] = abstract(model_lib.Decoder(cfg), grid)
     if "head" in params:
         num_classes = params["head"]["bias"].shape[0]
-        classifier = abstract(model_lib.Classifier(cfg, num_classes), *spec)["params"]
+        classifier = abstract(model_lib.Classifier(cfg, num_classes), spec)
         expected |= {"fc_norm": classifier["fc_norm"], "head": classifier["head"]}
     for name, tree in params.items():
         checkpoints.check_fits(tree, expected[name], f"converted {name}")

@@ -170,16 +170,23 @@ def state_shardings(task, mesh, rng):
 def initial_state(task, mesh, seed: int, ckpt: checkpoints.Checkpoints, iterator):
     """(state, shardings, tx, first step): restored from the latest checkpoint, or new."""
     rng = jax.random.PRNGKey(seed)
-    abstract, shardings, init, tx = state_shardings(task, mesh, rng)
     latest = ckpt.latest_step()
     if latest is not None:
+        abstract, shardings, _, tx = state_shardings(task, mesh, rng)
         state, data_state = ckpt.restore(latest, checkpoints.abstract_state(abstract, shardings))
         iterator.set_state(data_state)
         logging.info("resumed from step %d of %s", latest, ckpt.directory)
         return state, shardings, tx, latest
+    state, shardings, tx = new_state(task, mesh, rng)
+    return task.load_initial(state), shardings, tx, 0
+
+
+def new_state(task, mesh, rng):
+    """(a freshly initialised TrainState created already sharded, its shardings, tx)."""
+    _, shardings, init, tx = state_shardings(task, mesh, rng)
     with sharding.activate(mesh):
         state = jax.jit(init, out_shardings=shardings)(rng)
-    return task.load_initial(state), shardings, tx, 0
+    return state, shardings, tx
 
 
 # ---------------------------------------------------------------------------- loop

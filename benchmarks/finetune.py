@@ -43,13 +43,12 @@ def rates(preset: str, steps: int) -> tuple[float, float]:
     config.data.batch_size = batch_size
     task = finetune.FinetuneTask(config)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    rng = jax.random.PRNGKey(0)
-    _, shardings, init, tx = train_lib.state_shardings(task, mesh, rng)
+    state, _, tx = train_lib.new_state(task, mesh, jax.random.PRNGKey(0))
     spec = jax.random.normal(jax.random.key(1), (batch_size, frames, 128))
     labels = jax.nn.one_hot(np.arange(batch_size) % task.num_classes, task.num_classes)
     batch = {"spectrogram": spec, "frames": np.full(batch_size, frames), "labels": labels}
     with sharding.activate(mesh):
-        holder = [jax.jit(init, out_shardings=shardings)(rng)]
+        holder = [state]
         step = jax.jit(lambda s, b: task.step(s, b, tx), donate_argnums=0)
         forward = jax.jit(lambda p, s: task.logits(p, s, train=False))
 

@@ -135,10 +135,8 @@ def demo_rates(batches: int) -> tuple[float, float]:
         next(stream)
     pipeline_rate = batches * task.data_cfg.batch_size / (time.perf_counter() - start)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    rng = jax.random.PRNGKey(0)
-    _, shardings, init, tx = train_lib.state_shardings(task, mesh, rng)
+    state, _, tx = train_lib.new_state(task, mesh, jax.random.PRNGKey(0))
     with sharding.activate(mesh):
-        state = jax.jit(init, out_shardings=shardings)(rng)
         step = jax.jit(lambda s, b: task.step(s, b, tx), donate_argnums=0)
         batch = pipeline.to_global(batch, mesh)
         state, _ = step(state, batch)  # compile

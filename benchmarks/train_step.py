@@ -73,13 +73,11 @@ def jax_step(clips: int, remat: str):
     config.data.batch_size = clips
     task = train_lib.make_task(config)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    rng = jax.random.PRNGKey(0)
-    _, shardings, init, tx = train_lib.state_shardings(task, mesh, rng)
+    state, _, tx = train_lib.new_state(task, mesh, jax.random.PRNGKey(0))
     step = jax.jit(lambda s, b: task.step(s, b, tx), donate_argnums=0)
     spec = jax.random.normal(jax.random.key(1), (clips, FRAMES, 128))
     batch = {"spectrogram": spec, "frames": jnp.full((clips,), FRAMES, jnp.int32)}
     with sharding.activate(mesh):
-        state = jax.jit(init, out_shardings=shardings)(rng)
         compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
     holder = [state]

@@ -59,10 +59,8 @@ def main(argv):
         eval_cfg = dataclasses.replace(
             task.eval_cfg, batch_size=_fit(task.eval_cfg.batch_size, mesh)
         )
-        item, _ = checkpoints.locate_params(FLAGS.workdir, FLAGS.step)
-        params = checkpoints.restore_params(
-            FLAGS.workdir, finetune.abstract_params(task, mesh), (), FLAGS.step
-        )
+        item, prefix = checkpoints.locate_params(FLAGS.workdir, FLAGS.step)
+        params = checkpoints.restore_item(item, prefix, finetune.abstract_params(task, mesh))
         results = finetune.evaluate(task, params, eval_cfg, mesh)
     except (checkpoints.CheckpointMismatch, datasets.DatasetNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -31,11 +31,7 @@ TINY = {
 
 
 def configured(path: str, arg: str, **overrides):
-    config = th.load_config(path, arg)
-    for key, value in {**TINY, **overrides}.items():
-        block, _, field = key.rpartition(".")
-        (config[block] if block else config)[field] = value
-    return config
+    return th.override(th.load_config(path, arg), {**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -257,14 +253,14 @@ def test_fine_tuning_from_the_pretrained_demo_beats_random_init(synthetic_60, tm
     fine-tuning steps from the pretrained encoder and from random init (same seed, data
     and budget)."""
     steps = 100
-    pretrain = th.load_config("configs/demo.py")
-    for key, value in {
-        "data.data_dir": synthetic_60, "num_train_steps": steps, "optim.total_steps": steps,
-        "optim.warmup_steps": 10, "pretrain.ema_anneal_end_step": steps,
-        "checkpoint_every": steps,
-    }.items():  # fmt: skip
-        block, _, field = key.rpartition(".")
-        (pretrain[block] if block else pretrain)[field] = value
+    pretrain = th.override(
+        th.load_config("configs/demo.py"),
+        {
+            "data.data_dir": synthetic_60, "num_train_steps": steps, "optim.total_steps": steps,
+            "optim.warmup_steps": 10, "pretrain.ema_anneal_end_step": steps,
+            "checkpoint_every": steps,
+        },
+    )  # fmt: skip
     train_lib.train(pretrain, tmp_path / "pretrain")
     accuracy = {}
     for name, init_from in (("pretrained", tmp_path / "pretrain"), ("random", "")):

@@ -108,15 +108,13 @@ def test_three_steps_on_a_data_fsdp_tensor_mesh_equal_one_device(data_dir):
         sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
         sharding.make_mesh((1, 1, 1), jax.devices()[:1]),
     ):
-        rng = jax.random.PRNGKey(0)
-        _, shardings, init, tx = train_lib.state_shardings(task, mesh, rng)
+        state, shardings, tx = train_lib.new_state(task, mesh, jax.random.PRNGKey(0))
         step = jax.jit(
             lambda s, b, tx=tx: task.step(s, b, tx),
             in_shardings=(shardings, sharding.batch_sharding(mesh)),
             out_shardings=(shardings, sharding.replicated(mesh)),
         )
         with sharding.activate(mesh):
-            state = jax.jit(init, out_shardings=shardings)(rng)
             for _, batch in host_batches:
                 state, _ = step(state, pipeline.to_global(batch, mesh))
         results.append(jax.device_get(state))

@@ -35,14 +35,19 @@ def load_config(path: str, arg: str | None = None):
     return module.get_config(arg)
 
 
-def tiny_config(data_dir: str, **extra):
-    """configs/demo.py with tiny sizes, reading ``data_dir``."""
-    config = load_config("configs/demo.py")
-    for key, value in {**TINY_OVERRIDES, "data.data_dir": data_dir, **extra}.items():
+def override(config, overrides: dict):
+    """Sets ``{"block.field": value}`` entries, as --config.block.field=value would."""
+    for key, value in overrides.items():
         block, _, field = key.rpartition(".")
         target = config[block] if block else config
         target[field] = value
     return config
+
+
+def tiny_config(data_dir: str, **extra):
+    """configs/demo.py with tiny sizes, reading ``data_dir``."""
+    overrides = {**TINY_OVERRIDES, "data.data_dir": data_dir, **extra}
+    return override(load_config("configs/demo.py"), overrides)
 
 
 def tiny_flags(data_dir: str, **extra) -> list[str]:
