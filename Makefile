@@ -30,4 +30,4 @@ format: $(BIN)/.dev
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests

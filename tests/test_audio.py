@@ -139,6 +139,24 @@ def test_frame_counts_are_kaldis():
     assert opts.num_frames(opts.num_samples(1024)) == 1024
 
 
+def test_mel_bands_sum_like_the_dense_bank():
+    power = np.random.default_rng(0).random((7, 257)).astype(np.float64)
+    bands = audio.mel_bands(audio.RELEASE_FBANK)
+    banded = np.concatenate([power[:, a:b] @ w for a, b, w in bands], axis=1)
+    np.testing.assert_allclose(banded, power @ audio.mel_banks(audio.RELEASE_FBANK).T, rtol=1e-6)
+    work = sum(w.size for _, _, w in bands)
+    assert work < 0.3 * audio.mel_banks(audio.RELEASE_FBANK).size
+
+
+def test_frame_means_are_the_means_of_kaldis_frames():
+    wave = speech_like(0.5).astype(np.float64)
+    opts = audio.RELEASE_FBANK
+    count = opts.num_frames(wave.size)
+    starts = np.arange(count) * opts.window_shift
+    expected = [wave[s : s + opts.window_size].mean() for s in starts]
+    np.testing.assert_allclose(audio.frame_means(wave, opts, count)[:, 0], expected, rtol=1e-12)
+
+
 def test_batched_jit_equals_per_clip_host():
     waves = np.stack([tone(1.0), noise(1.0), speech_like(1.0)])
     batched = jax.jit(lambda w: audio.fbank(w, xp=jnp))(waves)

@@ -19,13 +19,18 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+# Long enough that a signal sent once step 3 is logged lands mid-run: a tiny step takes
+# milliseconds, so an 8-step run could finish before the signal arrives.
+RUN = {"num_train_steps": 100, "optim.total_steps": 100, "checkpoint_every": 25}
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-    """Losses of an 8-step run that nothing interrupts."""
+    """Losses of a run that nothing interrupts."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    train_lib.train(th.tiny_config(data_dir), workdir)
+    train_lib.train(th.tiny_config(data_dir, **RUN), workdir)
     recorded = th.losses(workdir)
-    assert sorted(recorded) == list(range(1, 9))
+    assert sorted(recorded) == list(range(1, RUN["num_train_steps"] + 1))
     return {step: values[0] for step, values in recorded.items()}
 
 
@@ -33,15 +38,20 @@ def saved_steps(workdir) -> list[int]:
     return checkpoints.Checkpoints(workdir).all_steps()
 
 
-def wait_for_step(workdir, proc, step: int, timeout: float = 240.0) -> None:
+def wait_until(proc, reached, what: str, timeout: float = 240.0) -> None:
+    """Polls ``reached()`` while the training process runs."""
     deadline = time.time() + timeout
-    while max(th.losses(workdir), default=0) < step:
+    while not reached():
         if proc.poll() is not None:
             raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()}")
         if time.time() > deadline:
             proc.kill()
-            raise AssertionError(f"step {step} not reached in {timeout} s")
-        time.sleep(0.2)
+            raise AssertionError(f"{what} not reached in {timeout} s")
+        time.sleep(0.05)
+
+
+def logged_step(workdir) -> int:
+    return max(th.losses(workdir), default=0)
 
 
 def assert_same_losses(workdir, expected) -> None:
@@ -54,26 +64,29 @@ def assert_same_losses(workdir, expected) -> None:
 def test_sigkill_resumes_from_the_last_complete_checkpoint_exactly(
     data_dir, uninterrupted, tmp_path
 ):
-    proc = th.launch_train(tmp_path, ["--config=configs/demo.py", *th.tiny_flags(data_dir)])
-    wait_for_step(tmp_path, proc, 5)
+    flags = th.tiny_flags(data_dir, **RUN)
+    proc = th.launch_train(tmp_path, ["--config=configs/demo.py", *flags])
+    wait_until(proc, lambda: saved_steps(tmp_path), "a complete checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     survivors = saved_steps(tmp_path)
-    assert survivors and max(survivors) < 8  # only complete checkpoints are listed
-    train_lib.train(th.tiny_config(data_dir), tmp_path)
-    assert 8 in saved_steps(tmp_path)
+    assert survivors and max(survivors) < RUN["num_train_steps"]  # only complete ones listed
+    train_lib.train(th.tiny_config(data_dir, **RUN), tmp_path)
+    assert RUN["num_train_steps"] in saved_steps(tmp_path)
     assert_same_losses(tmp_path, uninterrupted)  # replayed steps equal too, bit for bit
 
 
 def test_sigterm_saves_first_then_the_run_resumes_exactly(data_dir, uninterrupted, tmp_path):
-    flags = th.tiny_flags(data_dir, checkpoint_every=100)  # no periodic saves
-    proc = th.launch_train(tmp_path, ["--config=configs/demo.py", *flags])
-    wait_for_step(tmp_path, proc, 3)
+    no_periodic_saves = {**RUN, "checkpoint_every": 1000}
+    proc = th.launch_train(
+        tmp_path, ["--config=configs/demo.py", *th.tiny_flags(data_dir, **no_periodic_saves)]
+    )
+    wait_until(proc, lambda: logged_step(tmp_path) >= 3, "step 3")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
     (stopped_at,) = saved_steps(tmp_path)
-    assert 3 <= stopped_at < 8
-    train_lib.train(th.tiny_config(data_dir), tmp_path)
+    assert 3 <= stopped_at < RUN["num_train_steps"]
+    train_lib.train(th.tiny_config(data_dir, **RUN), tmp_path)
     assert_same_losses(tmp_path, uninterrupted)
 
 
