@@ -66,12 +66,14 @@ def load_encoder(path: str | Path, step: int | None = None, which: str = "encode
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierInput:
-    """What a classifier was trained on: input length, normalisation, its label source."""
+    """What a classifier was trained on: input length, normalisation, its label source
+    and (once its head is read) its class count."""
 
     target_frames: int
     norm: tuple[float, float]
     dataset: str | None = None
     data_dir: str | None = None
+    num_classes: int | None = None
 
 
 def classifier_description(path: str | Path) -> tuple[model_lib.ModelConfig, dict, ClassifierInput]:
@@ -117,7 +119,8 @@ def load_classifier(path: str | Path, step: int | None = None):
     target = abstract_module_params(classifier, (1, PATCH_FRAMES, cfg.num_mel_bins))
     params = checkpoints.restore_item(item, prefix, target)
     squash = jax.nn.softmax if head["scores"] == "softmax" else jax.nn.sigmoid
-    return jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec))), inputs
+    classify = jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec)))
+    return classify, dataclasses.replace(inputs, num_classes=num_classes)
 
 
 def whole_clip(path, norm, max_frames: int) -> np.ndarray:  # (T, 128), T a multiple of 16

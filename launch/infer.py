@@ -17,7 +17,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import sys
 
-import numpy as np
 from absl import app, flags
 
 from asda_jax import audio, checkpoints, cli, inference
@@ -32,15 +31,15 @@ flags.DEFINE_integer("top_k", 5, "Labels shown per file.")
 flags.mark_flags_as_required(["checkpoint", "audio"])
 
 
-def class_names(inputs: inference.ClassifierInput, num_classes: int) -> list[str]:
+def class_names(inputs: inference.ClassifierInput) -> list[str]:
     if FLAGS.labels:
         names = inference.read_label_names(FLAGS.labels)
     elif inputs.dataset is not None:
         names = datasets.load(inputs.dataset, inputs.data_dir).class_names
     else:
         raise ValueError("this checkpoint does not name its classes: pass --labels")
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} label names for a head of {num_classes} classes")
+    if len(names) != inputs.num_classes:
+        raise ValueError(f"{len(names)} label names for a head of {inputs.num_classes} classes")
     return names
 
 
@@ -49,8 +48,7 @@ def main(argv):
     cli.quiet_library_logs()
     try:
         classify, data = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
-        silence = np.zeros((1, data.target_frames, audio.RELEASE_FBANK.num_mel_bins), np.float32)
-        names = class_names(data, classify(silence).shape[-1])
+        names = class_names(data)
         files, _ = cli.audio_inputs(FLAGS.audio)
     except (checkpoints.CheckpointMismatch, datasets.DatasetNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -89,8 +89,9 @@ def report_probe(config, state, task, mesh, workdir: Path) -> None:
 
 def report_evaluation(state, task, mesh, workdir: Path) -> None:
     results = finetune.final_evaluation(state, task, mesh, workdir)
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_clips")
-    print(f"{task.eval_cfg.dataset}:{task.eval_cfg.split} at step {int(state.step)}: {shown}")
+    if jax.process_index() == 0:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_clips")
+        print(f"{task.eval_cfg.dataset}:{task.eval_cfg.split} at step {int(state.step)}: {shown}")
 
 
 def main(argv):
