@@ -21,7 +21,6 @@ import argparse
 import copy
 import gc
 import os
-import resource
 import subprocess
 import sys
 
@@ -137,7 +136,17 @@ def report_own_rss(clips: int, variant: str) -> None:
     run = torch_step(clips) if variant == "torch" else jax_step(clips, variant)[0]
     for _ in range(2):
         jax.block_until_ready(run())
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    print(peak_resident_gib())
+
+
+def peak_resident_gib() -> float:
+    """This process image's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries
+    that across fork + exec, so a child would report its parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def row(name, seconds, flops, roof, torch_seconds, plan_bytes, clips, variant="torch"):
