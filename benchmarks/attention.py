@@ -37,13 +37,18 @@ def backends_here() -> list[tuple[str, bool]]:
 
 
 def fwd_bwd(core, inputs):
-    """Gradient of a weighted sum of the output w.r.t. every input: forward + backward."""
-    weights = jnp.ones_like(inputs[-1])
+    """A weighted sum of the output and its gradient w.r.t. every input.
+
+    Returning the value keeps the forward's A·V product alive (``jax.grad`` alone lets
+    XLA drop it, which no training step can); random weights stop XLA folding a
+    constant cotangent into the backward.
+    """
+    weights = jax.random.normal(jax.random.key(1), inputs[-1].shape, inputs[-1].dtype)
 
     def loss(*xs):
         return jnp.sum(core(*xs).astype(jnp.float32) * weights)
 
-    return jax.jit(jax.grad(loss, argnums=tuple(range(len(inputs)))))
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(inputs)))))
 
 
 def measure(batch, length, implementation, stack_heads, dtype, repeats):
