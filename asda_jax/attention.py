@@ -47,18 +47,6 @@ CUDNN_MAX_HEAD_DIM = 256
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def attention_weights(
-    q: jax.Array,  # (B, H, Tq, D)
-    k: jax.Array,  # (B, H, Tk, D)
-    *,
-    mask: jax.Array | None = None,  # (B, Tk) bool
-    bias: jax.Array | None = None,  # broadcastable to (B, H, Tq, Tk)
-) -> jax.Array:  # (B, H, Tq, Tk) float32
-    """softmax(q kᵀ / √D) in float32, with padded keys given zero weight."""
-    exps, inv_sums = _softmax_factors(q, k, mask=mask, bias=bias)
-    return exps * inv_sums
-
-
 def _softmax_factors(
     q: jax.Array,  # (B, H, Tq, D)
     k: jax.Array,  # (B, H, Tk, D)
@@ -66,7 +54,8 @@ def _softmax_factors(
     mask: jax.Array | None,  # (B, Tk) bool
     bias: jax.Array | None,  # broadcastable to (B, H, Tq, Tk)
 ) -> tuple[jax.Array, jax.Array]:  # (B, H, Tq, Tk), (B, H, Tq, 1) float32
-    """softmax(q kᵀ / √D) left unnormalised: exp(logits − row max) and 1 / its row sum.
+    """softmax(q kᵀ / √D) in float32 left unnormalised: exp(logits − row max) and 1 / its
+    row sum, with padded keys given zero weight.
 
     Keeping the two factors lets a caller fold the normalisation into a later pass
     over the map instead of spending a read and a write of the whole map on it.
