@@ -206,14 +206,17 @@ def frame_means(wave, opts: FbankOptions, num_frames: int):
     """Mean of every Kaldi frame of (..., N) waveforms → (..., F, 1).
 
     Sums blocks of gcd(window, shift) samples once, then adds window/gcd of them per
-    frame (5 blocks of 80 for 25 ms / 10 ms), instead of re-reading every window.
+    frame (5 blocks of 80 for 25 ms / 10 ms, as strided slices), instead of re-reading
+    every window.
     """
     size, shift = opts.window_size, opts.window_shift
     block = math.gcd(size, shift)
+    step, per_frame = shift // block, size // block
     used = (num_frames - 1) * shift + size
     sums = wave[..., :used].reshape((*wave.shape[:-1], used // block, block)).sum(axis=-1)
-    index = np.arange(num_frames)[:, None] * (shift // block) + np.arange(size // block)
-    return sums[..., index].sum(axis=-1, keepdims=True) / size
+    span = step * (num_frames - 1) + 1
+    total = sum(sums[..., i : i + span : step] for i in range(per_frame))  # (..., F)
+    return total[..., None] / size
 
 
 def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
@@ -225,9 +228,10 @@ def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
     *waveform*, the processed frame is (pe − (1 − coeff)·m)·window for every sample the
     window keeps (its first tap is 0, which hides the one sample where this differs).
     Pre-emphasis then runs once per sample instead of once per overlapping frame, and
-    each frame is one gather of fft_size samples against a window zero-padded to
-    fft_size, so the FFT needs no padding of its own. ``xp`` is ``numpy`` or
-    ``jax.numpy``.
+    each frame is cut at fft_size against a window zero-padded to fft_size, so the FFT
+    needs no padding of its own. Frames are cut without a gather: the waveform is laid
+    out as rows of one shift each, and frame f is rows f, f+1, ... side by side.
+    ``xp`` is ``numpy`` or ``jax.numpy``.
     """
     size, shift, fft_size = opts.window_size, opts.window_shift, opts.fft_size
     num_frames = opts.num_frames(wave.shape[-1])
@@ -240,11 +244,15 @@ def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
     emphasised = xp.concatenate(
         [wave[..., :1], wave[..., 1:] - opts.preemphasis * wave[..., :-1]], axis=-1
     )
-    tail = [(0, 0)] * (wave.ndim - 1) + [(0, fft_size - size)]
-    emphasised = xp.pad(emphasised, tail)  # (..., N + fft_size − window)
-    index = np.arange(num_frames)[:, None] * shift + np.arange(fft_size)[None, :]  # (F, fft)
+    spans = -(-fft_size // shift)  # rows one fft_size frame reaches into
+    num_rows = num_frames + spans - 1
+    kept = emphasised[..., : num_rows * shift]
+    tail = [(0, 0)] * (wave.ndim - 1) + [(0, num_rows * shift - kept.shape[-1])]
+    rows = xp.pad(kept, tail).reshape(*wave.shape[:-1], num_rows, shift)
+    side_by_side = xp.stack([rows[..., i : i + num_frames, :] for i in range(spans)], axis=-2)
+    frames = side_by_side.reshape(*rows.shape[:-2], num_frames, spans * shift)[..., :fft_size]
     window = np.pad(hanning(size), (0, fft_size - size))
-    frames = (emphasised[..., index] - (1.0 - opts.preemphasis) * means) * window  # (..., F, fft)
+    frames = (frames - (1.0 - opts.preemphasis) * means) * window
     rfft = scipy.fft.rfft if xp is np else xp.fft.rfft  # SciPy's FFT: 2× NumPy's on float32
     spectrum = rfft(frames, axis=-1)
     power = (spectrum.real**2 + spectrum.imag**2).astype(xp.float32)  # (..., F, fft/2+1)
@@ -289,12 +297,67 @@ def spectrogram(
     return normalize(pad_or_crop(spec, target_frames, start_frame), *norm), real
 
 
-def device_spectrogram(waves, num_samples, norm: tuple[float, float], opts=RELEASE_FBANK):
+# Frames the CPU front end transforms in one pass. Past this a pass's frames and spectra
+# (≈ 4 KiB per frame) outgrow the cache and XLA's CPU FFT slows about 4× per frame: 16
+# ten-second clips in one pass run at ~480 clips/s, in passes of four at ~1000
+# (benchmarks/input_pipeline.py, BENCHMARKS.md).
+CPU_FRAMES_PER_PASS = 4096
+
+
+def clips_per_pass(batch: int, frames: int, backend: str) -> int:
+    """Clips the device front end transforms together: the whole batch on accelerators;
+    on CPU the largest divisor of ``batch`` whose frames fit in CPU_FRAMES_PER_PASS."""
+    if backend != "cpu":
+        return batch
+    most = max(1, CPU_FRAMES_PER_PASS // max(frames, 1))
+    return max(c for c in range(1, min(most, batch) + 1) if batch % c == 0)
+
+
+def device_spectrogram(
+    waves, num_samples, norm: tuple[float, float], opts=RELEASE_FBANK, *, per_pass=None
+):
     """Jittable batch front end: (B, S) waveforms of ``opts.num_samples(T)`` samples,
     (B,) real sample counts → ((B, T, M) normalised spectrograms, (B,) real frames).
 
     Frames past a clip's real length become raw 0 before normalisation, as on the host.
+    Under a mesh each device transforms its own rows (shard_map over the batch axes;
+    left to itself XLA gathers the whole batch onto every device for the FFT). A device
+    transforms ``per_pass`` of its clips at a time, the passes one after the other in a
+    ``lax.map`` (default: ``clips_per_pass`` for the default backend).
     """
+    import jax
+
+    from asda_jax import sharding
+
+    run = functools.partial(_local_spectrogram, norm=norm, opts=opts, per_pass=per_pass)
+    spec = sharding.current_mesh_spec(("batch", None))
+    if spec is not None:
+        rows = jax.sharding.PartitionSpec(spec[0])
+        run = jax.shard_map(run, in_specs=(spec, rows), out_specs=(spec, rows))
+    return run(waves, num_samples)
+
+
+def _local_spectrogram(waves, num_samples, norm, opts, per_pass):
+    """``device_spectrogram`` of one device's rows, in passes of ``per_pass`` clips."""
+    import jax
+
+    batch = waves.shape[0]
+    if per_pass is None:
+        per_pass = clips_per_pass(batch, opts.num_frames(waves.shape[-1]), jax.default_backend())
+    if batch % per_pass:
+        raise ValueError(f"per_pass={per_pass} does not divide the {batch} clips of a device")
+    passes = batch // per_pass
+    if passes == 1:
+        return _normalised_spectrogram(waves, num_samples, norm, opts)
+    specs, frames = jax.lax.map(
+        lambda args: _normalised_spectrogram(*args, norm, opts),
+        (waves.reshape(passes, per_pass, -1), num_samples.reshape(passes, per_pass)),
+    )  # (P, B/P, T, M), (P, B/P)
+    return specs.reshape(batch, *specs.shape[2:]), frames.reshape(batch)
+
+
+def _normalised_spectrogram(waves, num_samples, norm, opts):
+    """Normalised spectrograms and real frame counts of one pass's clips."""
     import jax.numpy as jnp
 
     spec = fbank(waves, opts, xp=jnp)  # (B, T, M)

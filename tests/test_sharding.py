@@ -111,3 +111,25 @@ def test_pallas_kernel_is_shard_mapped_under_the_mesh():
     np.testing.assert_allclose(
         np.asarray(out.tokens)[valid], np.asarray(expected.tokens)[valid], atol=1e-5
     )
+
+
+def test_device_front_end_on_the_mesh_equals_one_device_and_stays_split():
+    from asda_jax import audio
+
+    mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+    waves = np.random.default_rng(0).standard_normal((16, 3_280)).astype(np.float32)  # 20 frames
+    lengths = np.full(16, 3_280, np.int32)
+    lengths[3] = 1_000
+    norm = audio.NORM_STATS["audioset"]
+    run = jax.jit(audio.device_spectrogram, static_argnums=2, static_argnames="per_pass")
+    one = jax.devices()[0]
+    spec_1, frames_1 = run(jax.device_put(waves, one), jax.device_put(lengths, one), norm)
+    batch = sharding.batch_sharding(mesh)
+    with sharding.activate(mesh):
+        args = (jax.device_put(waves, batch), jax.device_put(lengths, batch), norm)
+        spec_8, frames_8 = run(*args, per_pass=1)  # two passes on every device
+        compiled = run.lower(*args, per_pass=1).compile().as_text()
+    assert "all-gather" not in compiled  # each device transforms only its own rows
+    assert spec_8.sharding.is_equivalent_to(batch, 3)
+    np.testing.assert_array_equal(frames_8, frames_1)
+    np.testing.assert_allclose(spec_8, spec_1, atol=1e-5)

@@ -149,6 +149,7 @@ def test_pretrain_as2m_runs_on_a_pod_style_mesh(tmp_path):
         "--config.data.split=balanced_train",
         "--config.data.batch_size=4",
         "--config.data.target_frames=64",
+        "--config.data.fbank_on=device",  # as on TPU pods: waveforms in, fbank in the step
         "--config.mask.clone_batch=2",
         "--config.pretrain.average_top_k_layers=2",
         "--config.mesh.data=2",
