@@ -12,7 +12,10 @@ same model and objective; each JAX variant is timed against it in alternating bl
 of 3 steps (the first after a switch dropped: switching between two multi-GiB
 working sets slowed the next step by up to 40 %), one JAX variant alive at a time.
 Memory is XLA's compiled plan (temporaries + outputs) and the peak resident set of a
-fresh process running two steps of that variant (model, optimiser and all).
+fresh process running two steps of that variant (model, optimiser and all). The script
+re-executes itself with glibc's huge-page malloc tunable, as ``launch/train.py`` does
+(``asda_jax/malloc.py``; PyTorch's allocations get it too); run it with
+``ASDA_JAX_DEFAULT_MALLOC=1`` to time the system's default malloc.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from asda_jax import masking, sharding, train_lib
+from asda_jax import malloc, masking, sharding, train_lib
 from benchmarks import common
 from tests import torch_reference as ref
 from tests.train_helpers import load_config
@@ -170,10 +173,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="alternating blocks")
     parser.add_argument("--rss_of", help=argparse.SUPPRESS)  # internal: one variant's peak RSS
     args = parser.parse_args()
+    malloc.reexec_with_huge_pages()  # as launch/train.py runs; the child rows inherit it
     if args.rss_of:
         return report_own_rss(args.clips, args.rss_of)
     torch.set_num_threads(os.cpu_count())  # as many threads as XLA uses
     print(f"machine: {common.machine()}\nversions: {common.versions(('jax', 'flax', 'torch'))}")
+    print(f"GLIBC_TUNABLES: {os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     roof_jax, roof_torch = matmul_roof()
     flops = step_flops(args.clips)
     torch_run = torch_step(args.clips)

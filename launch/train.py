@@ -18,6 +18,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (used by clu) is chatty
 
+from asda_jax import malloc
+
+malloc.reexec_with_huge_pages()  # before anything allocates: see asda_jax/malloc.py
+
 import json
 import sys
 from pathlib import Path
