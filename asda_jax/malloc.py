@@ -5,8 +5,9 @@ glibc serves multi-MiB blocks with mmap: the base model's pretraining step maps 
 faults in ~3.7 GiB of 4 KiB pages per step (~950 k page faults), a fifth of its time
 on this machine. With ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc ≥ 2.35) malloc
 asks the kernel for transparent huge pages on those blocks and the faults drop to ~2 k
-(BENCHMARKS.md). glibc reads tunables only when a process starts, so the launch
-scripts re-execute themselves once with the tunable set, before anything is imported.
+(BENCHMARKS.md). glibc reads tunables only when a process starts, so
+``launch/train.py`` (and ``benchmarks/train_step.py``) re-execute themselves once with
+the tunable set, before anything heavy is imported.
 Set ``ASDA_JAX_DEFAULT_MALLOC=1`` to keep the system's malloc settings.
 """
 
