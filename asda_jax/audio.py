@@ -330,10 +330,10 @@ def device_spectrogram(
     from asda_jax import sharding
 
     run = functools.partial(_local_spectrogram, norm=norm, opts=opts, per_pass=per_pass)
-    spec = sharding.current_mesh_spec(("batch", None))
-    if spec is not None:
-        rows = jax.sharding.PartitionSpec(spec[0])
-        run = jax.shard_map(run, in_specs=(spec, rows), out_specs=(spec, rows))
+    by_clip = sharding.current_mesh_spec(("batch", None))  # (B, S) split over the batch axes
+    if by_clip is not None:
+        counts = jax.sharding.PartitionSpec(by_clip[0])  # (B,)
+        run = jax.shard_map(run, in_specs=(by_clip, counts), out_specs=(by_clip, counts))
     return run(waves, num_samples)
 
 
