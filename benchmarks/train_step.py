@@ -14,7 +14,7 @@ working sets slowed the next step by up to 40 %), one JAX variant alive at a tim
 Memory is XLA's compiled plan (temporaries + outputs) and the peak resident set of a
 fresh process running two steps of that variant (model, optimiser and all). The script
 re-executes itself with glibc's huge-page malloc tunable, as ``launch/train.py`` does
-(``asda_jax/malloc.py``; PyTorch's allocations get it too); run it with
+(``asda_jax/launch_env.py``; PyTorch's allocations get it too); run it with
 ``ASDA_JAX_DEFAULT_MALLOC=1`` to time the system's default malloc.
 """
 
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from asda_jax import malloc, masking, sharding, train_lib
+from asda_jax import launch_env, masking, sharding, train_lib
 from benchmarks import common
 from tests import torch_reference as ref
 from tests.train_helpers import load_config
@@ -173,7 +173,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="alternating blocks")
     parser.add_argument("--rss_of", help=argparse.SUPPRESS)  # internal: one variant's peak RSS
     args = parser.parse_args()
-    malloc.reexec_with_huge_pages()  # as launch/train.py runs; the child rows inherit it
+    launch_env.reexec_with_launcher_environment()  # as launch/train.py; children inherit
     if args.rss_of:
         return report_own_rss(args.clips, args.rss_of)
     torch.set_num_threads(os.cpu_count())  # as many threads as XLA uses

@@ -18,9 +18,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (used by clu) is chatty
 
-from asda_jax import malloc
+from asda_jax import launch_env
 
-malloc.reexec_with_huge_pages()  # before anything allocates: see asda_jax/malloc.py
+launch_env.reexec_with_launcher_environment()  # before anything loads: asda_jax/launch_env.py
 
 import json
 import sys
