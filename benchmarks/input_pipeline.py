@@ -13,6 +13,11 @@ from batches already padded and on the device (as the pipeline delivers them), i
 reads the synthetic dataset (prepared under data/ if missing) through the whole Grain
 pipeline of configs/demo.py (threads, shuffling, batching), then times the demo's
 jitted pretraining step on one batch; each runs alone on the machine.
+
+Our host fbank and the demo pipeline run with one OpenBLAS thread, as under
+``launch/train.py`` (``asda_jax/launch_env.py``); librosa keeps NumPy's default, as a
+user's own script would. (Rows that follow a multi-threaded OpenBLAS call run while its
+threads still spin: ~25 % slower for the jitted fbank here.)
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 import jax
 import librosa
 import numpy as np
+import threadpoolctl
 
 from asda_jax import audio, sharding, train_lib
 from asda_jax.data import datasets, pipeline
@@ -62,6 +68,16 @@ def per_clip(fn, waves):
     return [fn(w) for w in waves]
 
 
+def as_launched(fn):
+    """``fn`` with OpenBLAS held to one thread, as ``launch/train.py`` runs the project."""
+
+    def run(*args):
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):
+            return fn(*args)
+
+    return run
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=64)
@@ -98,7 +114,7 @@ def main():
 
     timed = {
         "decode only (soundfile FLAC)": lambda: [audio.read_audio(c) for c in clips],
-        "fbank: host NumPy + SciPy FFT": lambda: per_clip(host_fbank, waves),
+        "fbank: host NumPy + SciPy FFT": as_launched(lambda: per_clip(host_fbank, waves)),
         "fbank: jitted JAX (CPU device), batches of 16": lambda: transform(batches),
         "fbank: jitted JAX, the 16 in one pass (not the default)": lambda: transform(
             batches, one_pass
@@ -106,7 +122,7 @@ def main():
         "fbank: librosa.feature.melspectrogram (baseline)": lambda: per_clip(
             librosa_log_mel, waves
         ),
-        "decode + fbank: host NumPy + SciPy FFT": decode_then(host_fbank),
+        "decode + fbank: host NumPy + SciPy FFT": as_launched(decode_then(host_fbank)),
         "decode + fbank: jitted JAX": lambda: transform(
             on_device([audio.read_audio(c) for c in clips])
         ),
@@ -127,7 +143,7 @@ def main():
         ["what", "clips/s", "vs librosa"],
         rows,
     )
-    fed, eaten = demo_rates(args.demo_batches)
+    fed, eaten = as_launched(demo_rates)(args.demo_batches)
     common.print_table(
         f"Demo config (configs/demo.py): pipeline vs pretraining step, {args.demo_batches} "
         "batches of 32 clips of 1.28 s",
