@@ -3,11 +3,20 @@
 XLA reads its flags once, so they are set here, before any test imports jax. The
 session shares one persistent compilation cache, handed down to the training
 processes the tests launch: the tiny configs compile the same programs many times.
+Runs in this process use the launcher's one OpenBLAS thread (set before NumPy loads),
+so their host spectrograms, and losses, equal those of the runs ``launch/train.py``
+starts bit for bit.
 """
 
 import os
 import shutil
+import sys
 import tempfile
+
+from asda_jax import launch_env
+
+assert "numpy" not in sys.modules, "conftest must set OpenBLAS's thread count before NumPy loads"
+os.environ.update(launch_env.with_one_blas_thread(dict(os.environ)))
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (
