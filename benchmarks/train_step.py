@@ -13,9 +13,11 @@ of 3 steps (the first after a switch dropped: switching between two multi-GiB
 working sets slowed the next step by up to 40 %), one JAX variant alive at a time.
 Memory is XLA's compiled plan (temporaries + outputs) and the peak resident set of a
 fresh process running two steps of that variant (model, optimiser and all). The script
-re-executes itself with glibc's huge-page malloc tunable, as ``launch/train.py`` does
-(``asda_jax/launch_env.py``; PyTorch's allocations get it too); run it with
-``ASDA_JAX_DEFAULT_MALLOC=1`` to time the system's default malloc.
+re-executes itself with the launcher's process settings, as ``launch/train.py`` does
+(``asda_jax/launch_env.py``): glibc's huge-page malloc tunable, which PyTorch's
+allocations get too, and one OpenBLAS thread, which neither side's step uses (XLA has
+its own kernels, PyTorch's wheel MKL). Run it with ``ASDA_JAX_DEFAULT_MALLOC=1`` to time
+the system's default malloc.
 """
 
 from __future__ import annotations
