@@ -5,13 +5,18 @@
 Both forms of ASDA's attention share this core; they differ only in how q/k/v and λ
 are produced and how the heads are normalised afterwards (see ``model.py``).
 
-Backends (one signature; ``implementation="auto"`` picks per platform):
+Backends (one signature; ``implementation="auto"`` picks by the platform of the devices
+the program is for, passed as ``platform``, and the sequence):
 
 =============== ============================================================== ==========
 name            what runs                                                      where
 =============== ============================================================== ==========
-xla             both (T, T) maps in float32, then one A·V with A = A1 − λA2;   everywhere
-                the oracle of the tests and the only one that returns maps
+reference       the formula as written, differentiated by JAX: both softmax    everywhere
+                maps, then A·V with A = A1 − λA2; the tests' oracle, and the
+                only backend that returns maps
+xla             the same maps and one A·V, mixed in one pass from the          everywhere
+                unnormalised exponentials, with a hand-written backward (the
+                CPU's choice)
 dot_product     two ``jax.nn.dot_product_attention`` calls sharing V (XLA)     everywhere
 cudnn           the same two calls through cuDNN flash attention               GPU, bf16/fp16
 pallas_flash    two Pallas TPU flash-attention calls                           TPU (CPU: interpret)
@@ -39,7 +44,7 @@ from absl import logging
 
 from asda_jax import sharding
 
-BACKENDS = ("xla", "dot_product", "cudnn", "pallas_flash", "pallas_splash")
+BACKENDS = ("reference", "xla", "dot_product", "cudnn", "pallas_flash", "pallas_splash")
 PALLAS_BLOCK = 128  # Pallas TPU kernels work on sequence blocks of 128
 # Below this many tokens XLA's materialised attention beats the TPU kernels.
 PALLAS_MIN_LENGTH = 128
@@ -82,6 +87,7 @@ def differential_attention(
     mask: jax.Array | None = None,  # (B, T) bool, True = real token
     bias: jax.Array | None = None,  # broadcastable to (B, H, T, T)
     implementation: str = "auto",
+    platform: str = "cpu",
     stack_heads: bool = False,
     interpret: bool = False,
     return_maps: bool = False,
@@ -89,25 +95,14 @@ def differential_attention(
     """(softmax(q1k1ᵀ/√Dk) − λ·softmax(q2k2ᵀ/√Dk)) v, per head: (B, T, H, Dv).
 
     With ``return_maps`` also returns the two softmax maps (A1, A2), each
-    (B, H, T, T) float32; that always runs the ``xla`` backend.
+    (B, H, T, T) float32; that always runs the ``reference`` backend.
     """
-    backend = choose_backend(
-        implementation,
-        dtype=q1.dtype,
-        head_dim=max(q1.shape[-1], v.shape[-1]),
-        length=q1.shape[1],
-        has_bias=bias is not None,
-        need_maps=return_maps,
-        interpret=interpret,
-    )
+    backend = _backend_for(implementation, platform, q1, v, bias, return_maps, interpret)
     lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (q1.shape[2],))  # (H,)
-    if backend == "xla":
+    if backend in ("reference", "xla"):
         coeffs = jnp.stack([jnp.ones_like(lam), -lam])  # (2, H)
         qs, ks = (_heads_first(q1), _heads_first(q2)), (_heads_first(k1), _heads_first(k2))
-        if return_maps:
-            out, probs, _ = _mixture_forward(qs, ks, _heads_first(v), coeffs, mask, bias)
-            return _heads_first(out), tuple(_normalised(*p) for p in probs)
-        return _heads_first(_softmax_mixture(qs, ks, _heads_first(v), coeffs, mask, bias))
+        return _materialised(backend, qs, ks, v, coeffs, mask, bias, return_maps)
 
     attend = functools.partial(_fused_attention, backend, mask=mask, bias=bias, interpret=interpret)
     if stack_heads:
@@ -128,12 +123,25 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     bias: jax.Array | None = None,
     implementation: str = "auto",
+    platform: str = "cpu",
     interpret: bool = False,
     return_maps: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Plain softmax attention behind the same backends: (B, T, H, Dv)."""
-    backend = choose_backend(
+    """Plain softmax attention behind the same backends: (B, T, H, Dv); with
+    ``return_maps`` also its (B, H, T, T) map."""
+    backend = _backend_for(implementation, platform, q, v, bias, return_maps, interpret)
+    if backend in ("reference", "xla"):
+        out = _materialised(
+            backend, (_heads_first(q),), (_heads_first(k),), v, None, mask, bias, return_maps
+        )
+        return (out[0], out[1][0]) if return_maps else out
+    return _fused_attention(backend, q, k, v, mask=mask, bias=bias, interpret=interpret)
+
+
+def _backend_for(implementation, platform, q, v, bias, return_maps, interpret) -> str:
+    return choose_backend(
         implementation,
+        platform=platform,
         dtype=q.dtype,
         head_dim=max(q.shape[-1], v.shape[-1]),
         length=q.shape[1],
@@ -141,16 +149,9 @@ def dot_product_attention(
         need_maps=return_maps,
         interpret=interpret,
     )
-    if backend == "xla":
-        qs, ks, v = (_heads_first(q),), (_heads_first(k),), _heads_first(v)
-        if return_maps:
-            out, _, a = _mixture_forward(qs, ks, v, None, mask, bias)
-            return _heads_first(out), a
-        return _heads_first(_softmax_mixture(qs, ks, v, None, mask, bias))
-    return _fused_attention(backend, q, k, v, mask=mask, bias=bias, interpret=interpret)
 
 
-# ----------------------------------------------------------------------------- xla reference
+# ----------------------------------------------------------------------------- the XLA forms
 
 
 def _heads_first(x: jax.Array) -> jax.Array:
@@ -158,8 +159,31 @@ def _heads_first(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3)
 
 
+def _materialised(backend, qs, ks, v, coeffs, mask, bias, return_maps):
+    """The ``reference`` or ``xla`` backend on (B, H, T, D) queries and keys and a
+    (B, T, H, D) V: (B, T, H, Dv), and with ``return_maps`` the softmax maps."""
+    v = _heads_first(v)
+    if backend == "xla":
+        return _heads_first(_softmax_mixture(qs, ks, v, coeffs, mask, bias))
+    out, maps = _reference_mixture(qs, ks, v, coeffs, mask, bias)
+    return (_heads_first(out), maps) if return_maps else _heads_first(out)
+
+
+def _reference_mixture(qs, ks, v, coeffs, mask, bias):
+    """o = Σ_j c_j softmax(q_j k_jᵀ/√D + bias) v as the formula reads (B, H, T, D), and
+    the maps (float32); ``coeffs=None`` is one branch with coefficient 1."""
+    maps = tuple(
+        _normalised(*_softmax_factors(q, k, mask=mask, bias=bias))
+        for q, k in zip(qs, ks, strict=True)
+    )
+    weights = [1.0] if coeffs is None else [c[:, None, None] for c in coeffs]
+    mixed = sum(w * a for w, a in zip(weights, maps, strict=True))
+    return jnp.einsum("bhqk,bhkd->bhqd", mixed.astype(v.dtype), v), maps
+
+
 def _mixture_forward(qs, ks, v, coeffs, mask, bias):
-    """o = A·v with A = Σ_j c_j softmax(q_j k_jᵀ/√D), in (B, H, T, D) layout.
+    """The ``xla`` backend's forward: o = A·v with A = Σ_j c_j softmax(q_j k_jᵀ/√D), in
+    (B, H, T, D) layout.
 
     Returns (o, probs, A) where softmax_j = e_j · r_j for probs[j] = (e_j, r_j), r_j
     (B, H, T, 1) or None when e_j is already normalised. ``coeffs=None`` means one
@@ -189,7 +213,8 @@ def _softmax_mixture(qs, ks, v, coeffs, mask, bias):
     One branch with ``coeffs=None`` is plain attention; two with (1, −λ) differential
     attention. The hand-written backward reuses each softmax's row sums r_j = Σ_k G⊙A_j
     for dc_j, and applies per-head coefficients to (T, D) matmul results instead of
-    (T, T) maps: XLA CPU would materialise such a broadcast as a T×T buffer.
+    (T, T) maps: XLA CPU would materialise such a broadcast as a T×T buffer. The tests
+    hold it to ``reference``'s autodiff.
     """
     return _mixture_forward(qs, ks, v, coeffs, mask, bias)[0]
 
@@ -243,20 +268,20 @@ def choose_backend(
     length: int,
     has_bias: bool,
     need_maps: bool,
+    platform: str,
     interpret: bool = False,
-    platform: str | None = None,
 ) -> str:
-    """The backend to run: the requested one if it can run here, else the best fallback.
+    """The backend to run on devices of ``platform``: the requested one if it can run
+    there, else the best fallback.
 
     ``auto``: TPU → Pallas splash (flash with a bias) from 128 tokens, XLA below;
     GPU → cuDNN for bf16/fp16, XLA otherwise; CPU → XLA. A requested backend that
-    cannot run here falls back to ``xla`` with a warning.
+    cannot run there falls back to ``xla`` with a warning. Maps need ``reference``.
     """
-    platform = platform or jax.default_backend()
     if implementation != "auto" and implementation not in BACKENDS:
         raise ValueError(f"unknown attention implementation {implementation!r}; one of {BACKENDS}")
     if need_maps:
-        return "xla"
+        return "reference"
     if implementation == "auto":
         if platform == "tpu" and length >= PALLAS_MIN_LENGTH:
             return "pallas_flash" if has_bias else "pallas_splash"

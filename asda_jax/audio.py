@@ -6,7 +6,9 @@ per-frame DC removal, no dither, no energy) → zero-pad at the end or crop to a
 frame count → ``(x − mean) / (2·std)``.
 
 ``fbank`` is written against the array API shared by NumPy and ``jax.numpy``: the
-same code runs on the host (``xp=np``) or jitted on an accelerator (``xp=jnp``).
+same code runs on the host (``xp=np``) or jitted on the devices (``xp=jnp``). Where a
+platform computes a step in a faster form (``preemphasis``, ``mel``, passes), the form
+is a parameter with the plain one as default; ``platforms.FORMS`` chooses.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import math
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 import soundfile as sf
+
+from asda_jax import platforms, sharding
 
 SAMPLE_RATE = 16_000
 LOG_FLOOR = float(np.finfo(np.float32).eps)  # log(eps) ≈ −15.94, as torchaudio
@@ -219,30 +225,37 @@ def frame_means(wave, opts: FbankOptions, num_frames: int):
     return total[..., None] / size
 
 
-def preemphasised(wave, coeff: float, length: int, *, xp: Any = np):
+def preemphasised(wave, coeff: float, length: int, *, xp: Any = np, form: str = "plain"):
     """Pre-emphasis of (..., N) waveforms cut or zero-padded to ``length`` samples:
     y[n] = x[n] − coeff·x[n − 1], y[0] = x[0] → (..., length).
 
-    Jitted for CPU it is a two-tap convolution: XLA's CPU fusion otherwise splits the
-    shift, the first sample and the padding into three passes over the waveforms (the
-    device front end runs ≈ 8 % faster this way, BENCHMARKS.md). Other backends fuse
-    the plain form.
+    ``form="conv"`` (jitted only) computes it as a two-tap convolution, which XLA's CPU
+    fusion runs in one pass where it splits the plain form's shift, first sample and
+    padding into three.
     """
     kept = wave[..., :length]
     missing = length - kept.shape[-1]
-    if xp is not np:
-        import jax
-
-        if jax.default_backend() == "cpu":
-            taps = xp.asarray([-coeff, 1.0], xp.float32).reshape(1, 1, 2)  # (out, in, width)
-            flat = kept.reshape(-1, 1, kept.shape[-1])  # (clips, 1 channel, samples)
-            out = jax.lax.conv_general_dilated(flat, taps, (1,), [(1, missing)])
-            return out.reshape(*wave.shape[:-1], length)
+    if form == "conv":
+        if xp is np:
+            raise ValueError("the 'conv' pre-emphasis is for jitted (jax.numpy) front ends")
+        taps = jnp.asarray([-coeff, 1.0], jnp.float32).reshape(1, 1, 2)  # (out, in, width)
+        flat = kept.reshape(-1, 1, kept.shape[-1])  # (clips, 1 channel, samples)
+        out = jax.lax.conv_general_dilated(flat, taps, (1,), [(1, missing)])
+        return out.reshape(*wave.shape[:-1], length)
+    if form != "plain":
+        raise ValueError(f"pre-emphasis form must be 'plain' or 'conv', got {form!r}")
     padded = xp.pad(kept, [(0, 0)] * (wave.ndim - 1) + [(0, missing)])
     return xp.concatenate([padded[..., :1], padded[..., 1:] - coeff * padded[..., :-1]], axis=-1)
 
 
-def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
+def fbank(
+    wave,
+    opts: FbankOptions = RELEASE_FBANK,
+    *,
+    xp: Any = np,
+    preemphasis: str = "plain",
+    mel: str = "dense",
+):
     """Kaldi log-mel fbank of (..., N) waveforms → (..., frames, num_mel_bins) float32.
 
     Kaldi frames the signal (1 + (N − window)//shift frames, snipped at the edges) and
@@ -254,7 +267,8 @@ def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
     each frame is cut at fft_size against a window zero-padded to fft_size, so the FFT
     needs no padding of its own. Frames are cut without a gather: the waveform is laid
     out as rows of one shift each, and frame f is rows f, f+1, ... side by side.
-    ``xp`` is ``numpy`` or ``jax.numpy``.
+    ``xp`` is ``numpy`` or ``jax.numpy``; ``preemphasis`` is ``preemphasised``'s form,
+    ``mel`` "dense" (one product with the whole bank) or "bands" (``mel_bands``).
     """
     size, shift, fft_size = opts.window_size, opts.window_shift, opts.fft_size
     num_frames = opts.num_frames(wave.shape[-1])
@@ -266,19 +280,28 @@ def fbank(wave, opts: FbankOptions = RELEASE_FBANK, *, xp: Any = np):
     means = frame_means(wave, opts, num_frames)  # (..., F, 1)
     spans = -(-fft_size // shift)  # rows one fft_size frame reaches into
     num_rows = num_frames + spans - 1
-    emphasised = preemphasised(wave, opts.preemphasis, num_rows * shift, xp=xp)
+    emphasised = preemphasised(wave, opts.preemphasis, num_rows * shift, xp=xp, form=preemphasis)
     rows = emphasised.reshape(*wave.shape[:-1], num_rows, shift)
     side_by_side = xp.stack([rows[..., i : i + num_frames, :] for i in range(spans)], axis=-2)
     frames = side_by_side.reshape(*rows.shape[:-2], num_frames, spans * shift)[..., :fft_size]
     window = np.pad(hanning(size), (0, fft_size - size))
     frames = (frames - (1.0 - opts.preemphasis) * means) * window
-    rfft = scipy.fft.rfft if xp is np else xp.fft.rfft  # SciPy's FFT: 2× NumPy's on float32
+    rfft = scipy.fft.rfft if xp is np else xp.fft.rfft  # SciPy's: faster than NumPy's
     spectrum = rfft(frames, axis=-1)
     power = (spectrum.real**2 + spectrum.imag**2).astype(xp.float32)  # (..., F, fft/2+1)
-    energies = xp.concatenate(
+    return xp.log(xp.maximum(mel_energies(power, opts, mel, xp=xp), LOG_FLOOR))
+
+
+def mel_energies(power, opts: FbankOptions, form: str, *, xp: Any = np):
+    """(..., F, fft/2 + 1) power spectra → (..., F, M) mel energies, through the whole
+    bank (``form="dense"``) or through its bands (``"bands"``): the same sums."""
+    if form == "dense":
+        return power @ xp.asarray(mel_banks(opts).T)
+    if form != "bands":
+        raise ValueError(f"mel form must be 'dense' or 'bands', got {form!r}")
+    return xp.concatenate(
         [power[..., first:end] @ xp.asarray(w) for first, end, w in mel_bands(opts)], axis=-1
-    )  # (..., F, M)
-    return xp.log(xp.maximum(energies, LOG_FLOOR))
+    )
 
 
 # ---------------------------------------------------------------------------- to model input
@@ -311,29 +334,28 @@ def spectrogram(
     opts: FbankOptions = RELEASE_FBANK,
 ) -> tuple[np.ndarray, int]:
     """Host front end of one clip: (target_frames, M) normalised, and its real frame count."""
-    spec = fbank(wave, opts)
+    spec = fbank(wave, opts, mel=platforms.HOST.mel)
     real = min(spec.shape[0] - start_frame, target_frames)
     return normalize(pad_or_crop(spec, target_frames, start_frame), *norm), real
 
 
-# Frames the CPU front end transforms in one pass. Past this a pass's frames and spectra
-# (≈ 4 KiB per frame) outgrow the cache and XLA's CPU FFT slows about 4× per frame: 16
-# ten-second clips in one pass run at ~480 clips/s, in passes of four at ~1000
-# (benchmarks/input_pipeline.py, BENCHMARKS.md).
-CPU_FRAMES_PER_PASS = 4096
-
-
-def clips_per_pass(batch: int, frames: int, backend: str) -> int:
-    """Clips the device front end transforms together: the whole batch on accelerators;
-    on CPU the largest divisor of ``batch`` whose frames fit in CPU_FRAMES_PER_PASS."""
-    if backend != "cpu":
+def clips_per_pass(batch: int, frames: int, frames_per_pass: int | None) -> int:
+    """Clips the device front end transforms together: the largest divisor of ``batch``
+    whose frames fit in ``frames_per_pass`` (None: the whole batch)."""
+    if frames_per_pass is None:
         return batch
-    most = max(1, CPU_FRAMES_PER_PASS // max(frames, 1))
+    most = max(1, frames_per_pass // max(frames, 1))
     return max(c for c in range(1, min(most, batch) + 1) if batch % c == 0)
 
 
 def device_spectrogram(
-    waves, num_samples, norm: tuple[float, float], opts=RELEASE_FBANK, *, per_pass=None
+    waves,
+    num_samples,
+    norm: tuple[float, float],
+    opts: FbankOptions = RELEASE_FBANK,
+    *,
+    forms: platforms.Forms,
+    per_pass: int | None = None,
 ):
     """Jittable batch front end: (B, S) waveforms of ``opts.num_samples(T)`` samples,
     (B,) real sample counts → ((B, T, M) normalised spectrograms, (B,) real frames).
@@ -342,13 +364,11 @@ def device_spectrogram(
     Under a mesh each device transforms its own rows (shard_map over the batch axes;
     left to itself XLA gathers the whole batch onto every device for the FFT). A device
     transforms ``per_pass`` of its clips at a time, the passes one after the other in a
-    ``lax.map`` (default: ``clips_per_pass`` for the default backend).
+    ``lax.map`` (default: ``clips_per_pass`` of the platform's ``forms``).
     """
-    import jax
-
-    from asda_jax import sharding
-
-    run = functools.partial(_local_spectrogram, norm=norm, opts=opts, per_pass=per_pass)
+    run = functools.partial(
+        _local_spectrogram, norm=norm, opts=opts, forms=forms, per_pass=per_pass
+    )
     by_clip = sharding.current_mesh_spec(("batch", None))  # (B, S) split over the batch axes
     if by_clip is not None:
         counts = jax.sharding.PartitionSpec(by_clip[0])  # (B,)
@@ -356,30 +376,27 @@ def device_spectrogram(
     return run(waves, num_samples)
 
 
-def _local_spectrogram(waves, num_samples, norm, opts, per_pass):
+def _local_spectrogram(waves, num_samples, norm, opts, forms, per_pass):
     """``device_spectrogram`` of one device's rows, in passes of ``per_pass`` clips."""
-    import jax
-
     batch = waves.shape[0]
     if per_pass is None:
-        per_pass = clips_per_pass(batch, opts.num_frames(waves.shape[-1]), jax.default_backend())
+        frames = opts.num_frames(waves.shape[-1])
+        per_pass = clips_per_pass(batch, frames, forms.frames_per_pass)
     if batch % per_pass:
         raise ValueError(f"per_pass={per_pass} does not divide the {batch} clips of a device")
     passes = batch // per_pass
     if passes == 1:
-        return _normalised_spectrogram(waves, num_samples, norm, opts)
+        return _normalised_spectrogram(waves, num_samples, norm, opts, forms)
     specs, frames = jax.lax.map(
-        lambda args: _normalised_spectrogram(*args, norm, opts),
+        lambda args: _normalised_spectrogram(*args, norm, opts, forms),
         (waves.reshape(passes, per_pass, -1), num_samples.reshape(passes, per_pass)),
     )  # (P, B/P, T, M), (P, B/P)
     return specs.reshape(batch, *specs.shape[2:]), frames.reshape(batch)
 
 
-def _normalised_spectrogram(waves, num_samples, norm, opts):
+def _normalised_spectrogram(waves, num_samples, norm, opts, forms):
     """Normalised spectrograms and real frame counts of one pass's clips."""
-    import jax.numpy as jnp
-
-    spec = fbank(waves, opts, xp=jnp)  # (B, T, M)
+    spec = fbank(waves, opts, xp=jnp, preemphasis=forms.preemphasis, mel=forms.mel)  # (B, T, M)
     target = spec.shape[-2]
     real = (num_samples - opts.window_size) // opts.window_shift + 1
     frames = jnp.clip(jnp.where(num_samples >= opts.window_size, real, 0), 0, target)

@@ -3,7 +3,11 @@ input iterator's position, saved together so a resumed run replays exactly.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a run
 killed at any moment leaves only complete checkpoints; ``latest_step`` ignores the
-rest. Saves are asynchronous; ``wait`` (called at exit) surfaces a failed save.
+rest. Saves are asynchronous; ``close`` (the loop calls it at exit, however the run
+ends) waits for them and surfaces a failed save.
+
+Exports (``export``) and every checkpoint restore onto any mesh or device count: a
+restore is placed by its target (``restore_target``).
 """
 
 from __future__ import annotations
@@ -17,13 +21,22 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from asda_jax import sharding
+
 ITEMS = ("state", "data")
 
 
-def abstract_state(shapes, shardings):
-    """ShapeDtypeStructs with shardings: the restore target (restores onto any mesh)."""
+def restore_target(tree, shardings=None):
+    """A restore target: ShapeDtypeStructs of ``tree``'s leaves (arrays, ShapeDtypeStructs
+    or Orbax metadata) placed by ``shardings`` (a matching tree, one Sharding for every
+    leaf, or None for each leaf's own). What is restored onto it lands there, whatever
+    mesh it was saved from."""
+    if shardings is None:
+        shardings = jax.tree.map(lambda x: x.sharding, tree)
+    elif isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
     return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
 
 
@@ -60,11 +73,8 @@ class Checkpoints:
         restored = self._manager.restore(step, args=args)
         return restored.state, restored.data
 
-    def wait(self) -> None:
-        """Blocks until pending saves are on disk; raises if one failed."""
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
+        """Waits for pending saves (raising if one failed), then releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
 
@@ -157,17 +167,13 @@ def saved_tree(item: Path, keys: tuple[str, ...] = ()):
     return tree
 
 
-def saved_target(item: Path, keys: tuple[str, ...] = ()):
-    """A restore target for the subtree at ``keys`` as it was saved, on the first device."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved_tree(item, keys)
-    )
-
-
-def restore_item(item: Path, keys: tuple[str, ...], target):
-    """The subtree at ``keys`` of an Orbax item, placed as ``target`` says (any mesh)."""
-    check_fits(saved_tree(item, keys), target, f"{item}:{'/'.join(keys)}")
+def restore_item(item: Path, keys: tuple[str, ...] = (), target=None):
+    """The subtree at ``keys`` of an Orbax item, placed as ``target`` says (any mesh), or
+    as it was saved onto this process's first device when ``target`` is None."""
+    saved = saved_tree(item, keys)
+    if target is None:
+        target = restore_target(saved, sharding.first_local_device())
+    check_fits(saved, target, f"{item}:{'/'.join(keys)}")
     wrapped = target
     for key in reversed(keys):
         wrapped = {key: wrapped}

@@ -1,61 +1,71 @@
-"""From an ml_collections config to typed, validated pieces, before anything compiles.
+"""Run configs: building them from defaults, and turning them into typed, validated blocks.
 
-A run's config (``configs/*.py``) has these blocks:
+A run's config (``configs/*.py``, each starting from ``run_config``) holds every field
+of the dataclass each block becomes, at its default unless the config says otherwise,
+so any field can be overridden as ``--config.<block>.<field>=value``:
 
-    task          "pretrain" | "finetune" | "linear_probe"
-    model         a preset name plus ModelConfig overrides
-    mask          MaskConfig (pretraining)
-    pretrain      PretrainConfig (pretraining)
-    data          InputConfig of the training split (eval_data: of the evaluation split)
-    optim         OptimConfig
-    mesh          sizes of the (data, fsdp, tensor) axes, one may be -1; mesh_dcn for
-                  multi-slice TPU (sizes across slices)
-    num_processes hosts the run expects (None: any)
+    task             "pretrain" | "finetune" | "linear_probe"
+    model            a preset name; ModelConfig fields left None take the preset's value
+    execution        model.Execution: compute dtype, remat, attention kernel, conv form
+    mask, pretrain   MaskConfig, PretrainConfig (pretraining)
+    finetune         FinetuneConfig (fine-tuning and linear probing)
+    data, eval_data  InputConfig of the training and the evaluation split
+    optim            OptimConfig; its schedule spans num_train_steps unless decay_steps
+                     says otherwise
+    mesh, mesh_dcn, num_processes   sizes of the (data, fsdp, tensor) axes (one may be
+                     -1), sizes across slices (multi-slice TPU), hosts expected (None: any)
     and the loop's knobs: seed, num_train_steps, log_every, checkpoint_every, ...
+
+``model`` is the architecture: it travels with checkpoints and exports. ``execution``
+and ``data.fbank_on`` are how this run computes; their "auto" values are resolved here
+for the platform of the devices in use (``platforms.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Sequence
 
 import ml_collections
+from absl import logging
+from ml_collections import config_dict
 
-from asda_jax import masking, objectives, optim, sharding
+from asda_jax import checkpoints, masking, objectives, optim, platforms, sharding
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline
 
 TASKS = ("pretrain", "finetune", "linear_probe")
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(model_lib.Execution))
+
+
+class ConfigError(ValueError):
+    """A config that cannot run as it is; raised before anything compiles."""
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshPreset:
-    """A platform's mesh: sizes within a slice, across slices (multi-slice), hosts."""
+    """A deployment's mesh: sizes within a slice and across slices, and its hosts."""
 
     mesh: dict
     processes: int | None
     dcn: dict | None = None
-    dtype: str = "bfloat16"
-    fbank_on: str = "device"
-    batch_size: int | None = None  # when the recipe's 48 clips do not divide over the hosts
-
-
-def _data_parallel() -> dict:
-    return {"data": -1, "fsdp": 1, "tensor": 1}
+    batch_size: int | None = None  # where the recipe's batch does not divide over the hosts
 
 
 MESH_PRESETS = {
-    "cpu": MeshPreset(_data_parallel(), 1, dtype="float32", fbank_on="host"),
-    "gpu": MeshPreset(_data_parallel(), 1),  # 1–8 GPUs in one box
+    "cpu": MeshPreset(sharding.DATA_PARALLEL, 1),
+    "gpu": MeshPreset(sharding.DATA_PARALLEL, 1),  # 1–8 GPUs in one box
     "gpu_fsdp": MeshPreset({"data": 1, "fsdp": -1, "tensor": 1}, 1),
-    "v4-8": MeshPreset(_data_parallel(), 1),  # 4 chips, 1 host
-    "v4-32": MeshPreset(_data_parallel(), 4),  # 16 chips, 4 hosts
-    "v5e-8": MeshPreset(_data_parallel(), 1),
-    "v5e-32": MeshPreset(_data_parallel(), 8),
-    "v5e-256": MeshPreset(_data_parallel(), 64, batch_size=64),
-    "v5p-128": MeshPreset(_data_parallel(), 16),
-    "2x-v5e-256": MeshPreset(_data_parallel(), 128, dcn={"data": 2}, batch_size=128),
+    "v4-8": MeshPreset(sharding.DATA_PARALLEL, 1),  # 4 chips, 1 host
+    "v4-32": MeshPreset(sharding.DATA_PARALLEL, 4),  # 16 chips, 4 hosts
+    "v5e-8": MeshPreset(sharding.DATA_PARALLEL, 1),
+    "v5e-32": MeshPreset(sharding.DATA_PARALLEL, 8),
+    "v5e-256": MeshPreset(sharding.DATA_PARALLEL, 64, batch_size=64),
+    "v5p-128": MeshPreset(sharding.DATA_PARALLEL, 16),
+    "2x-v5e-256": MeshPreset(sharding.DATA_PARALLEL, 128, dcn={"data": 2}, batch_size=128),
 }
 
 
@@ -65,12 +75,8 @@ def mesh_preset(name: str) -> MeshPreset:
     return MESH_PRESETS[name]
 
 
-class ConfigError(ValueError):
-    """A config that cannot run as it is; raised before anything compiles."""
-
-
 def parse_arg(arg: str | None) -> dict[str, str]:
-    """``"preset=tiny,mesh=cpu"`` → {"preset": "tiny", "mesh": "cpu"} (get_config's arg)."""
+    """``"model=tiny,mesh=cpu"`` → {"model": "tiny", "mesh": "cpu"} (get_config's arg)."""
     if not arg:
         return {}
     pairs = [item.split("=", 1) for item in arg.split(",") if item]
@@ -80,8 +86,83 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def dataclass_fields(cls, block: ml_collections.ConfigDict | dict, exclude: Sequence[str] = ()):
-    values = dict(block)
+# ---------------------------------------------------------------------------- building
+
+
+def _override_type(hint) -> type:
+    """The type a command-line override of a field annotated ``hint`` parses to:
+    ``X | None`` as X, ``tuple[...]`` as tuple."""
+    if isinstance(hint, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return typing.get_origin(hint) or hint
+
+
+def block(cls, *, exclude: Sequence[str] = (), **overrides) -> ml_collections.ConfigDict:
+    """Every field of the dataclass ``cls`` at its default, then ``overrides``; a field
+    whose value is None is a typed placeholder, so it can still be set from the flags."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(overrides) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {unknown}")
+    values = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude}
+    values |= overrides
+    return ml_collections.ConfigDict(
+        {
+            name: config_dict.placeholder(_override_type(hints[name])) if value is None else value
+            for name, value in values.items()
+        }
+    )
+
+
+def model_block(preset: str = "base", **overrides) -> ml_collections.ConfigDict:
+    """A preset name and every ModelConfig field, None (the preset's value) unless given."""
+    fields = {f.name: None for f in dataclasses.fields(model_lib.ModelConfig)}
+    config = block(model_lib.ModelConfig, **(fields | overrides))
+    config.preset = preset
+    return config
+
+
+def run_config(
+    task: str, *, model: str = "base", mesh: str = "cpu", batch_size: int = 8
+) -> ml_collections.ConfigDict:
+    """A run's config with every block at its defaults, for a model preset, a mesh preset
+    and a global batch (unless the mesh preset sets its own); configs/*.py change what
+    differs."""
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+    preset = mesh_preset(mesh)
+    config = ml_collections.ConfigDict()
+    config.task = task
+    config.model = model_block(model)
+    config.execution = block(model_lib.Execution, exclude=("platform",))
+    if task == "pretrain":
+        config.mask = block(masking.MaskConfig)
+        config.pretrain = block(objectives.PretrainConfig)
+    else:
+        config.finetune = block(objectives.FinetuneConfig)
+    config.data = block(pipeline.InputConfig, batch_size=preset.batch_size or batch_size)
+    config.eval_data = None
+    config.optim = block(optim.OptimConfig)
+    config.mesh = dict(preset.mesh)
+    config.mesh_dcn = preset.dcn
+    config.num_processes = preset.processes
+    config.seed = 0
+    config.num_train_steps = 1000
+    config.log_every = 100
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3
+    config.profile_steps = 0
+    config.probe = None
+    return config
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def dataclass_fields(cls, values, *, exclude: Sequence[str] = ()) -> dict:
+    """The entries of ``values`` that are fields of ``cls`` (lists as tuples); an entry
+    that is neither a field nor excluded is an error naming the known fields."""
+    values = dict(values)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names - set(exclude))
     if unknown:
@@ -89,11 +170,50 @@ def dataclass_fields(cls, block: ml_collections.ConfigDict | dict, exclude: Sequ
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
 
 
-def model_config(config) -> model_lib.ModelConfig:
-    block = dict(config.model)
-    preset = block.pop("preset", "base")
+def architecture(fields: dict) -> model_lib.ModelConfig:
+    """The ModelConfig of a preset name and field values (None: the preset's); execution
+    settings among them are an error naming their place."""
+    fields = {k: v for k, v in fields.items() if v is not None}
+    preset = fields.pop("preset", "base")
+    misplaced = sorted(set(fields) & set(EXECUTION_FIELDS))
+    if misplaced:
+        names = ", ".join(f"model.{name}" for name in misplaced)
+        raise ConfigError(f"{names}: execution settings, not architecture; set execution.<name>")
     try:
-        return model_lib.preset(preset, **dataclass_fields(model_lib.ModelConfig, block))
+        return model_lib.preset(preset, **dataclass_fields(model_lib.ModelConfig, fields))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def without_execution(fields: dict, where: str) -> dict:
+    """A saved model description without the execution settings that versions before
+    their move kept in it: ignored, with a note (what loads it computes in its own
+    platform's defaults)."""
+    legacy = sorted(set(fields) & set(EXECUTION_FIELDS))
+    if legacy:
+        logging.info("%s: ignoring its execution settings %s", where, legacy)
+    return {k: v for k, v in fields.items() if k not in legacy}
+
+
+def saved_run_config(saved: dict, where: str) -> ml_collections.ConfigDict:
+    """A run's config as launch/train.py saved it (``config.json``), in today's layout."""
+    config = ml_collections.ConfigDict(saved)
+    config.model = without_execution(dict(config.model), where)
+    return config
+
+
+def model_config(config) -> model_lib.ModelConfig:
+    return architecture(dict(config.model))
+
+
+def execution(config, platform: str) -> model_lib.Execution:
+    """How this run's model computes on devices of ``platform`` (that of the devices in
+    use: never a setting)."""
+    fields = dataclass_fields(model_lib.Execution, config.get("execution") or {})
+    if "platform" in fields:
+        raise ConfigError("execution.platform is the devices' platform, not a setting")
+    try:
+        return model_lib.Execution(platform=platform, **fields).validate()
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
@@ -106,19 +226,53 @@ def pretrain_config(config) -> objectives.PretrainConfig:
     return objectives.PretrainConfig(**dataclass_fields(objectives.PretrainConfig, config.pretrain))
 
 
-def input_config(config, block: str = "data") -> pipeline.InputConfig:
-    return pipeline.InputConfig(**dataclass_fields(pipeline.InputConfig, config[block]))
+def finetune_config(config) -> objectives.FinetuneConfig:
+    fields = dataclass_fields(objectives.FinetuneConfig, config.get("finetune") or {})
+    try:
+        return objectives.FinetuneConfig(**fields).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def input_config(config, block: str = "data", *, platform: str) -> pipeline.InputConfig:
+    """The InputConfig of ``config[block]``, its "auto" front end placed for ``platform``."""
+    cfg = pipeline.InputConfig(**dataclass_fields(pipeline.InputConfig, config[block]))
+    if cfg.fbank_on == "auto":
+        cfg = dataclasses.replace(cfg, fbank_on=platforms.forms(platform).fbank_on)
+    return cfg
 
 
 def optim_config(config) -> optim.OptimConfig:
-    cfg = optim.OptimConfig(**dataclass_fields(optim.OptimConfig, config.optim))
+    """The OptimConfig with its schedule length resolved: ``num_train_steps``, unless
+    ``optim.decay_steps`` sets another explicitly (not one that ends before the run)."""
+    fields = dataclass_fields(optim.OptimConfig, config.optim, exclude=("total_steps",))
+    steps = config.num_train_steps
+    legacy = config.optim.get("total_steps")
+    if legacy is not None and legacy != steps:
+        raise ConfigError(
+            f"optim.total_steps ({legacy}) disagrees with num_train_steps ({steps}): the "
+            "schedule now follows num_train_steps; drop optim.total_steps, or set "
+            "optim.decay_steps to decay over another length"
+        )
+    if fields.get("decay_steps") is not None and fields["decay_steps"] < steps:
+        raise ConfigError(
+            f"optim.decay_steps ({fields['decay_steps']}) ends before the run's "
+            f"num_train_steps ({steps}): its last steps would train at optim.min_lr; "
+            "unset optim.decay_steps to decay over the run"
+        )
+    cfg = optim.OptimConfig(**fields)
+    if cfg.decay_steps is None:
+        cfg = dataclasses.replace(cfg, decay_steps=steps)
     try:
         return cfg.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
-def validate(config, *, device_count: int, process_count: int) -> None:
+# ---------------------------------------------------------------------------- validating
+
+
+def validate(config, *, device_count: int, process_count: int, platform: str) -> None:
     """Every check that can fail before compiling, each with a message naming the fix."""
     if config.task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {config.task!r}")
@@ -130,6 +284,26 @@ def validate(config, *, device_count: int, process_count: int) -> None:
             "set --config.num_processes to match"
         )
     model_cfg = model_config(config)
+    execution(config, platform)
+    optim_config(config)
+    data = input_config(config, platform=platform)
+    _validate_mesh(config, model_cfg, data, device_count, process_count)
+    if data.target_frames % model_cfg.patch_size:
+        raise ConfigError(
+            f"data.target_frames {data.target_frames} is not a multiple of the patch size "
+            f"{model_cfg.patch_size}"
+        )
+    for name in ("data", "eval_data"):
+        if config.get(name) is not None:
+            _require_dataset(input_config(config, name, platform=platform))
+    if config.task == "pretrain":
+        _validate_pretraining(config, model_cfg)
+    else:
+        _validate_finetuning(config)
+
+
+def _validate_mesh(config, model_cfg, data, device_count: int, process_count: int) -> None:
+    """The mesh fits the devices, the batch splits over it, the model over its axes."""
     dcn = dict(config.get("mesh_dcn") or {})
     slices = math.prod(dcn.values()) if dcn else 1
     try:
@@ -139,17 +313,11 @@ def validate(config, *, device_count: int, process_count: int) -> None:
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from e
     data_parallel = data_size * fsdp * dcn.get("data", 1) * dcn.get("fsdp", 1)
-    data = input_config(config)
     rows = data.batch_size * (config.mask.clone_batch if config.task == "pretrain" else 1)
     if data.batch_size % process_count or rows % data_parallel:
         raise ConfigError(
             f"data.batch_size {data.batch_size} must divide over {process_count} hosts and "
             f"its {rows} rows over the {data_parallel}-way data-parallel mesh"
-        )
-    if data.target_frames % model_cfg.patch_size:
-        raise ConfigError(
-            f"data.target_frames {data.target_frames} is not a multiple of the patch size "
-            f"{model_cfg.patch_size}"
         )
     for what, size, axis, width in (
         ("embed_dim", model_cfg.embed_dim, "fsdp", fsdp),
@@ -158,24 +326,16 @@ def validate(config, *, device_count: int, process_count: int) -> None:
     ):
         if size % width:
             raise ConfigError(f"model {what} {size} does not split over mesh axis {axis}={width}")
-    for block in ("data", "eval_data"):
-        if block in config and config[block] is not None:
-            _require_dataset(input_config(config, block))
-    if config.task != "pretrain":
-        _validate_finetune(config)
-    if config.task == "pretrain":
-        top_k = config.pretrain.get("average_top_k_layers", 12)
-        if not 0 < top_k <= model_cfg.depth:
-            raise ConfigError(
-                f"pretrain.average_top_k_layers {top_k} must be in 1..{model_cfg.depth}"
-            )
-    optim_config(config)
 
 
-def _validate_finetune(config) -> None:
-    from asda_jax import checkpoints, finetune  # they build on this module
+def _validate_pretraining(config, model_cfg: model_lib.ModelConfig) -> None:
+    top_k = pretrain_config(config).average_top_k_layers
+    if not 0 < top_k <= model_cfg.depth:
+        raise ConfigError(f"pretrain.average_top_k_layers {top_k} must be in 1..{model_cfg.depth}")
 
-    cfg = finetune.finetune_config(config)
+
+def _validate_finetuning(config) -> None:
+    cfg = finetune_config(config)
     if cfg.init_from:
         try:
             checkpoints.locate_params(cfg.init_from)

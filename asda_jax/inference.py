@@ -2,8 +2,10 @@
 
 Sources: a training workdir (its ``config.json`` says the model; the latest or a given
 checkpoint holds the weights) or an exported encoder (``model.json`` + ``params/``).
-One file is read and encoded at a time at its own length, so files of any duration
-(up to the positional table's 122.88 s) and any mix of good and bad files work.
+Either gives the architecture only: the model computes in this machine's platform
+defaults (``platforms.FORMS``), whatever the run that wrote it used. One file is read
+and encoded at a time at its own length, so files of any duration (up to the
+positional table's 122.88 s) and any mix of good and bad files work.
 """
 
 from __future__ import annotations
@@ -12,17 +14,15 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
+from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from asda_jax import audio, checkpoints, config_lib
+from asda_jax import audio, checkpoints, config_lib, platforms, sharding
 from asda_jax import model as model_lib
-
-PATCH_FRAMES = 16
 
 
 def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
@@ -31,37 +31,51 @@ def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
         raise checkpoints.CheckpointMismatch(
             f"{workdir} has no config.json: not a workdir written by launch/train.py"
         )
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return config_lib.saved_run_config(json.loads(path.read_text()), str(workdir))
 
 
 def model_config_of(path: str | Path) -> model_lib.ModelConfig:
-    """The ModelConfig of an export or of a training workdir."""
+    """The ModelConfig of an export or of a training workdir (older ones too)."""
     description = checkpoints.export_description(path)
     if description is not None:
-        fields = config_lib.dataclass_fields(model_lib.ModelConfig, description["model"])
-        return model_lib.ModelConfig(**fields)
-    return config_lib.model_config(run_config(path))
+        fields = config_lib.without_execution(description["model"], str(path))
+    else:
+        fields = dict(run_config(path).model)
+    try:
+        return config_lib.architecture(fields)
+    except config_lib.ConfigError as e:
+        raise checkpoints.CheckpointMismatch(
+            f"{path} does not describe a model of ours: {e}"
+        ) from e
 
 
-def abstract_module_params(module: nn.Module, input_shape):
-    """The module's params (for an input of ``input_shape``) as ShapeDtypeStructs on the
-    first local device: a restore target, or the shapes to check a conversion against."""
-    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros(input_shape))["params"]
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.meta.unbox(boxed)
-    )
+def here() -> model_lib.Execution:
+    """How a loaded model computes on this process's devices: the platform's defaults."""
+    return model_lib.Execution(platform=platforms.of_devices(jax.local_devices()))
+
+
+def _params_target(module, cfg: model_lib.ModelConfig):
+    """``module``'s parameters as a restore target on this process's first device."""
+    shapes = model_lib.abstract_params(module, (1, cfg.patch_size, cfg.num_mel_bins))
+    return checkpoints.restore_target(shapes, sharding.first_local_device())
+
+
+class LoadedEncoder(NamedTuple):
+    encode: object  # (B, T, F) spectrograms -> (B, 1 + N, D) output tokens, jitted
+    cfg: model_lib.ModelConfig
+    run: model_lib.Execution
 
 
 def load_encoder(path: str | Path, step: int | None = None, which: str = "encoder"):
-    """(encode, ModelConfig) of the encoder of an export or a workdir (``which="teacher"``:
-    a pretraining export's EMA teacher); ``encode`` maps (B, T, F) spectrograms to
-    (B, 1 + N, D) output tokens."""
+    """The encoder of an export or a workdir (``which="teacher"``: a pretraining export's
+    EMA teacher), computing in this platform's defaults."""
     cfg = dataclasses.replace(model_config_of(path), drop_path=0.0)
-    encoder = model_lib.Encoder(cfg)
-    target = abstract_module_params(encoder, (1, PATCH_FRAMES, cfg.num_mel_bins))
-    params = checkpoints.restore_params(path, target, (which,), step)
-    return jax.jit(lambda spec: encoder.apply({"params": params}, spec).tokens), cfg
+    run = here()
+    encoder = model_lib.Encoder(cfg, run=run)
+    params = checkpoints.restore_params(path, _params_target(encoder, cfg), (which,), step)
+    return LoadedEncoder(
+        jax.jit(lambda spec: encoder.apply({"params": params}, spec).tokens), cfg, run
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +99,8 @@ def classifier_description(path: str | Path) -> tuple[model_lib.ModelConfig, dic
             "scores": description.get("scores", "sigmoid"),
         }
         norm = tuple(description.get("norm", audio.NORM_STATS["audioset"]))
-        return (
-            model_config_of(path),
-            head,
-            ClassifierInput(description.get("target_frames", 1024), norm),
-        )
+        inputs = ClassifierInput(description.get("target_frames", 1024), norm)
+        return model_config_of(path), head, inputs
     config = run_config(path)
     if config.task == "pretrain":
         raise checkpoints.CheckpointMismatch(
@@ -100,12 +111,9 @@ def classifier_description(path: str | Path) -> tuple[model_lib.ModelConfig, dic
         "pooling": finetune.get("pooling", "cls"),
         "scores": "softmax" if finetune.get("loss") == "ce" else "sigmoid",
     }
-    data = config_lib.input_config(config)
-    return (
-        config_lib.model_config(config),
-        head,
-        ClassifierInput(data.target_frames, data.norm, data.dataset, data.data_dir),
-    )
+    data = config_lib.input_config(config, platform=here().platform)
+    inputs = ClassifierInput(data.target_frames, data.norm, data.dataset, data.data_dir)
+    return model_config_of(path), head, inputs
 
 
 def load_classifier(path: str | Path, step: int | None = None):
@@ -115,21 +123,21 @@ def load_classifier(path: str | Path, step: int | None = None):
     cfg = dataclasses.replace(model_cfg, drop_path=0.0)
     item, prefix = checkpoints.locate_params(path, step)
     num_classes = checkpoints.saved_tree(item, (*prefix, "head", "kernel")).shape[-1]
-    classifier = model_lib.Classifier(cfg, num_classes, head["pooling"])
-    target = abstract_module_params(classifier, (1, PATCH_FRAMES, cfg.num_mel_bins))
-    params = checkpoints.restore_item(item, prefix, target)
+    classifier = model_lib.Classifier(cfg, num_classes, head["pooling"], run=here())
+    params = checkpoints.restore_item(item, prefix, _params_target(classifier, cfg))
     squash = jax.nn.softmax if head["scores"] == "softmax" else jax.nn.sigmoid
     classify = jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec)))
     return classify, dataclasses.replace(inputs, num_classes=num_classes)
 
 
-def whole_clip(path, norm, max_frames: int) -> np.ndarray:  # (T, 128), T a multiple of 16
-    """The normalised spectrogram of a whole file (at most ``max_frames``), its frame
-    count rounded up to whole patches (the padding is the normalised silence, as in
-    training)."""
+def whole_clip(path, norm, cfg: model_lib.ModelConfig) -> np.ndarray:  # (T, F)
+    """The normalised spectrogram of a whole file (at most the positional table's
+    length), its frame count rounded up to whole patches (the padding is the normalised
+    silence, as in training)."""
     opts = audio.RELEASE_FBANK
+    patch, max_frames = cfg.patch_size, cfg.max_time_patches * cfg.patch_size
     wave = audio.read_audio(path, max_seconds=opts.num_samples(max_frames) / audio.SAMPLE_RATE)
-    frames = min(-(-opts.num_frames(wave.size) // PATCH_FRAMES) * PATCH_FRAMES, max_frames)
+    frames = min(-(-opts.num_frames(wave.size) // patch) * patch, max_frames)
     spec, _ = audio.spectrogram(wave, frames, norm)
     return spec
 

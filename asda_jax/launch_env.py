@@ -4,18 +4,17 @@ Both are read only when a process (or its library) starts, hence the re-executio
 
 - glibc's ``malloc.hugetlb`` tunable (glibc ≥ 2.35). XLA's CPU runtime allocates an
   executable's temporaries afresh on every call, and glibc serves multi-MiB blocks with
-  mmap: the base model's pretraining step maps and faults in ~3.7 GiB of 4 KiB pages
-  per step (~950 k page faults), a fifth of its time on this machine. With
+  mmap, so every step faults in its temporaries page by page. With
   ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` malloc asks the kernel for transparent huge
-  pages on those blocks and the faults drop to ~2 k (BENCHMARKS.md). Set
-  ``ASDA_JAX_DEFAULT_MALLOC=1`` to keep the system's malloc settings.
+  pages on those blocks, and most of the faults go. Set ``ASDA_JAX_DEFAULT_MALLOC=1`` to
+  keep the system's malloc settings.
 - ``OPENBLAS_NUM_THREADS=1`` (NumPy's BLAS), unless already set. The input pipeline
   already spreads clips over its worker threads; OpenBLAS threads inside each clip's
   small mel-bank product only oversubscribe the cores, and after each call they spin
-  for a while on the cores XLA's step runs on: without them the demo pretrains at 3.3
-  instead of 2.4 steps/s on 2 cores (``make demo`` 156 s → 119 s, BENCHMARKS.md).
+  for a while on the cores XLA's step runs on.
 
-``benchmarks/train_step.py`` re-executes the same way, to time what the launcher runs.
+The measurements behind both are in BENCHMARKS.md. ``benchmarks/train_step.py``
+re-executes the same way, to time what the launcher runs.
 """
 
 from __future__ import annotations

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class MaskConfig:
-    mask_prob: float = 0.8
-    mask_prob_adjust: float = 0.07
-    mask_length: int = 5
-    clone_batch: int = 16
+    """The release's masking knobs (its names): share masked, block shape, clones."""
+
+    mask_prob: float = 0.8  # share of a clip's patches masked
+    mask_prob_adjust: float = 0.07  # extra block centres, as a share of the patches
+    mask_length: int = 5  # block side, in patches
+    clone_batch: int = 16  # masked clones of each clip
 
     def num_kept(self, num_patches: int) -> int:
         return int(num_patches * (1.0 - self.mask_prob))

@@ -6,10 +6,12 @@ The encoder follows the authors' release (see ``shared/asda-method.md``):
     → [keep a subset of patches] → prepend CLS (no position) → LayerNorm
     → ``depth`` post-norm differential-attention blocks (no final norm)
 
+``ModelConfig`` is the architecture, what a checkpoint is; ``Execution`` is how it
+computes on the devices in use (compute dtype, remat, kernels), never saved with it.
 Every parameter carries logical axis names (``sharding.LOGICAL_AXIS_RULES``). Modules
 are used only through ``apply``; parameters are a plain dict. To see attention maps,
-apply with ``mutable=["intermediates"]``: each attention layer then runs the ``xla``
-backend and sows its maps as ``attention_maps`` (B, branches, H, T, T).
+apply with ``mutable=["intermediates"]``: each attention layer then runs the
+``reference`` backend and sows its maps as ``attention_maps`` (B, branches, H, T, T).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asda_jax import attention as attn_lib
-from asda_jax import sharding
+from asda_jax import platforms, sharding
 
 ATTENTION_VARIANTS = ("asda", "diff", "plain")
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -36,11 +38,12 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DECODER_CONV_FORMS = ("xla", "taps")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and execution knobs; defaults are the release's ViT-Base."""
+    """The architecture (what a checkpoint is); defaults are the release's ViT-Base."""
 
     embed_dim: int = 768
     depth: int = 12
@@ -57,12 +60,6 @@ class ModelConfig:
     decoder_layers: int = 6
     decoder_kernel: int = 3
     decoder_groups: int = 16
-    decoder_conv_impl: str = "auto"  # "auto" | "xla" | "taps" (see GroupedConv)
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    attention_impl: str = "auto"
-    attention_stack_heads: bool = False
-    attention_interpret: bool = False  # run Pallas TPU kernels in interpret mode (tests)
-    remat_policy: str = "none"
 
     @property
     def head_dim(self) -> int:
@@ -75,10 +72,6 @@ class ModelConfig:
     @property
     def freq_patches(self) -> int:
         return self.num_mel_bins // self.patch_size
-
-    @property
-    def compute_dtype(self):
-        return DTYPES[self.dtype]
 
     def validate(self) -> ModelConfig:
         """Raises ValueError naming the first inconsistent field."""
@@ -94,28 +87,66 @@ class ModelConfig:
             ),
             (self.num_mel_bins % self.patch_size == 0, "num_mel_bins must divide by patch_size"),
             (
-                self.remat_policy in REMAT_POLICIES,
-                f"remat_policy must be in {list(REMAT_POLICIES)}",
-            ),
-            (self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}"),
-            (
-                self.attention_impl == "auto" or self.attention_impl in attn_lib.BACKENDS,
-                f"attention_impl must be 'auto' or one of {attn_lib.BACKENDS}",
-            ),
-            (
                 self.decoder_dim % self.decoder_groups == 0
                 and self.embed_dim % self.decoder_groups == 0,
                 "decoder_dim and embed_dim must divide by decoder_groups",
             ),
             (0.0 <= self.drop_path < 1.0, "drop_path must be in [0, 1)"),
-            (
-                self.decoder_conv_impl in ("auto", "xla", "taps"),
-                "decoder_conv_impl must be 'auto', 'xla' or 'taps'",
-            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid model config: {message} ({self})")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a model computes on the devices of ``platform``; "auto" takes the platform's
+    form (``platforms.FORMS``). The default is the CPU."""
+
+    platform: str = "cpu"
+    dtype: str = "auto"  # compute dtype; parameters stay float32
+    remat_policy: str = "none"
+    attention_impl: str = "auto"  # per call, by platform and length (choose_backend)
+    attention_stack_heads: bool = False
+    attention_interpret: bool = False  # run Pallas TPU kernels in interpret mode (tests)
+    decoder_conv_impl: str = "auto"  # "auto" | "xla" | "taps" (see grouped_conv)
+
+    @property
+    def compute_dtype(self):
+        dtype = platforms.forms(self.platform).compute_dtype if self.dtype == "auto" else self.dtype
+        return DTYPES[dtype]
+
+    @property
+    def decoder_conv(self) -> str:
+        if self.decoder_conv_impl == "auto":
+            return platforms.forms(self.platform).decoder_conv
+        return self.decoder_conv_impl
+
+    def validate(self) -> Execution:
+        """Raises ValueError naming the first field this platform cannot run."""
+        platforms.forms(self.platform)
+        checks = [
+            (
+                self.dtype == "auto" or self.dtype in DTYPES,
+                f"dtype must be 'auto' or in {list(DTYPES)}",
+            ),
+            (
+                self.remat_policy in REMAT_POLICIES,
+                f"remat_policy must be in {list(REMAT_POLICIES)}",
+            ),
+            (
+                self.attention_impl == "auto" or self.attention_impl in attn_lib.BACKENDS,
+                f"attention_impl must be 'auto' or one of {attn_lib.BACKENDS}",
+            ),
+            (
+                self.decoder_conv_impl == "auto" or self.decoder_conv_impl in DECODER_CONV_FORMS,
+                f"decoder_conv_impl must be 'auto' or one of {DECODER_CONV_FORMS}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid execution: {message} ({self})")
         return self
 
 
@@ -268,6 +299,7 @@ class PatchEmbed(nn.Module):
     """(B, T, F) spectrogram → (B, T//p · F//p, D) tokens, time-major, plus positions."""
 
     cfg: ModelConfig
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(self, spec: jax.Array) -> jax.Array:
@@ -284,11 +316,11 @@ class PatchEmbed(nn.Module):
             (p, p),
             strides=(p, p),
             padding="VALID",
-            dtype=c.compute_dtype,
+            dtype=self.run.compute_dtype,
             kernel_init=named(xavier, ("conv_time", "conv_freq", "conv_in", "embed")),
             bias_init=named(torch_default_init(p * p), ("embed",)),
             name="proj",
-        )(spec[..., None].astype(c.compute_dtype))  # (B, Nt, Nf, D)
+        )(spec[..., None].astype(self.run.compute_dtype))  # (B, Nt, Nf, D)
         batch, time_patches, freq_patches, dim = x.shape
         x = x.reshape(batch, time_patches * freq_patches, dim)
         return x + jnp.asarray(sincos_positions(c, time_patches), x.dtype)
@@ -297,7 +329,7 @@ class PatchEmbed(nn.Module):
 # ---------------------------------------------------------------------------- attention
 
 
-def _differential_core(module: nn.Module, cfg: ModelConfig, q1, k1, q2, k2, v, lam, mask):
+def _differential_core(module: nn.Module, run: Execution, q1, k1, q2, k2, v, lam, mask):
     """Runs differential attention; sows the two maps when intermediates are mutable."""
     if module.is_mutable_collection("intermediates"):
         out, maps = attn_lib.differential_attention(
@@ -306,40 +338,33 @@ def _differential_core(module: nn.Module, cfg: ModelConfig, q1, k1, q2, k2, v, l
         module.sow("intermediates", "attention_maps", jnp.stack(maps, axis=1))
         return out
     return attn_lib.differential_attention(
-        q1,
-        k1,
-        q2,
-        k2,
-        v,
-        lam,
-        mask=mask,
-        implementation=cfg.attention_impl,
-        stack_heads=cfg.attention_stack_heads,
-        interpret=cfg.attention_interpret,
-    )
+        q1, k1, q2, k2, v, lam, mask=mask, implementation=run.attention_impl,
+        platform=run.platform, stack_heads=run.attention_stack_heads,
+        interpret=run.attention_interpret,
+    )  # fmt: skip
 
 
-HEADS = ("batch", "length", "heads", "head_dim")
+HEAD_AXES = ("batch", "length", "heads", "head_dim")  # logical axes of per-head activations
 
 
 class AsdaAttention(nn.Module):
     """Release form: qk → [q1 | q2 | k1 | k2], v; (A1 − λA2)v; LayerNorm over all heads × 0.95."""
 
     cfg: ModelConfig
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:  # (B, T, D)
-        c = self.cfg
-        dense = functools.partial(Linear, dtype=c.compute_dtype)
+        c, dtype = self.cfg, self.run.compute_dtype
+        dense = functools.partial(Linear, dtype=dtype)
         qk = dense(
             (4, c.num_heads, c.head_dim), ("embed", "qk_group", "heads", "head_dim"), name="qk"
         )(x)  # (B, T, 4, H, Dh)
         v = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), name="v")(x)
-        q1, q2, k1, k2 = (sharding.constrain(qk[:, :, i], HEADS) for i in range(4))
-        o = _differential_core(
-            self, c, q1, k1, q2, k2, sharding.constrain(v, HEADS), c.diff_lambda, mask
-        )
-        o = layer_norm(1e-5, c.compute_dtype, axes=("heads", "head_dim"), name="norm")(o)
+        q1, q2, k1, k2 = (sharding.constrain(qk[:, :, i], HEAD_AXES) for i in range(4))
+        v = sharding.constrain(v, HEAD_AXES)
+        o = _differential_core(self, self.run, q1, k1, q2, k2, v, c.diff_lambda, mask)
+        o = layer_norm(1e-5, dtype, axes=("heads", "head_dim"), name="norm")(o)
         o = o * c.attn_out_scale
         return dense((c.embed_dim,), ("heads", "head_dim", "embed"), contract=2, name="proj")(o)
 
@@ -360,12 +385,13 @@ class DiffTransformerAttention(nn.Module):
 
     cfg: ModelConfig
     layer_index: int
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        c = self.cfg
+        c, dtype = self.cfg, self.run.compute_dtype
         heads, d = c.num_heads // 2, c.head_dim
-        dense = functools.partial(Linear, use_bias=False, dtype=c.compute_dtype)
+        dense = functools.partial(Linear, use_bias=False, dtype=dtype)
         pair_axes = ("embed", "heads", "qk_group", "head_dim")
         q = dense((heads, 2, d), pair_axes, name="q")(x)  # (B, T, H, 2, d)
         k = dense((heads, 2, d), pair_axes, name="k")(x)
@@ -378,10 +404,10 @@ class DiffTransformerAttention(nn.Module):
         lq1, lk1, lq2, lk2 = lam_params
         lam = jnp.exp(jnp.sum(lq1 * lk1)) - jnp.exp(jnp.sum(lq2 * lk2)) + init
         o = _differential_core(
-            self, c, q[:, :, :, 0], k[:, :, :, 0], q[:, :, :, 1], k[:, :, :, 1], v, lam, mask
+            self, self.run, q[:, :, :, 0], k[:, :, :, 0], q[:, :, :, 1], k[:, :, :, 1], v, lam, mask
         )
         o = nn.RMSNorm(
-            epsilon=1e-5, dtype=c.compute_dtype, scale_init=named(ones, ("head_dim",)), name="subln"
+            epsilon=1e-5, dtype=dtype, scale_init=named(ones, ("head_dim",)), name="subln"
         )(o)
         o = o * (1.0 - init)
         return dense((c.embed_dim,), ("heads", "head_dim", "embed"), contract=2, name="out_proj")(o)
@@ -391,31 +417,33 @@ class PlainAttention(nn.Module):
     """Standard multi-head attention (EAT / data2vec 2.0 layout): the baseline."""
 
     cfg: ModelConfig
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        c = self.cfg
-        dense = functools.partial(Linear, dtype=c.compute_dtype)
+        c, run = self.cfg, self.run
+        dense = functools.partial(Linear, dtype=run.compute_dtype)
         qkv = dense(
             (3, c.num_heads, c.head_dim), ("embed", "qk_group", "heads", "head_dim"), name="qkv"
         )(x)
-        q, k, v = (sharding.constrain(qkv[:, :, i], HEADS) for i in range(3))
+        q, k, v = (sharding.constrain(qkv[:, :, i], HEAD_AXES) for i in range(3))
         if self.is_mutable_collection("intermediates"):
             o, a = attn_lib.dot_product_attention(q, k, v, mask=mask, return_maps=True)
             self.sow("intermediates", "attention_maps", a[:, None])
         else:
             o = attn_lib.dot_product_attention(
-                q, k, v, mask=mask, implementation=c.attention_impl, interpret=c.attention_interpret
-            )
+                q, k, v, mask=mask, implementation=run.attention_impl, platform=run.platform,
+                interpret=run.attention_interpret,
+            )  # fmt: skip
         return dense((c.embed_dim,), ("heads", "head_dim", "embed"), contract=2, name="proj")(o)
 
 
-def make_attention(cfg: ModelConfig, layer_index: int) -> nn.Module:
+def make_attention(cfg: ModelConfig, run: Execution, layer_index: int) -> nn.Module:
     if cfg.attention == "asda":
-        return AsdaAttention(cfg, name="attn")
+        return AsdaAttention(cfg, run, name="attn")
     if cfg.attention == "diff":
-        return DiffTransformerAttention(cfg, layer_index, name="attn")
-    return PlainAttention(cfg, name="attn")
+        return DiffTransformerAttention(cfg, layer_index, run, name="attn")
+    return PlainAttention(cfg, run, name="attn")
 
 
 # ---------------------------------------------------------------------------- blocks
@@ -423,13 +451,14 @@ def make_attention(cfg: ModelConfig, layer_index: int) -> nn.Module:
 
 class Mlp(nn.Module):
     cfg: ModelConfig
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.cfg
-        h = Linear((c.mlp_dim,), ("embed", "mlp"), dtype=c.compute_dtype, name="fc1")(x)
+        c, dtype = self.cfg, self.run.compute_dtype
+        h = Linear((c.mlp_dim,), ("embed", "mlp"), dtype=dtype, name="fc1")(x)
         h = sharding.constrain(gelu(h), ("batch", "length", "mlp"))
-        return Linear((c.embed_dim,), ("mlp", "embed"), dtype=c.compute_dtype, name="fc2")(h)
+        return Linear((c.embed_dim,), ("mlp", "embed"), dtype=dtype, name="fc2")(h)
 
 
 class Block(nn.Module):
@@ -438,16 +467,17 @@ class Block(nn.Module):
     cfg: ModelConfig
     layer_index: int
     drop_path: float = 0.0
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, train: bool):
-        c = self.cfg
+        c, dtype = self.cfg, self.run.compute_dtype
         # Per-example stochastic depth: one Bernoulli draw per row of the batch.
         drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
-        a = make_attention(c, self.layer_index)(x, mask)
-        x = layer_norm(1e-6, c.compute_dtype, name="norm1")(x + drop_path(a))
-        f = Mlp(c, name="mlp")(x)
-        x = layer_norm(1e-6, c.compute_dtype, name="norm2")(x + drop_path(f))
+        a = make_attention(c, self.run, self.layer_index)(x, mask)
+        x = layer_norm(1e-6, dtype, name="norm1")(x + drop_path(a))
+        f = Mlp(c, self.run, name="mlp")(x)
+        x = layer_norm(1e-6, dtype, name="norm2")(x + drop_path(f))
         return sharding.constrain(x, ("batch", "length", "act_embed")), f
 
 
@@ -461,24 +491,22 @@ class Encoder(nn.Module):
     """Patch embedding, CLS, context LayerNorm and the differential blocks."""
 
     cfg: ModelConfig
+    run: Execution = Execution()
 
     def setup(self):
-        c = self.cfg
-        self.patch_embed = PatchEmbed(c)
+        c, run = self.cfg, self.run
+        self.patch_embed = PatchEmbed(c, run)
         self.cls_token = self.param(
             "cls_token",
             named(nn.initializers.normal(1.0), (None, None, "norm")),
             (1, 1, c.embed_dim),
         )
-        self.context_norm = layer_norm(1e-6, c.compute_dtype)
-        policy = REMAT_POLICIES[c.remat_policy]
-        block = (
-            Block
-            if c.remat_policy == "none"
-            else nn.remat(Block, policy=policy, static_argnums=(3,))
-        )
+        self.context_norm = layer_norm(1e-6, run.compute_dtype)
+        block = Block
+        if run.remat_policy != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[run.remat_policy], static_argnums=(3,))
         rates = np.linspace(0.0, c.drop_path, c.depth) if c.depth > 1 else [c.drop_path]
-        self.blocks = [block(c, i, float(rates[i])) for i in range(c.depth)]
+        self.blocks = [block(c, i, float(rates[i]), run) for i in range(c.depth)]
 
     def embed(self, spec: jax.Array) -> jax.Array:
         """(B, T, F) → (B, N, D) patch tokens with positions (T floored to the patch)."""
@@ -513,17 +541,16 @@ class Encoder(nn.Module):
 # ---------------------------------------------------------------------------- heads
 
 
-def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, impl: str = "auto") -> jax.Array:
+def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, impl: str = "xla") -> jax.Array:
     """k×k grouped convolution with SAME padding: (B, H, W, Cin) → (B, H, W, Cout).
 
-    ``kernel`` has ``nn.Conv``'s layout (k, k, Cin/G, Cout). ``impl="taps"`` computes
-    it as k² group-batched matmuls whose products are shifted into place: XLA CPU's
-    kernel gradient of a grouped convolution is ~20× slower than that (2.2 s vs 0.11 s
-    for the demo decoder's layer), so ``auto`` uses taps on CPU and XLA's native
-    grouped convolution elsewhere (cuDNN and TPU handle it well).
+    ``kernel`` has ``nn.Conv``'s layout (k, k, Cin/G, Cout). ``impl="xla"`` is XLA's
+    grouped convolution (the reference; cuDNN and TPU run it well); ``"taps"`` computes
+    the same sums as k² group-batched matmuls whose products are shifted into place,
+    because XLA CPU's kernel gradient of a grouped convolution is slow (BENCHMARKS.md).
     """
-    if impl == "auto":
-        impl = "taps" if jax.default_backend() == "cpu" else "xla"
+    if impl not in DECODER_CONV_FORMS:
+        raise ValueError(f"grouped_conv impl must be one of {DECODER_CONV_FORMS}, got {impl!r}")
     if impl == "taps":
         return _grouped_conv_by_taps(x, kernel, groups)
     return jax.lax.conv_general_dilated(
@@ -537,8 +564,7 @@ def _grouped_conv_by_taps(x: jax.Array, kernel: jax.Array, groups: int) -> jax.A
 
     Each tap is one matmul batched over a leading group axis on the *unshifted* input,
     so no operand is a strided view; the k² shifted products are summed in one
-    elementwise pass. Shifting inputs instead costs a transposing copy per tap, which
-    at base size took 2.8× longer.
+    elementwise pass (shifting the inputs instead costs a transposing copy per tap).
     """
     batch, height, width, channels = x.shape
     k = kernel.shape[0]
@@ -563,10 +589,11 @@ class DecoderBlock(nn.Module):
     """
 
     cfg: ModelConfig
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, Cin) -> (B, H, W, Cout)
-        c = self.cfg
+        c, run = self.cfg, self.run
         k = c.decoder_kernel
         init = torch_default_init(x.shape[-1] // c.decoder_groups * k * k)
         kernel = self.param(
@@ -575,9 +602,9 @@ class DecoderBlock(nn.Module):
             (k, k, x.shape[-1] // c.decoder_groups, c.decoder_dim),
         )
         bias = self.param("bias", named(init, ("embed",)), (c.decoder_dim,))
-        x, kernel = x.astype(c.compute_dtype), kernel.astype(c.compute_dtype)
-        y = grouped_conv(x, kernel, c.decoder_groups, c.decoder_conv_impl) + bias.astype(x.dtype)
-        return gelu(layer_norm(1e-5, c.compute_dtype, affine=False)(y))
+        x, kernel = x.astype(run.compute_dtype), kernel.astype(run.compute_dtype)
+        y = grouped_conv(x, kernel, c.decoder_groups, run.decoder_conv) + bias.astype(x.dtype)
+        return gelu(layer_norm(1e-5, run.compute_dtype, affine=False)(y))
 
 
 class Decoder(nn.Module):
@@ -588,16 +615,17 @@ class Decoder(nn.Module):
     """
 
     cfg: ModelConfig
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(self, grid: jax.Array) -> jax.Array:  # (B, Nt, Nf, D) -> (B, Nt·Nf, D)
-        c = self.cfg
+        c, run = self.cfg, self.run
         block = DecoderBlock
-        if c.remat_policy != "none":
-            block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[c.remat_policy])
-        x = grid.astype(c.compute_dtype)
+        if run.remat_policy != "none":
+            block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[run.remat_policy])
+        x = grid.astype(run.compute_dtype)
         for i in range(c.decoder_layers):
-            y = block(c, name=f"blocks_{i}")(x)
+            y = block(c, run, name=f"blocks_{i}")(x)
             x = y + x if y.shape == x.shape else y
         batch, time_patches, freq_patches, dim = x.shape
         x = x.reshape(batch, time_patches * freq_patches, dim)
@@ -607,7 +635,7 @@ class Decoder(nn.Module):
             ("embed", "act_embed"),
             kernel_init=init,
             bias_init=init,
-            dtype=c.compute_dtype,
+            dtype=run.compute_dtype,
             name="proj",
         )(x)
 
@@ -631,18 +659,27 @@ class Classifier(nn.Module):
     cfg: ModelConfig
     num_classes: int
     pooling: str = "cls"
+    run: Execution = Execution()
 
     @nn.compact
     def __call__(
         self, spec: jax.Array, frame_lengths: jax.Array | None = None, train: bool = False
     ) -> jax.Array:  # (B, num_classes) float32
-        out = Encoder(self.cfg, name="encoder")(spec, frame_lengths, train)
-        pooled = layer_norm(1e-6, self.cfg.compute_dtype, name="fc_norm")(pool(out, self.pooling))
+        dtype = self.run.compute_dtype
+        out = Encoder(self.cfg, self.run, name="encoder")(spec, frame_lengths, train)
+        pooled = layer_norm(1e-6, dtype, name="fc_norm")(pool(out, self.pooling))
         logits = Linear(
             (self.num_classes,),
             ("embed", "classes"),
             kernel_init=nn.initializers.truncated_normal(0.02),
-            dtype=self.cfg.compute_dtype,
+            dtype=dtype,
             name="head",
         )(pooled)
         return logits.astype(jnp.float32)
+
+
+def abstract_params(module: nn.Module, *input_shapes: tuple[int, ...]) -> dict:
+    """``module``'s parameters for float32 inputs of ``input_shapes``, as unplaced
+    ShapeDtypeStructs (nothing is allocated)."""
+    inputs = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in input_shapes]
+    return nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs))["params"]

@@ -1,4 +1,6 @@
-"""The self-supervised objective (data2vec 2.0 / EAT "UFO" as the release runs it).
+"""The training objectives: the self-supervised one, and fine-tuning's augmentation and losses.
+
+Pretraining (data2vec 2.0 / EAT "UFO" as the release runs it):
 
     teacher (EMA encoder, all patches) ─▶ targets y: top-k blocks' MLP outputs,
         instance-normalised over time per layer, averaged, layer-normalised
@@ -13,6 +15,16 @@ R is ``utterance_rows``: in the release the utterance term is summed over one GP
 rows (12 clips × 16 clones = 192) while the frame term is a mean, so the release's
 weighting is reproduced with R = 192 whatever the mesh (the loss stays independent
 of how many devices share the batch).
+
+Fine-tuning (release notes §7), in the jitted step:
+
+    spectrogram ─▶ [SPC-2: noise + ±10-frame roll] ─▶ mixup (p 0.9, Beta(α, α), batch
+    flipped) ─▶ SpecAugment (one frequency band ≈ U·128·r, one time span ≈ U·T·r, fill 0)
+
+with the losses ``bce_per_label`` (AudioSet: BCE summed over the batch and classes,
+divided by the sum of the mixed labels), ``bce`` (SPC-2: summed over classes, mean over
+clips) and ``ce`` (ESC-50: cross-entropy with label smoothing). Evaluation scores are
+sigmoids for BCE and softmaxes for CE.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from asda_jax import masking
 from asda_jax import model as model_lib
@@ -29,6 +42,9 @@ from asda_jax import model as model_lib
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
+    """The objective's knobs under the release's names: targets, loss weights, EMA
+    schedule, and the collapse guards the loop checks."""
+
     average_top_k_layers: int = 12
     mask_noise_std: float = 0.01
     cls_loss: float = 0.5
@@ -36,7 +52,9 @@ class PretrainConfig:
     ema_decay: float = 0.9998
     ema_end_decay: float = 0.99999
     ema_anneal_end_step: int = 100_000
-    min_target_var: float = 0.1  # collapse guards (data2vec's defaults; the release sets 0)
+    # Collapse guards on the targets' and predictions' spread (``masked_std``), under
+    # data2vec's names and defaults (the release sets 0).
+    min_target_var: float = 0.1
     min_pred_var: float = 0.01
     collapse_check_after: int = 5_000
 
@@ -124,7 +142,7 @@ def teacher_forward(encoder: model_lib.Encoder, teacher_params, spec: jax.Array,
 # ---------------------------------------------------------------------------- losses
 
 
-def masked_spread(x: jax.Array, weights: jax.Array) -> jax.Array:
+def masked_std(x: jax.Array, weights: jax.Array) -> jax.Array:
     """data2vec's collapse statistic: mean over channels of √(var over slots + 1e-6)."""
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     w = weights.reshape(-1, 1).astype(jnp.float32)
@@ -156,8 +174,8 @@ def pretraining_loss(
         "loss": loss,
         "frame_loss": frame,
         "utterance_loss": utterance,
-        "target_var": masked_spread(repeated, weights),
-        "pred_var": masked_spread(predictions, weights),
+        "target_std": masked_std(repeated, weights),
+        "pred_std": masked_std(predictions, weights),
     }
     return loss, stats
 
@@ -186,3 +204,99 @@ def pretraining_step_loss(
         encoder, decoder, params, teacher_params, spec, kept, masked, noise,
         mask_cfg.clone_batch, cfg, dropout_key,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+LOSSES = ("bce_per_label", "bce", "ce")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    pooling: str = "cls"  # "cls" (the release) | "mean"
+    loss: str = "bce_per_label"
+    label_smoothing: float = 0.0  # ce only (the release's BCE ignores it)
+    mixup_alpha: float = 0.0  # 0: no mixup
+    mixup_prob: float = 0.9
+    mask_ratio: float = 0.0  # SpecAugment widths: 128·r bins, target_frames·r frames
+    spec_noise_and_roll: bool = False  # SPC-2: + U·U/10 noise, roll by [−10, 10) frames
+    init_from: str = ""  # pretraining/fine-tuning workdir or exported encoder; "": random
+
+    def validate(self) -> FinetuneConfig:
+        if self.loss not in LOSSES:
+            raise ValueError(f"finetune.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"finetune.pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if not (0 <= self.label_smoothing < 1 and 0 <= self.mask_ratio < 1):
+            raise ValueError("finetune.label_smoothing and mask_ratio must be in [0, 1)")
+        return self
+
+
+def mixup(key, spec, labels, alpha: float, prob: float):
+    """With probability ``prob`` per batch: λ ~ Beta(α, α), x ← λx + (1 − λ)·x[::-1]."""
+    if alpha <= 0:
+        return spec, labels
+    use_key, beta_key = jax.random.split(key)
+    lam = jax.random.beta(beta_key, alpha, alpha)
+    lam = jnp.where(jax.random.uniform(use_key) < prob, lam, 1.0)
+    mix = lambda x: lam * x + (1.0 - lam) * x[::-1]
+    return mix(spec), mix(labels)
+
+
+def band_mask(key, batch: int, size: int, max_width: float) -> jax.Array:  # (B, size) bool
+    """One span per row, True inside: width w = U·max_width from a start s uniform in
+    [0, size − w], covering ⌊s⌋ ≤ i < ⌊s + w⌋ (torchaudio's iid ``mask_along_axis``)."""
+    width_key, start_key = jax.random.split(key)
+    width = jax.random.uniform(width_key, (batch, 1)) * max_width
+    start = jax.random.uniform(start_key, (batch, 1)) * (size - width)
+    lo, hi = jnp.floor(start), jnp.floor(start + width)
+    position = jnp.arange(size)[None, :]
+    return (position >= lo) & (position < hi)
+
+
+def spec_augment(key, spec: jax.Array, mask_ratio: float) -> jax.Array:  # (B, T, F)
+    """Zeroes one frequency band and one time span per example (0 = the normalised mean)."""
+    if mask_ratio <= 0:
+        return spec
+    batch, frames, bins = spec.shape
+    freq_key, time_key = jax.random.split(key)
+    freq = band_mask(freq_key, batch, bins, bins * mask_ratio)[:, None, :]
+    time = band_mask(time_key, batch, frames, frames * mask_ratio)[:, :, None]
+    return jnp.where(freq | time, 0.0, spec)
+
+
+def noise_and_roll(key, spec: jax.Array) -> jax.Array:
+    """SPC-2's augmentation: + U(0,1)·u/10 per element (u one draw per clip), then roll
+    each clip along time by an integer in [−10, 10)."""
+    noise_key, amp_key, roll_key = jax.random.split(key, 3)
+    batch, frames, _ = spec.shape
+    amplitude = jax.random.uniform(amp_key, (batch, 1, 1)) / 10
+    spec = spec + jax.random.uniform(noise_key, spec.shape) * amplitude
+    shift = jax.random.randint(roll_key, (batch, 1), -10, 10)
+    source = (jnp.arange(frames)[None, :] - shift) % frames  # (B, T): out[t] = in[t − s]
+    return jnp.take_along_axis(spec, source[..., None], axis=1)
+
+
+def augment(key, spec, labels, cfg: FinetuneConfig):
+    """The recipe's augmentation of a training batch: (B, T, F) spectrograms, (B, C) labels."""
+    noise_key, mix_key, mask_key = jax.random.split(key, 3)
+    if cfg.spec_noise_and_roll:
+        spec = noise_and_roll(noise_key, spec)
+    spec, labels = mixup(mix_key, spec, labels, cfg.mixup_alpha, cfg.mixup_prob)
+    return spec_augment(mask_key, spec, cfg.mask_ratio), labels
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, cfg: FinetuneConfig) -> jax.Array:
+    """The release's training loss of (B, C) logits against (B, C) soft labels."""
+    if cfg.loss == "ce":
+        classes = labels.shape[-1]
+        smoothed = labels * (1 - cfg.label_smoothing) + cfg.label_smoothing / classes
+        return optax.softmax_cross_entropy(logits, smoothed).mean()
+    per_entry = optax.sigmoid_binary_cross_entropy(logits, labels)
+    if cfg.loss == "bce":
+        return per_entry.sum(-1).mean()
+    return per_entry.sum() / jnp.maximum(labels.sum(), 1e-6)
+
+
+def scores_of(logits: jax.Array, cfg: FinetuneConfig) -> jax.Array:
+    return jax.nn.softmax(logits) if cfg.loss == "ce" else jax.nn.sigmoid(logits)

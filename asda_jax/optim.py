@@ -16,7 +16,9 @@ NO_DECAY_PARAMS = ("cls_token", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k
 class OptimConfig:
     lr: float = 5e-4
     warmup_steps: int = 106_666
-    total_steps: int = 800_000
+    # The schedule's length, warmup included. None: the run's num_train_steps, resolved
+    # by config_lib.optim_config (the run length is the one source of both).
+    decay_steps: int | None = None
     min_lr: float = 0.0
     b1: float = 0.9
     b2: float = 0.95
@@ -29,8 +31,13 @@ class OptimConfig:
     layer_decay: float = 1.0  # < 1: layer-wise lr decay for fine-tuning
 
     def validate(self) -> OptimConfig:
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"optim.warmup_steps must be in [0, total_steps], got {self}")
+        if self.decay_steps is None:
+            raise ValueError("optim.decay_steps is unresolved: build it with config_lib")
+        if not 0 <= self.warmup_steps <= self.decay_steps:
+            raise ValueError(
+                f"optim.warmup_steps {self.warmup_steps} must be in [0, {self.decay_steps}]: "
+                "the schedule is num_train_steps long (or optim.decay_steps, when set)"
+            )
         if self.lr <= 0 or not 0 < self.layer_decay <= 1:
             raise ValueError(f"optim.lr must be > 0 and layer_decay in (0, 1], got {self}")
         return self
@@ -43,7 +50,7 @@ def schedule(cfg: OptimConfig, scale: float = 1.0) -> optax.Schedule:
         init_value=0.0,
         peak_value=peak,
         warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+        decay_steps=max(cfg.decay_steps, cfg.warmup_steps + 1),
         end_value=min(cfg.min_lr, peak),
     )
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asda_jax import evaluation, platforms
 from asda_jax import model as model_lib
-from asda_jax import sharding
 from asda_jax.data import pipeline
 
 
@@ -25,30 +25,20 @@ def embed_split(
     encoder: model_lib.Encoder,
     param_sets: dict[str, Any],
     data_cfg: pipeline.InputConfig,
+    forms: platforms.Forms,
     mesh,
     split: str,
     pooling: str = "mean",
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Embeddings (N, D) of every clip of ``split`` under each parameter set, and the
     label matrix (N, C); the split is read and featurised once for all of them."""
-    cfg = dataclasses.replace(data_cfg, split=split, random_crop=False, roll_and_gain=False)
 
-    @jax.jit
-    def forward(params, batch):
-        spec, _ = pipeline.spectrograms(batch, cfg)
+    def embeddings(params, spec):
         out = encoder.apply({"params": params}, spec)
         return model_lib.pool(out, pooling).astype(jnp.float32)
 
-    embeddings: dict[str, list] = {name: [] for name in param_sets}
-    labels = []
-    with sharding.activate(mesh):
-        for host_batch in pipeline.make_pipeline(cfg, train=False):
-            batch = pipeline.to_global(host_batch, mesh)
-            valid = sharding.to_host(batch["valid"])
-            labels.append(sharding.to_host(batch["labels"])[valid])
-            for name, params in param_sets.items():
-                embeddings[name].append(sharding.to_host(forward(params, batch))[valid])
-    return {k: np.concatenate(v) for k, v in embeddings.items()}, np.concatenate(labels)
+    cfg = dataclasses.replace(data_cfg, split=split)
+    return evaluation.over_split(embeddings, param_sets, cfg, forms, mesh)
 
 
 def ridge_accuracy(
@@ -68,27 +58,24 @@ def ridge_accuracy(
 
 
 def probe_accuracies(
-    encoder, param_sets: dict, data_cfg, mesh, train_split: str, test_split: str
+    encoder, param_sets: dict, data_cfg, forms, mesh, train_split: str, test_split: str
 ) -> dict[str, float]:
-    train_x, train_y = embed_split(encoder, param_sets, data_cfg, mesh, train_split)
-    test_x, test_y = embed_split(encoder, param_sets, data_cfg, mesh, test_split)
+    train_x, train_y = embed_split(encoder, param_sets, data_cfg, forms, mesh, train_split)
+    test_x, test_y = embed_split(encoder, param_sets, data_cfg, forms, mesh, test_split)
     return {
         name: ridge_accuracy(train_x[name], train_y, test_x[name], test_y) for name in param_sets
     }
 
 
 def compare_with_random_init(
-    model_cfg: model_lib.ModelConfig,
-    encoder_params,
-    data_cfg: pipeline.InputConfig,
-    mesh,
-    train_split: str,
-    test_split: str,
-    seed: int,
+    task, encoder_params, mesh, train_split: str, test_split: str, seed: int
 ) -> dict[str, float]:
-    """Probe accuracy of ``encoder_params`` and of a randomly initialised encoder."""
-    encoder = model_lib.Encoder(model_cfg)
-    spec = jnp.zeros((1, data_cfg.target_frames, model_cfg.num_mel_bins))
-    random_params = nn.meta.unbox(encoder.init(jax.random.PRNGKey(seed + 1), spec))["params"]
-    param_sets = {"pretrained": encoder_params, "random_init": random_params}
-    return probe_accuracies(encoder, param_sets, data_cfg, mesh, train_split, test_split)
+    """Probe accuracy of ``encoder_params`` and of a randomly initialised encoder of the
+    same pretraining ``task`` (its encoder, data and platform forms)."""
+    cfg = task.model_cfg
+    shape = (1, task.data_cfg.target_frames, cfg.num_mel_bins)
+    random_params = nn.meta.unbox(task.encoder.init(jax.random.PRNGKey(seed + 1), jnp.zeros(shape)))
+    param_sets = {"pretrained": encoder_params, "random_init": random_params["params"]}
+    return probe_accuracies(
+        task.encoder, param_sets, task.data_cfg, task.forms, mesh, train_split, test_split
+    )

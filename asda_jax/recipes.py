@@ -1,6 +1,4 @@
-"""The fine-tuning recipes of the release as ml_collections configs (configs/finetune_*.py).
-
-One builder, one row per task of the release's table (shared/asda-method.md):
+"""The release's fine-tuning recipes, one row per task (configs/finetune_*.py use them).
 
 | task   | frames | batch | lr   | updates (warmup) | mixup α | mask_ratio | loss          |
 |--------|--------|-------|------|------------------|---------|------------|---------------|
@@ -9,17 +7,39 @@ One builder, one row per task of the release's table (shared/asda-method.md):
 | ESC-50 | 512    | 48    | 5e-5 | 4k (400)         | 0       | 0.4        | ce, smooth 0.1|
 | SPC-2  | 128    | 256   | 2e-4 | 80k (8k)         | 0.8     | 0.2        | bce           |
 
-Common: CLS pooling, layer decay 0.65 (embeddings at full lr), drop path 0.1, AdamW
-(0.9, 0.95), wd 0.05, min lr 1e-6, no clipping, roll-and-gain on every task.
+Common (shared/asda-method.md): CLS pooling, layer decay 0.65 (embeddings at full lr),
+drop path 0.1, AdamW (0.9, 0.95), wd 0.05, min lr 1e-6, no clipping, roll-and-gain on
+every task. SPC-2 trains through the release's BCE branch, where its label smoothing
+has no effect, so it is 0 here; AS-2M draws each epoch by the per-clip weights.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import ml_collections
 
 from asda_jax import audio, config_lib
 
 ESC50_FOLDS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One task's row of the release's fine-tuning table."""
+
+    dataset: str
+    train_split: str
+    eval_split: str
+    target_frames: int
+    norm: str  # a key of audio.NORM_STATS
+    batch_size: int
+    lr: float
+    steps: int
+    warmup: int
+    finetune: dict  # FinetuneConfig fields that differ from its defaults
+    seed: int = 1
+    weighted_sampling: bool = False
 
 
 def esc50_splits(fold: int) -> tuple[str, str]:
@@ -30,77 +50,59 @@ def esc50_splits(fold: int) -> tuple[str, str]:
     return train, f"fold{fold}"
 
 
-def format_arg(args: dict[str, str]) -> str:
-    """The inverse of config_lib.parse_arg."""
-    return ",".join(f"{k}={v}" for k, v in args.items())
+AUDIOSET_LOSS = dict(loss="bce_per_label", mixup_alpha=0.8, mask_ratio=0.2)
+RECIPES = {
+    "as20k": Recipe(
+        "audioset", "balanced_train", "eval", 1024, "audioset", 32, 5e-5, 60_000, 6_000,
+        AUDIOSET_LOSS,
+    ),
+    "as2m": Recipe(
+        "audioset", "balanced_train+unbalanced_train", "eval", 1024, "audioset", 48, 5e-5,
+        600_000, 60_000, AUDIOSET_LOSS, weighted_sampling=True,
+    ),
+    "esc50": Recipe(
+        "esc50", *esc50_splits(1), 512, "esc50", 48, 5e-5, 4_000, 400,
+        dict(loss="ce", label_smoothing=0.1, mask_ratio=0.4),
+    ),
+    "spcv2": Recipe(
+        "speech_commands_v2", "train", "test", 128, "spcv2", 256, 2e-4, 80_000, 8_000,
+        dict(loss="bce", mixup_alpha=0.8, mask_ratio=0.2, spec_noise_and_roll=True), seed=42,
+    ),
+}  # fmt: skip
 
 
-def finetune(
-    arg: str | None,
-    *,
-    dataset: str,
-    train_split: str,
-    eval_split: str,
-    target_frames: int,
-    norm: str,
-    batch_size: int,
-    lr: float,
-    steps: int,
-    warmup: int,
-    recipe: dict,
-    seed: int = 1,
-    weighted_sampling: bool = False,
-) -> ml_collections.ConfigDict:
-    """A fine-tuning config; ``arg`` as in pretrain_as2m.py plus ``init_from`` and
-    ``task`` (``linear_probe`` freezes the encoder)."""
-    args = config_lib.parse_arg(arg)
-    preset = config_lib.mesh_preset(args.get("mesh", "gpu"))
-    data = dict(
-        dataset=dataset,
+def finetuning_run(recipe: Recipe, arg: str | None = None, **args) -> ml_collections.ConfigDict:
+    """The config of a fine-tuning run of ``recipe``. Arguments (get_config's ``arg``, or
+    keywords, which win): ``mesh`` (a mesh preset, default gpu), ``model`` (a model
+    preset), ``data_dir``, ``init_from`` (a pretraining workdir or an export; empty:
+    random init), ``task=linear_probe`` (a frozen encoder)."""
+    args = config_lib.parse_arg(arg) | args
+    config = config_lib.run_config(
+        args.get("task", "finetune"),
+        model=args.get("model", "base"),
+        mesh=args.get("mesh", "gpu"),
+        batch_size=recipe.batch_size,
+    )
+    config.model.drop_path = 0.1
+    config.finetune.update(init_from=args.get("init_from", ""), **recipe.finetune)
+    config.data.update(
+        dataset=recipe.dataset,
         data_dir=args.get("data_dir", "data"),
-        split=train_split,
-        batch_size=preset.batch_size or batch_size,
-        target_frames=target_frames,
-        norm=audio.NORM_STATS[norm],
-        fbank_on=preset.fbank_on,
-        random_crop=False,
+        split=recipe.train_split,
+        target_frames=recipe.target_frames,
+        norm=audio.NORM_STATS[recipe.norm],
         roll_and_gain=True,
-        weighted_sampling=weighted_sampling,
-        seed=seed,
+        weighted_sampling=recipe.weighted_sampling,
+        seed=recipe.seed,
         threads=16,
         prefetch=64,
     )
-    config = ml_collections.ConfigDict()
-    config.task = args.get("task", "finetune")
-    config.model = dict(
-        preset=args.get("model", "base"),
-        dtype=preset.dtype,
-        attention_impl="auto",
-        remat_policy="none",
-        drop_path=0.1,
+    config.eval_data = config.data.copy_and_resolve_references()
+    config.eval_data.update(split=recipe.eval_split, roll_and_gain=False, weighted_sampling=False)
+    config.optim.update(
+        lr=recipe.lr, warmup_steps=recipe.warmup, min_lr=1e-6, clip_norm=0.0, layer_decay=0.65
     )
-    config.finetune = dict(
-        pooling="cls", init_from=args.get("init_from", ""), mixup_prob=0.9, **recipe
-    )
-    config.data = data
-    config.eval_data = dict(data, split=eval_split, roll_and_gain=False, weighted_sampling=False)
-    config.optim = dict(
-        lr=lr,
-        warmup_steps=warmup,
-        total_steps=steps,
-        min_lr=1e-6,
-        weight_decay=0.05,
-        clip_norm=0.0,
-        layer_decay=0.65,
-    )
-    config.num_train_steps = steps
-    config.mesh = preset.mesh
-    config.mesh_dcn = preset.dcn
-    config.num_processes = preset.processes
-    config.seed = seed
-    config.log_every = 100
-    config.checkpoint_every = max(steps // 20, 1)
-    config.keep_checkpoints = 3
-    config.profile_steps = 0
-    config.probe = None
+    config.num_train_steps = recipe.steps
+    config.seed = recipe.seed
+    config.checkpoint_every = max(recipe.steps // 20, 1)
     return config

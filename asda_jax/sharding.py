@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import types
+from collections.abc import Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+DATA_PARALLEL = types.MappingProxyType({"data": -1, "fsdp": 1, "tensor": 1})  # every device
 
 # logical name -> mesh axis (or axes, or None for replicated)
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -83,14 +85,15 @@ def make_mesh(
     return Mesh(grid, MESH_AXES)
 
 
-def logical_to_sharding(logical_tree, mesh: Mesh):
-    """Maps a tree of logical PartitionSpecs to NamedShardings on ``mesh``."""
-    return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_AXIS_RULES)
+def logical_shardings(boxed, mesh: Mesh):
+    """NamedShardings on ``mesh`` for a tree of logically named (boxed) Flax variables,
+    real or abstract, as the rules say."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
 
 
-def variable_shardings(abstract_variables, mesh: Mesh):
-    """NamedShardings for (boxed, abstract) Flax variables, as the rules say."""
-    return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh)
+def first_local_device() -> jax.sharding.SingleDeviceSharding:
+    """This process's first device: where the tools place what they restore."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -123,19 +126,6 @@ def current_mesh_spec(logical_axes: Sequence[str | None]) -> P | None:
     if jax.sharding.get_abstract_mesh().empty:
         return None
     return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
-
-
-def init_sharded(init_fn: Callable, mesh: Mesh, *args):
-    """Runs a Flax ``init`` so that every variable is created already sharded.
-
-    Shapes come from ``jax.eval_shape`` (nothing is allocated), shardings from the
-    logical names through ``LOGICAL_AXIS_RULES``. Returns (plain variables, shardings).
-    """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = variable_shardings(abstract, mesh)
-    with activate(mesh):
-        variables = jax.jit(init_fn, out_shardings=shardings)(*args)
-    return nn.meta.unbox(variables), shardings
 
 
 def to_host(x: jax.Array) -> np.ndarray:

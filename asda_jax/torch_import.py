@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asda_jax import checkpoints, inference, release_weights
+from asda_jax import checkpoints, release_weights
 from asda_jax import model as model_lib
 from asda_jax.model import ModelConfig
 
@@ -187,15 +187,14 @@ def convert(release: ReleaseState, cfg: ModelConfig) -> dict:
 
 def check_shapes(params: dict, cfg: ModelConfig) -> None:
     """Raises CheckpointMismatch where a converted tensor's shape differs from our model's."""
-    abstract = inference.abstract_module_params
     spec = (1, cfg.patch_size, cfg.num_mel_bins)
-    expected = {"encoder": abstract(model_lib.Encoder(cfg), spec)}
+    expected = {"encoder": model_lib.abstract_params(model_lib.Encoder(cfg), spec)}
     expected["teacher"] = expected["encoder"]
     grid = (1, 1, cfg.freq_patches, cfg.embed_dim)
-    expected["decoder"] = abstract(model_lib.Decoder(cfg), grid)
+    expected["decoder"] = model_lib.abstract_params(model_lib.Decoder(cfg), grid)
     if "head" in params:
         num_classes = params["head"]["bias"].shape[0]
-        classifier = abstract(model_lib.Classifier(cfg, num_classes), spec)
+        classifier = model_lib.abstract_params(model_lib.Classifier(cfg, num_classes), spec)
         expected |= {"fc_norm": classifier["fc_norm"], "head": classifier["head"]}
     for name, tree in params.items():
         checkpoints.check_fits(tree, expected[name], f"converted {name}")

@@ -5,8 +5,9 @@
 Shapes are the pretraining ones at 12 heads × 64: the teacher (clips × 513 tokens)
 and the student (16 clones × 103 tokens). Plain and differential attention of each row
 are timed in alternating rounds in this process (medians); ratios are to plain
-attention on the same backend and on the reference (``xla``) backend.
-Pallas kernels only run interpreted off TPU, so they are timed only on a TPU.
+attention on the same backend and on the CPU's (``xla``) backend. ``reference`` is the
+formula differentiated by JAX, the tests' oracle. Pallas kernels only run interpreted
+off TPU, so they are timed only on a TPU.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ import jax.numpy as jnp
 
 from asda_jax import attention as attn_lib
 from asda_jax import model as model_lib
+from asda_jax import platforms
 from benchmarks import common
 
 HEADS, HEAD_DIM = 12, 64
 SHAPES = {"teacher 2×513": (2, 513), "student 16×103": (16, 103)}
+PLATFORM = platforms.of_devices(jax.devices())  # what the timed programs run on
 
 
 def backends_here() -> list[tuple[str, bool]]:
     """(backend, stack_heads) pairs that run natively on this platform."""
-    rows = [("xla", False), ("dot_product", False), ("dot_product", True)]
-    platform = jax.default_backend()
+    rows = [("xla", False), ("reference", False), ("dot_product", False), ("dot_product", True)]
+    platform = PLATFORM
     if platform == "gpu":
         rows += [("cudnn", False), ("cudnn", True)]
     if platform == "tpu":
@@ -55,11 +58,14 @@ def measure(batch, length, implementation, stack_heads, dtype, repeats):
     """(seconds, peak bytes) of plain and differential fwd+bwd, timed in alternation."""
     keys = jax.random.split(jax.random.key(0), 5)
     qkv = [jax.random.normal(k, (batch, length, HEADS, HEAD_DIM), dtype) for k in keys]
-    plain = functools.partial(attn_lib.dot_product_attention, implementation=implementation)
+    plain = functools.partial(
+        attn_lib.dot_product_attention, implementation=implementation, platform=PLATFORM
+    )
     diff = functools.partial(
         attn_lib.differential_attention,
         lam=0.1,
         implementation=implementation,
+        platform=PLATFORM,
         stack_heads=stack_heads,
     )
     calls = [(fwd_bwd(plain, qkv[:3]), qkv[:3]), (fwd_bwd(diff, qkv), qkv)]
@@ -73,8 +79,9 @@ def measure_blocks(batch, length, dtype, repeats):
     spec = jax.random.normal(jax.random.key(0), (batch, length, 768), dtype)
     calls = []
     for variant in ("plain", "asda"):
-        cfg = model_lib.preset("base", attention=variant, dtype=jnp.dtype(dtype).name)
-        block = model_lib.Block(cfg, layer_index=0)
+        cfg = model_lib.preset("base", attention=variant)
+        run = model_lib.Execution(platform=PLATFORM, dtype=jnp.dtype(dtype).name)
+        block = model_lib.Block(cfg, layer_index=0, run=run)
         params = block.init(jax.random.key(1), spec, None, False)
 
         def loss(params, x, block=block):

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from asda_jax import finetune, sharding, train_lib
+from asda_jax import finetuning, sharding, train_state
 from asda_jax.data import datasets
 from benchmarks import common
 from tests.train_helpers import load_config
@@ -41,15 +41,16 @@ def rates(preset: str, steps: int) -> tuple[float, float]:
     config = load_config("configs/finetune_demo.py", f"model={preset},init_from=")
     config.data.target_frames = frames
     config.data.batch_size = batch_size
-    task = finetune.FinetuneTask(config)
+    task = finetuning.FinetuneTask(config, "cpu")
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    state, _, tx = train_lib.new_state(task, mesh, jax.random.PRNGKey(0))
+    plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
+    state = train_state.create_state(plan, mesh, jax.random.PRNGKey(0))
     spec = jax.random.normal(jax.random.key(1), (batch_size, frames, 128))
     labels = jax.nn.one_hot(np.arange(batch_size) % task.num_classes, task.num_classes)
     batch = {"spectrogram": spec, "frames": np.full(batch_size, frames), "labels": labels}
     with sharding.activate(mesh):
         holder = [state]
-        step = jax.jit(lambda s, b: task.step(s, b, tx), donate_argnums=0)
+        step = train_state.jit_step(task, plan, mesh)
         forward = jax.jit(lambda p, s: task.logits(p, s, train=False))
 
         def train_once():

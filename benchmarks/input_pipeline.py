@@ -6,8 +6,9 @@ the demo's input pipeline against the rate its pretraining step consumes clips.
 Clips are 10 s at 16 kHz, stored as FLAC bytes as prepared datasets store them. All
 rates are clips per second on this machine, timed in this process; "decode + fbank"
 runs the two back to back on one thread, as one pipeline worker does. The jitted fbank
-runs in its default passes of a few clips (``audio.clips_per_pass``), and once more with
-the whole batch of 16 in one pass, to show what the passes buy; its "fbank" rows start
+runs in the CPU's forms (``platforms.FORMS["cpu"]``: passes of a few clips, the
+two-tap pre-emphasis, the banded mel), and once more with the whole batch of 16 in one
+pass, to show what the passes buy; its "fbank" rows start
 from batches already padded and on the device (as the pipeline delivers them), its
 "decode + fbank" row from the FLAC bytes, padding and moving included. The demo part
 reads the synthetic dataset (prepared under data/ if missing) through the whole Grain
@@ -31,7 +32,7 @@ import librosa
 import numpy as np
 import threadpoolctl
 
-from asda_jax import audio, sharding, train_lib
+from asda_jax import audio, platforms, sharding, train_lib, train_state
 from asda_jax.data import datasets, pipeline
 from benchmarks import common
 from tests.train_helpers import load_config
@@ -87,8 +88,9 @@ def main():
     print(f"machine: {common.machine()}\nversions: {common.versions(('jax', 'numpy', 'librosa'))}")
     clips = make_clips(args.clips)
     waves = [audio.read_audio(c) for c in clips]
-    jitted = jax.jit(functools.partial(audio.device_spectrogram, norm=NORM))
-    one_pass = jax.jit(functools.partial(audio.device_spectrogram, norm=NORM, per_pass=BATCH))
+    cpu = functools.partial(audio.device_spectrogram, norm=NORM, forms=platforms.FORMS["cpu"])
+    jitted = jax.jit(cpu)
+    one_pass = jax.jit(functools.partial(cpu, per_pass=BATCH))
 
     def on_device(waves):
         """Batches of 16 waveforms padded into one array each, on the device, with their
@@ -159,7 +161,7 @@ def demo_rates(batches: int) -> tuple[float, float]:
     """(clips/s the demo's pipeline delivers, clips/s its pretraining step consumes)."""
     config = load_config("configs/demo.py")
     datasets.prepare("synthetic", config.data.data_dir)
-    task = train_lib.make_task(config)
+    task = train_lib.make_task(config, "cpu")
     stream = iter(pipeline.make_pipeline(task.data_cfg, train=True))
     batch = next(stream)  # threads started, first batch decoded
     start = time.perf_counter()
@@ -167,9 +169,10 @@ def demo_rates(batches: int) -> tuple[float, float]:
         next(stream)
     pipeline_rate = batches * task.data_cfg.batch_size / (time.perf_counter() - start)
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    state, _, tx = train_lib.new_state(task, mesh, jax.random.PRNGKey(0))
+    plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
+    state = train_state.create_state(plan, mesh, jax.random.PRNGKey(0))
     with sharding.activate(mesh):
-        step = jax.jit(lambda s, b: task.step(s, b, tx), donate_argnums=0)
+        step = train_state.jit_step(task, plan, mesh)
         batch = pipeline.to_global(batch, mesh)
         state, _ = step(state, batch)  # compile
         jax.block_until_ready(state)

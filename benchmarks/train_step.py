@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from asda_jax import launch_env, masking, sharding, train_lib
+from asda_jax import launch_env, masking, sharding, train_lib, train_state
 from benchmarks import common
 from tests import torch_reference as ref
 from tests.train_helpers import load_config
@@ -73,12 +73,13 @@ def matmul_roof() -> tuple[float, float]:
 
 def jax_step(clips: int, remat: str):
     config = load_config("configs/pretrain_as2m.py", "mesh=cpu")
-    config.model.remat_policy = remat
+    config.execution.remat_policy = remat
     config.data.batch_size = clips
-    task = train_lib.make_task(config)
+    task = train_lib.make_task(config, "cpu")
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    state, _, tx = train_lib.new_state(task, mesh, jax.random.PRNGKey(0))
-    step = jax.jit(lambda s, b: task.step(s, b, tx), donate_argnums=0)
+    plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
+    state = train_state.create_state(plan, mesh, jax.random.PRNGKey(0))
+    step = train_state.jit_step(task, plan, mesh)
     spec = jax.random.normal(jax.random.key(1), (clips, FRAMES, 128))
     batch = {"spectrogram": spec, "frames": jnp.full((clips,), FRAMES, jnp.int32)}
     with sharding.activate(mesh):

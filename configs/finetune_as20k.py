@@ -11,16 +11,4 @@ from asda_jax import recipes
 
 
 def get_config(arg=None):
-    return recipes.finetune(
-        arg,
-        dataset="audioset",
-        train_split="balanced_train",
-        eval_split="eval",
-        target_frames=1024,
-        norm="audioset",
-        batch_size=32,
-        lr=5e-5,
-        steps=60_000,
-        warmup=6_000,
-        recipe=dict(loss="bce_per_label", mixup_alpha=0.8, mask_ratio=0.2),
-    )
+    return recipes.finetuning_run(recipes.RECIPES["as20k"], arg)

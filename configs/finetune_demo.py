@@ -12,25 +12,24 @@ path 0.1) at the demo's sizes, with a higher lr for a short budget.
 from asda_jax import config_lib, recipes
 
 STEPS = 120
+DEMO = recipes.Recipe(
+    dataset="synthetic",
+    train_split="train",
+    eval_split="test",
+    target_frames=128,
+    norm="audioset",
+    batch_size=32,
+    lr=5e-4,
+    steps=STEPS,
+    warmup=12,
+    finetune=dict(loss="ce", label_smoothing=0.1, mask_ratio=0.2),
+    seed=0,
+)
 
 
 def get_config(arg=None):
     args = {"mesh": "cpu", "model": "demo", "init_from": "workdirs/demo"}
-    args |= config_lib.parse_arg(arg)
-    config = recipes.finetune(
-        recipes.format_arg(args),
-        dataset="synthetic",
-        train_split="train",
-        eval_split="test",
-        target_frames=128,
-        norm="audioset",
-        batch_size=32,
-        lr=5e-4,
-        steps=STEPS,
-        warmup=12,
-        seed=0,
-        recipe=dict(loss="ce", label_smoothing=0.1, mixup_alpha=0.0, mask_ratio=0.2),
-    )
+    config = recipes.finetuning_run(DEMO, **(args | config_lib.parse_arg(arg)))
     config.data.update(threads=2, prefetch=8)
     config.eval_data.update(threads=2, prefetch=8)
     config.log_every = 10

@@ -8,22 +8,15 @@
 Cross-entropy with label smoothing 0.1, no mixup, SpecAugment ratio 0.4, 5.12 s crops.
 """
 
+import dataclasses
+
 from asda_jax import config_lib, recipes
 
 
 def get_config(arg=None):
     args = config_lib.parse_arg(arg)
     train_split, eval_split = recipes.esc50_splits(int(args.pop("fold", 1)))
-    return recipes.finetune(
-        recipes.format_arg(args),
-        dataset="esc50",
-        train_split=train_split,
-        eval_split=eval_split,
-        target_frames=512,
-        norm="esc50",
-        batch_size=48,
-        lr=5e-5,
-        steps=4_000,
-        warmup=400,
-        recipe=dict(loss="ce", label_smoothing=0.1, mixup_alpha=0.0, mask_ratio=0.4),
+    recipe = dataclasses.replace(
+        recipes.RECIPES["esc50"], train_split=train_split, eval_split=eval_split
     )
+    return recipes.finetuning_run(recipe, **args)

@@ -13,17 +13,4 @@ from asda_jax import recipes
 
 
 def get_config(arg=None):
-    return recipes.finetune(
-        arg,
-        dataset="speech_commands_v2",
-        train_split="train",
-        eval_split="test",
-        target_frames=128,
-        norm="spcv2",
-        batch_size=256,
-        lr=2e-4,
-        steps=80_000,
-        warmup=8_000,
-        seed=42,
-        recipe=dict(loss="bce", mixup_alpha=0.8, mask_ratio=0.2, spec_noise_and_roll=True),
-    )
+    return recipes.finetuning_run(recipes.RECIPES["spcv2"], arg)

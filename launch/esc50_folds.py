@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from asda_jax import cli, config_lib, finetune, recipes, train_lib
+from asda_jax import cli, config_lib, evaluation, recipes, train_lib
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -42,7 +42,7 @@ def fold_accuracy(config, fold: int, workdir: Path) -> float:
     if done.exists():
         return json.loads(done.read_text())["accuracy"]
     state, task, mesh = train_lib.train(config, workdir)
-    return finetune.final_evaluation(state, task, mesh, workdir)["accuracy"]
+    return evaluation.final_evaluation(state, task, mesh, workdir)["accuracy"]
 
 
 def main(argv):

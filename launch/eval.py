@@ -23,7 +23,16 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from asda_jax import checkpoints, cli, finetune, inference, sharding
+from asda_jax import (
+    checkpoints,
+    cli,
+    evaluation,
+    finetuning,
+    inference,
+    platforms,
+    sharding,
+    train_state,
+)
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -39,7 +48,7 @@ flags.mark_flags_as_required(["workdir"])
 def evaluation_config(config):
     """The run's config, evaluated on this machine's devices with the flags' overrides."""
     config = config.copy_and_resolve_references()
-    config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
+    config.mesh = dict(sharding.DATA_PARALLEL)
     config.mesh_dcn = None
     config.num_processes = None
     block = config.eval_data if config.get("eval_data") else config.data
@@ -54,14 +63,15 @@ def main(argv):
     cli.quiet_library_logs()
     try:
         config = evaluation_config(inference.run_config(FLAGS.workdir))
-        task = finetune.FinetuneTask(config)
         mesh = sharding.make_mesh(dict(config.mesh))
+        task = finetuning.FinetuneTask(config, platforms.of_mesh(mesh))
         eval_cfg = dataclasses.replace(
             task.eval_cfg, batch_size=_fit(task.eval_cfg.batch_size, mesh)
         )
+        plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
         item, prefix = checkpoints.locate_params(FLAGS.workdir, FLAGS.step)
-        params = checkpoints.restore_item(item, prefix, finetune.abstract_params(task, mesh))
-        results = finetune.evaluate(task, params, eval_cfg, mesh)
+        params = checkpoints.restore_item(item, prefix, plan.restore_target().params)
+        results = evaluation.evaluate(task, params, eval_cfg, mesh)
     except (checkpoints.CheckpointMismatch, datasets.DatasetNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

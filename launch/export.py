@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from asda_jax import checkpoints, cli, config_lib, inference
+from asda_jax import checkpoints, cli, inference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's workdir.")
@@ -31,16 +31,14 @@ def run_export(workdir: str, step: int | None):
     """(params, ModelConfig, description) of a run's checkpoint."""
     config = inference.run_config(workdir)
     item, prefix = checkpoints.locate_params(workdir, step)
-    params = checkpoints.restore_item(item, prefix, checkpoints.saved_target(item, prefix))
+    params = checkpoints.restore_item(item, prefix)
     description = {"source": str(item.parent), "kind": config.task}
     if config.task == "pretrain":
-        params["teacher"] = checkpoints.restore_item(
-            item, ("teacher",), checkpoints.saved_target(item, ("teacher",))
-        )
+        params["teacher"] = checkpoints.restore_item(item, ("teacher",))
     else:
         _, head, inputs = inference.classifier_description(workdir)
         description |= dict(head, target_frames=inputs.target_frames, norm=list(inputs.norm))
-    return params, config_lib.model_config(config), description
+    return params, inference.model_config_of(workdir), description
 
 
 def main(argv):

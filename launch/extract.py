@@ -37,17 +37,16 @@ def main(argv):
     del argv
     cli.quiet_library_logs()
     try:
-        encode, cfg = inference.load_encoder(FLAGS.checkpoint, FLAGS.step)
+        encode, cfg, _ = inference.load_encoder(FLAGS.checkpoint, FLAGS.step)
         files, root = cli.audio_inputs(FLAGS.audio)
     except (checkpoints.CheckpointMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     output = Path(FLAGS.output)
     norm = (FLAGS.norm_mean, FLAGS.norm_std)
-    max_frames = cfg.max_time_patches * cfg.patch_size
 
     def extract(path: Path) -> str:
-        spec = inference.whole_clip(path, norm, max_frames)
+        spec = inference.whole_clip(path, norm, cfg)
         stem = output / path.relative_to(root).with_suffix("")
         stem.parent.mkdir(parents=True, exist_ok=True)
         for name, array in inference.embed(encode, spec).items():

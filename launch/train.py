@@ -30,7 +30,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from asda_jax import cli, config_lib, finetune, probe, train_lib
+from asda_jax import cli, config_lib, evaluation, probe, train_lib, train_state
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -75,9 +75,8 @@ def prepare_embedded_data(config) -> None:
 
 def report_probe(config, state, task, mesh, workdir: Path) -> None:
     results = probe.compare_with_random_init(
-        task.model_cfg,
+        task,
         state.params["encoder"],
-        task.data_cfg,
         mesh,
         config.probe.train_split,
         config.probe.test_split,
@@ -92,7 +91,7 @@ def report_probe(config, state, task, mesh, workdir: Path) -> None:
 
 
 def report_evaluation(state, task, mesh, workdir: Path) -> None:
-    results = finetune.final_evaluation(state, task, mesh, workdir)
+    results = evaluation.final_evaluation(state, task, mesh, workdir)
     if jax.process_index() == 0:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_clips")
         print(f"{task.eval_cfg.dataset}:{task.eval_cfg.split} at step {int(state.step)}: {shown}")
@@ -110,7 +109,7 @@ def main(argv):
     except (config_lib.ConfigError, datasets.DatasetNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except train_lib.TrainingStopped as e:
+    except train_state.TrainingStopped as e:
         logging.error("%s", e)
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(3)

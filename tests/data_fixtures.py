@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from asda_jax.data import builders
+
 SR = 16_000
 
 
@@ -114,6 +116,18 @@ def class_folders_tree(root: Path, classes=("bird", "car"), per_class=3, splits=
         for k in range(per_class):
             split_dir = root / ("train" if k else "test") if splits else root
             write_tone(split_dir / name / f"{name}{k}.flac", 500 + 200 * c)
+
+
+class CorruptFolder(builders.AudioFolder, skip_registration=True):
+    """``class_folders_tree`` with clip car1 undecodable once prepared, as bit rot in a
+    prepared dataset would leave it."""
+
+    name = "corrupt_folder"
+
+    def _convert(self, ref):
+        if ref.clip_id.endswith("car1.flac"):
+            return b"garbage bytes, not FLAC" * 4, 8000
+        return super()._convert(ref)
 
 
 def labels_csv_tree(root: Path) -> dict[str, set[str]]:

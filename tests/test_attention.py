@@ -1,5 +1,6 @@
 """Differential attention: NumPy oracles for both forms, and every backend vs the reference."""
 
+import logging
 import math
 
 import jax
@@ -236,6 +237,7 @@ def _forward_and_grads(implementation, arrays, mask, bias=None, stack_heads=Fals
 
 
 BACKEND_CASES = [
+    ("xla", False),
     ("dot_product", False),
     ("dot_product", True),
     ("pallas_flash", False),
@@ -247,18 +249,18 @@ BACKEND_CASES = [
 @pytest.mark.parametrize(("implementation", "stack_heads"), BACKEND_CASES)
 def test_backend_matches_reference_forward_and_gradients(implementation, stack_heads):
     arrays, mask = _inputs()
-    ref_out, ref_grads = _forward_and_grads("xla", arrays, mask)
+    ref_out, ref_grads = _forward_and_grads("reference", arrays, mask)
     out, grads = _forward_and_grads(implementation, arrays, mask, stack_heads=stack_heads)
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("implementation", ["dot_product", "pallas_flash"])
+@pytest.mark.parametrize("implementation", ["xla", "dot_product", "pallas_flash"])
 def test_backend_with_bias_and_wider_values_matches_reference(implementation):
     arrays, mask = _inputs(dk=8, dv=16, t=24)  # DIFF form: v heads twice as wide as q/k
     bias = jnp.asarray(randn(1, 2, 24, 24, scale=0.5))
-    ref_out, ref_grads = _forward_and_grads("xla", arrays, mask, bias)
+    ref_out, ref_grads = _forward_and_grads("reference", arrays, mask, bias)
     out, grads = _forward_and_grads(implementation, arrays, mask, bias)
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
     for g, ref in zip(grads, ref_grads, strict=True):
@@ -267,8 +269,8 @@ def test_backend_with_bias_and_wider_values_matches_reference(implementation):
 
 def test_plain_attention_backends_agree():
     (q, k, _, _, v), mask = _inputs()
-    ref = attn_lib.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-    for implementation in ("dot_product", "pallas_flash"):
+    ref = attn_lib.dot_product_attention(q, k, v, mask=mask, implementation="reference")
+    for implementation in ("xla", "dot_product", "pallas_flash"):
         out = attn_lib.dot_product_attention(
             q, k, v, mask=mask, implementation=implementation, interpret=True
         )
@@ -285,6 +287,10 @@ def _choose(implementation, **kw):
     return attn_lib.choose_backend(implementation, **{**args, **kw})
 
 
+def fallback_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+
+
 def test_auto_picks_the_platform_kernel():
     assert _choose("auto", platform="cpu") == "xla"
     assert _choose("auto", platform="gpu", dtype=jnp.bfloat16) == "cudnn"
@@ -292,22 +298,58 @@ def test_auto_picks_the_platform_kernel():
     assert _choose("auto", platform="tpu") == "pallas_splash"
     assert _choose("auto", platform="tpu", has_bias=True) == "pallas_flash"
     assert _choose("auto", platform="tpu", length=103) == "xla"  # student tokens: XLA wins
-    assert _choose("auto", platform="tpu", need_maps=True) == "xla"
+    assert _choose("auto", platform="tpu", need_maps=True) == "reference"
 
 
-def test_unavailable_kernels_fall_back_to_xla_and_still_compute(caplog):
-    assert _choose("cudnn", platform="cpu") == "xla"
-    assert _choose("cudnn", platform="gpu", dtype=jnp.float32) == "xla"
-    assert _choose("pallas_flash", platform="cpu") == "xla"
-    assert _choose("pallas_flash", platform="cpu", interpret=True) == "pallas_flash"
-    assert _choose("pallas_splash", platform="tpu", has_bias=True) == "xla"
-    assert _choose("dot_product", platform="cpu") == "dot_product"
+def test_unavailable_kernels_fall_back_to_xla_with_a_warning_and_still_compute(caplog):
+    attn_lib._warn_fallback.cache_clear()  # the warning is given once per process and reason
+    with caplog.at_level(logging.WARNING):
+        assert _choose("cudnn", platform="cpu") == "xla"
+        assert _choose("cudnn", platform="gpu", dtype=jnp.float32) == "xla"
+        assert _choose("pallas_flash", platform="cpu") == "xla"
+        assert _choose("pallas_splash", platform="tpu", has_bias=True) == "xla"
+    assert fallback_warnings(caplog) == [
+        "attention 'cudnn' unavailable (cuDNN needs a GPU, this is cpu); using 'xla'",
+        "attention 'cudnn' unavailable (cuDNN needs bf16/fp16 and head dim <= 256); using 'xla'",
+        "attention 'pallas_flash' unavailable (Pallas TPU kernels need a TPU (or interpret=True),"
+        " this is cpu); using 'xla'",
+        "attention 'pallas_splash' unavailable (splash attention takes no additive bias); "
+        "using 'xla'",
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # kernels that can run are taken without a word
+        assert _choose("pallas_flash", platform="cpu", interpret=True) == "pallas_flash"
+        assert _choose("dot_product", platform="cpu") == "dot_product"
+        assert _choose("reference", platform="tpu") == "reference"
+    assert fallback_warnings(caplog) == []
     arrays, mask = _inputs(t=12)
-    ref = attn_lib.differential_attention(*arrays, 0.1, mask=mask)
+    ref = attn_lib.differential_attention(*arrays, 0.1, mask=mask, implementation="xla")
     out = attn_lib.differential_attention(*arrays, 0.1, mask=mask, implementation="cudnn")
     np.testing.assert_array_equal(out, ref)
 
 
+def test_the_chooser_follows_the_platform_it_is_given_not_the_host():
+    """In one CPU process, the same call picks each platform's kernels by its argument."""
+    picks = {p: _choose("auto", platform=p, dtype=jnp.bfloat16) for p in ("cpu", "gpu", "tpu")}
+    assert picks == {"cpu": "xla", "gpu": "cudnn", "tpu": "pallas_splash"}
+    cfg = model_lib.preset("tiny", embed_dim=256, num_heads=2)  # 128-wide heads
+    tokens = jnp.ones((1, 130, 256))  # at least PALLAS_MIN_LENGTH tokens
+    for platform, backend in (("cpu", "xla"), ("tpu", "pallas_splash")):
+        run = model_lib.Execution(platform=platform, dtype="float32", attention_interpret=True)
+        seen = []
+        real = attn_lib._fused_attention
+
+        def spy(name, *args, real=real, seen=seen, **kwargs):
+            seen.append(name)
+            return real(name, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(attn_lib, "_fused_attention", spy)
+            module = model_lib.AsdaAttention(cfg, run)
+            module.init(jax.random.key(0), tokens, None)
+        assert seen == ([] if backend == "xla" else [backend, backend]), platform
+
+
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        _choose("flash3")
+        _choose("flash3", platform="cpu")

@@ -10,9 +10,10 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
-from asda_jax import audio
+from asda_jax import audio, platforms
 
 SR = 16_000
+CPU = platforms.FORMS["cpu"]
 
 
 def tone(seconds=2.0):
@@ -82,10 +83,14 @@ def test_fbank_matches_kaldi_native_fbank(signal, setting, record_property):
     opts = PARITY_OPTIONS[setting]
     wave = SIGNALS[signal]()[:31_900]  # 140 samples past the last 25 ms frame go unused
     expected = knf_fbank(wave, opts)
-    ours = audio.fbank(wave, opts)
-    jitted = np.asarray(jax.jit(lambda w: audio.fbank(w, opts, xp=jnp))(wave))
+    ours = audio.fbank(wave, opts, mel=platforms.HOST.mel)
+    forms = {"jit": {}, "jit_cpu": dict(preemphasis=CPU.preemphasis, mel=CPU.mel)}
+    jitted = {
+        name: np.asarray(jax.jit(lambda w, f=f: audio.fbank(w, opts, xp=jnp, **f))(wave))
+        for name, f in forms.items()
+    }  # the plain forms (accelerators), and the CPU's
     assert ours.shape == expected.shape == (opts.num_frames(wave.size), opts.num_mel_bins)
-    for name, got in (("host", ours), ("jit", jitted)):
+    for name, got in (("host", ours), *jitted.items()):
         diff = np.abs(got - expected)
         record_property(f"{name}_max_abs_diff", float(diff.max()))
         record_property(f"{name}_mean_abs_diff", float(diff.mean()))
@@ -146,6 +151,24 @@ def test_mel_bands_sum_like_the_dense_bank():
     np.testing.assert_allclose(banded, power @ audio.mel_banks(audio.RELEASE_FBANK).T, rtol=1e-6)
     work = sum(w.size for _, _, w in bands)
     assert work < 0.3 * audio.mel_banks(audio.RELEASE_FBANK).size
+    dense = audio.mel_energies(power, audio.RELEASE_FBANK, "dense")
+    np.testing.assert_allclose(audio.mel_energies(power, audio.RELEASE_FBANK, "bands"), dense)
+
+
+def test_the_cpu_forms_compute_the_plain_forms_numbers():
+    """The host's banded mel against the dense product, and the jitted CPU front end
+    (convolution pre-emphasis, banded mel) against the plain one: near-silent bins
+    amplify float32 rounding in the log, as between any two FFTs (Kaldi parity: 1e-3)."""
+    waves = np.stack([tone(1.0), noise(1.0), speech_like(1.0)])
+    np.testing.assert_allclose(audio.fbank(waves, mel="bands"), audio.fbank(waves), atol=1e-5)
+    plain = np.asarray(jax.jit(lambda w: audio.fbank(w, xp=jnp))(waves))
+    cpu = jax.jit(lambda w: audio.fbank(w, xp=jnp, preemphasis="conv", mel="bands"))(waves)
+    difference = np.abs(np.asarray(cpu) - plain)
+    assert difference.max() <= 1e-3 and difference.mean() <= 2e-5
+    with pytest.raises(ValueError, match="'conv' pre-emphasis is for jitted"):
+        audio.preemphasised(waves, 0.97, 100, form="conv")
+    with pytest.raises(ValueError, match="mel form must be"):
+        audio.fbank(waves, mel="sparse")
 
 
 def test_frame_means_are_the_means_of_kaldis_frames():
@@ -158,7 +181,7 @@ def test_frame_means_are_the_means_of_kaldis_frames():
 
 
 @pytest.mark.parametrize("length", [1_000, 1_200, 700])  # as long, padded, cut
-def test_preemphasis_filters_pads_and_cuts_alike_in_every_form(length, monkeypatch):
+def test_preemphasis_filters_pads_and_cuts_alike_in_every_form(length):
     waves = np.stack([noise(1_000 / SR, seed=s) for s in range(3)]).astype(np.float64)
     padded = np.zeros((3, length))
     padded[:, : min(length, 1_000)] = waves[:, :length]
@@ -166,18 +189,14 @@ def test_preemphasis_filters_pads_and_cuts_alike_in_every_form(length, monkeypat
     expected[:, 1:] -= 0.97 * padded[:, :-1]
     np.testing.assert_allclose(audio.preemphasised(waves, 0.97, length), expected, rtol=1e-12)
 
-    def jitted():
-        run = jax.jit(lambda w: audio.preemphasised(w, 0.97, length, xp=jnp))
-        return run(waves.astype(np.float32))
-
-    np.testing.assert_allclose(jitted(), expected, atol=1e-6)  # CPU: a two-tap convolution
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # accelerators: plain form
-    np.testing.assert_allclose(jitted(), expected, atol=1e-6)
+    for form in ("plain", "conv"):  # accelerators' form, the CPU's two-tap convolution
+        run = jax.jit(lambda w, form=form: audio.preemphasised(w, 0.97, length, xp=jnp, form=form))
+        np.testing.assert_allclose(run(waves.astype(np.float32)), expected, atol=1e-6)
 
 
 def test_batched_jit_equals_per_clip_host():
     waves = np.stack([tone(1.0), noise(1.0), speech_like(1.0)])
-    batched = jax.jit(lambda w: audio.fbank(w, xp=jnp))(waves)
+    batched = jax.jit(lambda w: audio.fbank(w, xp=jnp, preemphasis="conv", mel="bands"))(waves)
     for i, wave in enumerate(waves):
         # two float32 FFTs: near-silent bins differ like ours vs Kaldi's, within 1e-3
         np.testing.assert_allclose(batched[i], audio.fbank(wave), atol=1e-3)
@@ -187,30 +206,31 @@ def test_device_spectrogram_is_the_same_however_the_batch_is_split_into_passes()
     waves = np.stack([tone(1.0), noise(1.0), speech_like(1.0), noise(1.0, seed=3)] * 2)
     lengths = np.array([16_000, 9_000, 16_000, 400, 399, 16_000, 12_345, 16_000], np.int32)
     norm = audio.NORM_STATS["esc50"]
-    run = jax.jit(audio.device_spectrogram, static_argnums=2, static_argnames="per_pass")
-    whole, frames = run(waves, lengths, norm, per_pass=8)
+    run = jax.jit(audio.device_spectrogram, static_argnums=2, static_argnames=("forms", "per_pass"))
+    whole, frames = run(waves, lengths, norm, forms=CPU, per_pass=8)
     np.testing.assert_array_equal(frames, [98, 54, 98, 1, 0, 98, 75, 98])
     for i in (0, 2, 5):  # full-length clips: the host front end, normalised
         np.testing.assert_allclose(
             whole[i], audio.normalize(audio.fbank(waves[i]), *norm), atol=1e-3
         )
     for per_pass in (1, 2, 4):
-        spec, counts = run(waves, lengths, norm, per_pass=per_pass)
+        spec, counts = run(waves, lengths, norm, forms=CPU, per_pass=per_pass)
         np.testing.assert_array_equal(counts, frames)
         np.testing.assert_allclose(spec, whole, atol=1e-5)  # each clip keeps its own row
     with pytest.raises(ValueError, match="does not divide"):
-        run(waves, lengths, norm, per_pass=3)
+        run(waves, lengths, norm, forms=CPU, per_pass=3)
 
 
 def test_cpu_passes_fit_the_frame_budget_and_divide_the_batch():
-    assert audio.CPU_FRAMES_PER_PASS == 4096
-    assert audio.clips_per_pass(16, 1024, "gpu") == 16  # accelerators: one pass
-    assert audio.clips_per_pass(16, 1024, "cpu") == 4
-    assert audio.clips_per_pass(12, 1024, "cpu") == 4
-    assert audio.clips_per_pass(6, 1024, "cpu") == 3
-    assert audio.clips_per_pass(7, 1024, "cpu") == 1  # prime batches go one clip at a time
-    assert audio.clips_per_pass(64, 128, "cpu") == 32
-    assert audio.clips_per_pass(3, 8192, "cpu") == 1
+    budget = CPU.frames_per_pass
+    assert budget == 4096 and platforms.FORMS["tpu"].frames_per_pass is None
+    assert audio.clips_per_pass(16, 1024, None) == 16  # accelerators: one pass
+    assert audio.clips_per_pass(16, 1024, budget) == 4
+    assert audio.clips_per_pass(12, 1024, budget) == 4
+    assert audio.clips_per_pass(6, 1024, budget) == 3
+    assert audio.clips_per_pass(7, 1024, budget) == 1  # prime batches go one clip at a time
+    assert audio.clips_per_pass(64, 128, budget) == 32
+    assert audio.clips_per_pass(3, 8192, budget) == 1
 
 
 def test_pad_and_normalize_follow_the_release():

@@ -1,6 +1,8 @@
 """The authors' checkpoints through launch/convert_torch.py, exports, resharding restores."""
 
 import copy
+import dataclasses
+import json
 import os
 import pickle
 import subprocess
@@ -12,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from asda_jax import checkpoints, inference, sharding, torch_import, train_lib
+from asda_jax import checkpoints, config_lib, inference, sharding, torch_import, train_lib
+from asda_jax import model as model_lib
+from asda_jax import train_state as state_lib
 from asda_jax.data import datasets
 from tests import torch_reference as ref
 from tests import train_helpers as th
@@ -102,10 +106,12 @@ def test_a_pretraining_checkpoint_converts_to_the_same_features(tmp_path):
     done = convert(tmp_path / "pretrained.pt", tmp_path / "export")
     assert done.returncode == 0, done.stderr[-3000:]
     assert '"missing": []' in done.stdout and '"unexpected": []' in done.stdout
+    assert_architecture_only(tmp_path / "export")
     spec = spectrogram()
     for which, model in (("encoder", rounded(student)), ("teacher", teacher)):
-        encode, cfg = inference.load_encoder(tmp_path / "export", which=which)
+        encode, cfg, run = inference.load_encoder(tmp_path / "export", which=which)
         assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (DIM, DEPTH, HEADS)
+        assert run == model_lib.Execution(platform="cpu")  # this machine's defaults
         with torch.no_grad():
             expected, _ = model(torch.from_numpy(spec))
         ours = np.asarray(encode(spec))
@@ -194,20 +200,26 @@ def trained_state(data_dir, workdir, mesh_shape):
 
 
 def restore_onto(task, workdir, mesh):
-    abstract, shardings, _, _ = train_lib.state_shardings(task, mesh, jax.random.PRNGKey(0))
-    target = checkpoints.abstract_state(abstract, shardings)
+    plan = state_lib.plan_state(task, mesh, jax.random.PRNGKey(0))
     ckpt = checkpoints.Checkpoints(workdir)
     try:
-        state, _ = ckpt.restore(ckpt.latest_step(), target)
+        state, _ = ckpt.restore(ckpt.latest_step(), plan.restore_target())
     finally:
         ckpt.close()
-    return state, shardings
+    return state, plan.shardings
 
 
 def saved_params(workdir):
     """The checkpoint's parameters as saved, read onto one device without resharding."""
     item, prefix = checkpoints.locate_params(workdir)
-    return checkpoints.restore_item(item, prefix, checkpoints.saved_target(item, prefix))
+    return checkpoints.restore_item(item, prefix)
+
+
+def assert_architecture_only(export) -> None:
+    """The export's model.json holds exactly the ModelConfig's fields."""
+    saved = checkpoints.export_description(export)["model"]
+    assert set(saved) == {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+    assert not set(saved) & set(config_lib.EXECUTION_FIELDS)
 
 
 def assert_restored(state, shardings, expected_params) -> None:
@@ -233,37 +245,93 @@ def test_a_checkpoint_saved_on_1_device_restores_on_8(data_dir, tmp_path):
     one_device = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     proc = th.launch_train(tmp_path, flags, one_device)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
-    task = train_lib.make_task(th.tiny_config(data_dir))
+    task = train_lib.make_task(th.tiny_config(data_dir), "cpu")
     state, shardings = restore_onto(task, tmp_path, sharding.make_mesh((2, 2, 2)))
     qk = state.params["encoder"]["blocks_0"]["attn"]["qk"]["kernel"]
     assert len(qk.sharding.device_set) == 8
     assert_restored(state, shardings, saved_params(tmp_path))
 
 
-def test_an_exported_run_feeds_fine_tuning_and_extraction(data_dir, tmp_path):
-    trained_state(data_dir, tmp_path / "run", (8, 1, 1))
+# How the run computed; none of it may travel with its export.
+RUN_EXECUTION = {
+    "remat_policy": "full",
+    "decoder_conv_impl": "xla",
+    "attention_impl": "dot_product",
+}
+# What versions before the Execution split wrote beside the architecture.
+LEGACY_EXECUTION = {
+    "dtype": "bfloat16", "attention_impl": "pallas_splash", "attention_stack_heads": True,
+    "attention_interpret": False, "remat_policy": "full", "decoder_conv_impl": "auto",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exported_run(data_dir, tmp_path_factory):
+    """A tiny pretraining run (computing in non-default ways) and its export."""
+    root = tmp_path_factory.mktemp("exported")
+    config = th.tiny_config(data_dir, num_train_steps=2, checkpoint_every=2)
+    config.execution.update(RUN_EXECUTION)
+    train_lib.train(config, root / "run")
     command = [
         sys.executable,
         str(th.ROOT / "launch" / "export.py"),
-        f"--workdir={tmp_path / 'run'}",
-        f"--output={tmp_path / 'export'}",
+        f"--workdir={root / 'run'}",
+        f"--output={root / 'export'}",
     ]
     done = subprocess.run(command, cwd=th.ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    description = checkpoints.export_description(tmp_path / "export")
+    return root / "run", root / "export"
+
+
+def test_an_exported_run_feeds_fine_tuning_and_extraction(data_dir, exported_run, tmp_path):
+    run_dir, export = exported_run
+    description = checkpoints.export_description(export)
     assert description["kind"] == "pretrain" and description["model"]["embed_dim"] == 64
-    encode_run, _ = inference.load_encoder(tmp_path / "run")
-    encode_export, _ = inference.load_encoder(tmp_path / "export")
+    assert_architecture_only(export)
+    encode_run, _, _ = inference.load_encoder(run_dir)
+    encode_export, _, run = inference.load_encoder(export)
+    assert run == model_lib.Execution(platform="cpu")  # not the run's remat or kernels
     spec = spectrogram()[:, :64]
     np.testing.assert_array_equal(np.asarray(encode_run(spec)), np.asarray(encode_export(spec)))
     config = th.load_config("configs/finetune_demo.py", f"data_dir={data_dir}")
-    config.finetune.init_from = str(tmp_path / "export")
+    config.finetune.init_from = str(export)
     config.model.preset = "tiny"
     config.data.target_frames = config.eval_data.target_frames = 64
-    config.num_train_steps = 0
+    config.num_train_steps = config.optim.warmup_steps = 0
     state, _, _ = train_lib.train(config, tmp_path / "ft")
-    exported = saved_params(tmp_path / "export")["encoder"]
+    exported = saved_params(export)["encoder"]
     for a, b in zip(
         jax.tree.leaves(state.params["encoder"]), jax.tree.leaves(exported), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_runs_and_exports_written_before_the_execution_split_still_load(exported_run, caplog):
+    """model.json and config.json as versions before this layout wrote them: execution
+    settings under ``model``, no ``execution`` block, the schedule's length in
+    ``optim.total_steps``. They load, computing in this platform's defaults."""
+    run_dir, export = exported_run
+    spec = spectrogram()[:, :64]
+    expected = np.asarray(inference.load_encoder(export).encode(spec))
+    path = export / checkpoints.EXPORT_CONFIG
+    written = json.loads(path.read_text())
+    written["model"] |= LEGACY_EXECUTION
+    path.write_text(json.dumps(written))
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["model"] |= LEGACY_EXECUTION
+    del saved["execution"], saved["optim"]["decay_steps"]
+    saved["optim"]["total_steps"] = saved["num_train_steps"]
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    with caplog.at_level("INFO"):
+        for old in (export, run_dir):
+            encode, _, run = inference.load_encoder(old)
+            assert run == model_lib.Execution(platform="cpu")
+            np.testing.assert_array_equal(np.asarray(encode(spec)), expected)
+    notes = [r.getMessage() for r in caplog.records if "ignoring its execution" in r.getMessage()]
+    assert len(notes) == 2 and all(str(sorted(LEGACY_EXECUTION)) in note for note in notes)
+    config = inference.run_config(run_dir)
+    assert train_lib.make_task(config, "cpu").optim_cfg.decay_steps == saved["num_train_steps"]
+    written["model"]["frobnicate"] = 3  # a field no version wrote: refused, named
+    path.write_text(json.dumps(written))
+    with pytest.raises(checkpoints.CheckpointMismatch, match="frobnicate"):
+        inference.load_encoder(export)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from asda_jax import checkpoints, sharding, train_lib
+from asda_jax import checkpoints, sharding, train_lib, train_state
 from asda_jax.data import datasets
 from tests import train_helpers as th
 
@@ -22,7 +22,7 @@ def launch_pair(workdir, data_dir, steps: int):
     address = f"127.0.0.1:{free_port()}"
     extra = {
         "num_train_steps": steps,
-        "optim.total_steps": 8,
+        "optim.decay_steps": 8,
         "checkpoint_every": 3,
         "num_processes": 2,
     }
@@ -50,11 +50,10 @@ def wait_all(procs, timeout=300):
 
 def restore_on_one_device(workdir, step: int, data_dir: str):
     """A checkpoint restored onto this process's first device, whoever saved it."""
-    task = train_lib.make_task(th.tiny_config(data_dir))
+    task = train_lib.make_task(th.tiny_config(data_dir), "cpu")
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    abstract, shardings, _, _ = train_lib.state_shardings(task, mesh, jax.random.PRNGKey(0))
-    target = checkpoints.abstract_state(abstract, shardings)
-    return checkpoints.Checkpoints(workdir).restore(step, target)[0]
+    plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
+    return checkpoints.Checkpoints(workdir).restore(step, plan.restore_target())[0]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +66,7 @@ def data_dir(tmp_path_factory):
 def test_two_processes_train_like_one_and_resume_from_their_checkpoint(data_dir, tmp_path):
     single = tmp_path / "single"
     train_lib.train(
-        th.tiny_config(data_dir, num_train_steps=3, checkpoint_every=3, **{"optim.total_steps": 8}),
+        th.tiny_config(data_dir, num_train_steps=3, checkpoint_every=3, **{"optim.decay_steps": 8}),
         single,
     )
     pair = tmp_path / "pair"

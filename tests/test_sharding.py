@@ -1,5 +1,7 @@
 """Sharding on 8 simulated CPU devices: rules, shardings and equality with one device."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from asda_jax import audio, platforms, sharding
 from asda_jax import model as model_lib
-from asda_jax import sharding
 
 MESH_SHAPE = {"data": 2, "fsdp": 2, "tensor": 2}
 
@@ -32,8 +34,11 @@ def test_mesh_fills_one_axis_and_rejects_wrong_sizes():
 def _classifier_on(mesh, cfg):
     model = model_lib.Classifier(cfg, num_classes=5)
     spec = jnp.zeros((8, 64, 128))
-    variables, shardings = sharding.init_sharded(model.init, mesh, jax.random.key(0), spec)
-    return model, variables, shardings
+    boxed = jax.eval_shape(model.init, jax.random.key(0), spec)
+    shardings = sharding.logical_shardings(boxed, mesh)
+    with sharding.activate(mesh):
+        variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), spec)
+    return model, nn.meta.unbox(variables), shardings
 
 
 def test_parameters_are_sharded_as_the_rules_say():
@@ -94,17 +99,17 @@ def test_forward_and_backward_on_the_mesh_equal_one_device():
 
 
 def test_pallas_kernel_is_shard_mapped_under_the_mesh():
-    base = model_lib.preset("tiny")
-    pallas = model_lib.preset("tiny", attention_impl="pallas_splash", attention_interpret=True)
+    cfg = model_lib.preset("tiny")
+    pallas = model_lib.Execution(attention_impl="pallas_splash", attention_interpret=True)
     mesh = sharding.make_mesh(MESH_SHAPE)
     spec = jax.random.normal(jax.random.key(3), (8, 64, 128))
     lengths = jnp.array([64, 48, 64, 32, 64, 16, 64, 64])
-    encoder = model_lib.Encoder(base)
+    encoder = model_lib.Encoder(cfg)
     variables = nn.meta.unbox(encoder.init(jax.random.key(0), spec))
     expected = encoder.apply(variables, spec, lengths)
     batch = sharding.batch_sharding(mesh)
     with sharding.activate(mesh):
-        out = jax.jit(model_lib.Encoder(pallas).apply)(
+        out = jax.jit(model_lib.Encoder(cfg, run=pallas).apply)(
             variables, jax.device_put(spec, batch), jax.device_put(lengths, batch)
         )
     valid = np.asarray(expected.mask)
@@ -114,14 +119,16 @@ def test_pallas_kernel_is_shard_mapped_under_the_mesh():
 
 
 def test_device_front_end_on_the_mesh_equals_one_device_and_stays_split():
-    from asda_jax import audio
-
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
     waves = np.random.default_rng(0).standard_normal((16, 3_280)).astype(np.float32)  # 20 frames
     lengths = np.full(16, 3_280, np.int32)
     lengths[3] = 1_000
     norm = audio.NORM_STATS["audioset"]
-    run = jax.jit(audio.device_spectrogram, static_argnums=2, static_argnames="per_pass")
+    run = jax.jit(
+        functools.partial(audio.device_spectrogram, forms=platforms.FORMS["cpu"]),
+        static_argnums=2,
+        static_argnames="per_pass",
+    )
     one = jax.devices()[0]
     spec_1, frames_1 = run(jax.device_put(waves, one), jax.device_put(lengths, one), norm)
     batch = sharding.batch_sharding(mesh)

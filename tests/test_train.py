@@ -1,5 +1,8 @@
-"""The training loop: pod-mesh equality, exact resume after SIGKILL/SIGTERM, guards."""
+"""The training loop: pod-mesh equality, exact resume after SIGKILL/SIGTERM, guards,
+the run length, skip counts."""
 
+import json
+import re
 import signal
 import time
 
@@ -7,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from asda_jax import checkpoints, sharding, train_lib
+from asda_jax import checkpoints, config_lib, optim, sharding, train_lib, train_state
 from asda_jax.data import datasets, pipeline
+from tests import data_fixtures as fx
 from tests import train_helpers as th
 
 
@@ -21,7 +25,7 @@ def data_dir(tmp_path_factory):
 
 # Long enough that a signal sent once step 3 is logged lands mid-run: a tiny step takes
 # milliseconds, so an 8-step run could finish before the signal arrives.
-RUN = {"num_train_steps": 100, "optim.total_steps": 100, "checkpoint_every": 25}
+RUN = {"num_train_steps": 100, "checkpoint_every": 25}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def test_nan_loss_stops_before_saving_and_keeps_the_last_good_checkpoint(data_di
     train_lib.train(th.tiny_config(data_dir, num_train_steps=4), tmp_path)
     good = checkpoints.Checkpoints(tmp_path).restore(4, None)[0]
     exploding = th.tiny_config(data_dir, **{"optim.lr": 1e30})
-    with pytest.raises(train_lib.TrainingStopped, match=r"the loss is (nan|inf)"):
+    with pytest.raises(train_state.TrainingStopped, match=r"the loss is (nan|inf)"):
         train_lib.train(exploding, tmp_path)
     assert saved_steps(tmp_path) == [2, 4]
     kept = checkpoints.Checkpoints(tmp_path).restore(4, None)[0]
@@ -106,13 +110,13 @@ def test_collapse_stops_the_run_with_a_clear_message(data_dir, tmp_path):
     collapsing = th.tiny_config(
         data_dir, **{"pretrain.min_target_var": 100.0, "pretrain.collapse_check_after": 3}
     )
-    with pytest.raises(train_lib.TrainingStopped, match="representation collapse: target_var"):
+    with pytest.raises(train_state.TrainingStopped, match="representation collapse: target_std"):
         train_lib.train(collapsing, tmp_path)
     assert saved_steps(tmp_path) == [2]
 
 
 def test_three_steps_on_a_data_fsdp_tensor_mesh_equal_one_device(data_dir):
-    task = train_lib.make_task(th.tiny_config(data_dir))
+    task = train_lib.make_task(th.tiny_config(data_dir), "cpu")
     host_batches = list(
         zip(range(3), iter(pipeline.make_pipeline(task.data_cfg, train=True)), strict=False)
     )
@@ -121,12 +125,9 @@ def test_three_steps_on_a_data_fsdp_tensor_mesh_equal_one_device(data_dir):
         sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
         sharding.make_mesh((1, 1, 1), jax.devices()[:1]),
     ):
-        state, shardings, tx = train_lib.new_state(task, mesh, jax.random.PRNGKey(0))
-        step = jax.jit(
-            lambda s, b, tx=tx: task.step(s, b, tx),
-            in_shardings=(shardings, sharding.batch_sharding(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-        )
+        plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
+        state = train_state.create_state(plan, mesh, jax.random.PRNGKey(0))
+        step = train_state.jit_step(task, plan, mesh, donate=False)
         with sharding.activate(mesh):
             for _, batch in host_batches:
                 state, _ = step(state, pipeline.to_global(batch, mesh))
@@ -156,7 +157,6 @@ def test_pretrain_as2m_runs_on_a_pod_style_mesh(tmp_path):
         "--config.mesh.fsdp=2",
         "--config.mesh.tensor=2",
         "--config.num_train_steps=3",
-        "--config.optim.total_steps=3",
         "--config.optim.warmup_steps=1",
         "--config.log_every=1",
         "--config.checkpoint_every=3",
@@ -167,24 +167,92 @@ def test_pretrain_as2m_runs_on_a_pod_style_mesh(tmp_path):
     assert saved_steps(tmp_path / "run") == [3]
 
 
+class Compilations:
+    """Counts XLA compilations (jax.monitoring's backend-compile events) while open."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __enter__(self):
+        self.count = 0
+        self._open = True
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event, duration, **kwargs):
+        if self._open and event == self.EVENT:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        self._open = False
+
+
 def test_a_wrong_config_fails_before_compiling(data_dir, tmp_path):
+    wrong = {"data.target_frames": 70}
     proc = th.launch_train(
-        tmp_path,
-        ["--config=configs/demo.py", *th.tiny_flags(data_dir, **{"data.target_frames": 70})],
+        tmp_path, ["--config=configs/demo.py", *th.tiny_flags(data_dir, **wrong)]
     )
     assert proc.wait(timeout=120) == 2
     assert "not a multiple of the patch size 16" in proc.stderr.read()
     assert not (tmp_path / "checkpoints").exists() or not saved_steps(tmp_path)
+    refused = pytest.raises(config_lib.ConfigError, match="not a multiple of the patch size")
+    with Compilations() as compiled, refused:
+        train_lib.train(th.tiny_config(data_dir, **wrong), tmp_path / "in_process")
+    assert compiled.count == 0
+    with Compilations() as compiled:  # the counter sees a compilation when there is one
+        jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(2.0)).block_until_ready()
+    assert compiled.count == 1
+
+
+def test_the_schedule_follows_the_run_length(data_dir):
+    config = th.tiny_config(data_dir)
+    config.num_train_steps = 40  # as --config.num_train_steps=40 alone
+    cfg = config_lib.optim_config(config)
+    assert cfg.decay_steps == 40
+    lr = optim.schedule(cfg)
+    assert float(lr(config.optim.warmup_steps)) == pytest.approx(config.optim.lr)
+    assert float(lr(40)) == pytest.approx(cfg.min_lr, abs=1e-12)  # decayed at the run's end
+    assert float(lr(20)) > float(lr(30)) > float(lr(40))
+    config.optim.decay_steps = 80  # a longer decay, said explicitly
+    assert config_lib.optim_config(config).decay_steps == 80
+    config.optim.decay_steps = 30
+    with pytest.raises(config_lib.ConfigError, match=r"decay_steps \(30\) ends before"):
+        config_lib.optim_config(config)
+    legacy = th.tiny_config(data_dir)
+    legacy.optim.total_steps = 800_000  # an older config's separate schedule length
+    legacy.num_train_steps = 100
+    with pytest.raises(config_lib.ConfigError, match=r"total_steps \(800000\) disagrees"):
+        config_lib.validate(legacy, device_count=8, process_count=1, platform="cpu")
+    legacy.optim.total_steps = 100  # the same length twice still reads
+    assert config_lib.optim_config(legacy).decay_steps == 100
+
+
+def test_a_run_reports_the_clips_it_skipped(tmp_path, caplog):
+    fx.class_folders_tree(tmp_path / "src", per_class=4)  # 8 clips, one undecodable
+    fx.CorruptFolder(
+        data_dir=str(tmp_path / "data"), source_dir=tmp_path / "src"
+    ).download_and_prepare(file_format="array_record")
+    config = th.tiny_config(
+        str(tmp_path / "data"),
+        **{"data.dataset": "corrupt_folder", "num_train_steps": 2},
+    )
+    with caplog.at_level("INFO"):
+        train_lib.train(config, tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    counts = [entry["skipped/unreadable"] for entry in logged]
+    assert counts == sorted(counts) and counts[-1] >= 1  # 16 clips read: the bad one, once+
+    assert all(entry["skipped/missing"] == 0 for entry in logged)
+    final = re.search(
+        r"clips skipped while reading, all hosts: \{.*'unreadable': (\d+)", caplog.text
+    )
+    assert final and int(final.group(1)) >= counts[-1]  # the final log line counts them too
 
 
 def test_restore_target_places_state_on_the_mesh(data_dir, tmp_path):
     train_lib.train(th.tiny_config(data_dir, num_train_steps=2), tmp_path)
-    task = train_lib.make_task(th.tiny_config(data_dir))
+    task = train_lib.make_task(th.tiny_config(data_dir), "cpu")
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    abstract, shardings, _, _ = train_lib.state_shardings(task, mesh, jax.random.PRNGKey(0))
-    state, data_state = checkpoints.Checkpoints(tmp_path).restore(
-        2, checkpoints.abstract_state(abstract, shardings)
-    )
+    plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
+    state, data_state = checkpoints.Checkpoints(tmp_path).restore(2, plan.restore_target())
     kernel = state.params["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert isinstance(data_state, dict) and data_state

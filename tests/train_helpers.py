@@ -21,7 +21,6 @@ TINY_OVERRIDES = {
     "data.target_frames": 64,
     "data.threads": 1,
     "num_train_steps": 8,
-    "optim.total_steps": 8,
     "optim.warmup_steps": 2,
     "log_every": 1,
     "checkpoint_every": 2,

@@ -13,7 +13,9 @@ every clip is counted exactly once.
 
 Batches hold either normalised spectrograms (``fbank_on="host"``) or raw waveforms
 that ``audio.device_spectrogram`` turns into spectrograms inside the jitted step
-(``fbank_on="device"``; on TPU VMs the host CPU is the usual bottleneck).
+(``fbank_on="device"``; on TPU VMs the host CPU is the usual bottleneck; "auto" is the
+platform's choice, resolved by config_lib before a pipeline is made). Clips that cannot
+be decoded are counted per reason in a ``ReadStats``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from asda_jax import audio, sharding
+from asda_jax import audio, platforms, sharding
 from asda_jax.data import datasets
 
 
@@ -44,7 +46,7 @@ class InputConfig:
     batch_size: int = 8  # global, over all hosts
     target_frames: int = 1024
     norm: tuple[float, float] = audio.NORM_STATS["audioset"]
-    fbank_on: str = "host"  # "host" | "device"
+    fbank_on: str = "auto"  # "host" | "device" | "auto": the platform's (platforms.FORMS)
     random_crop: bool = False  # training only; evaluation always crops from the start
     roll_and_gain: bool = False  # training only
     weighted_sampling: bool = False  # AS-2M: draws ∝ per-clip weights, without replacement
@@ -54,6 +56,7 @@ class InputConfig:
     prefetch: int = 8
 
     def validate(self, process_count: int = 1) -> InputConfig:
+        """Raises ValueError naming what cannot be read as configured ("auto" resolved)."""
         if self.fbank_on not in ("host", "device"):
             raise ValueError(f"data.fbank_on must be 'host' or 'device', got {self.fbank_on!r}")
         if self.batch_size % process_count:
@@ -127,11 +130,17 @@ class ReadStats:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.skipped: collections.Counter = collections.Counter()
+        self._skipped: collections.Counter = collections.Counter()
 
     def count(self, reason: str) -> None:
         with self._lock:
-            self.skipped[reason] += 1
+            self._skipped[reason] += 1
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Examples skipped so far, by reason (``audio.AudioError.REASONS``)."""
+        with self._lock:
+            return dict(self._skipped)
 
 
 def multi_hot(label_ids: np.ndarray, num_classes: int) -> np.ndarray:
@@ -246,20 +255,17 @@ def _training_order(cfg: InputConfig, dataset: datasets.PreparedDataset, size: i
     return grain.MapDataset.range(size).seed(cfg.seed).shuffle().repeat(None)
 
 
-def evaluation_steps(cfg: InputConfig, dataset_size: int) -> int:
-    """Batches in one evaluation pass (the same on every host)."""
-    return -(-dataset_size // cfg.batch_size)
-
-
 # ---------------------------------------------------------------------------- to devices
 
 
-def spectrograms(batch: dict, cfg: InputConfig) -> tuple[jax.Array, jax.Array]:
+def spectrograms(
+    batch: dict, cfg: InputConfig, forms: platforms.Forms
+) -> tuple[jax.Array, jax.Array]:
     """(B, T, F) normalised spectrograms and (B,) real frame counts of a batch, whichever
-    side (host or device) computes the fbank."""
+    side computes the fbank (on the devices: in the ``forms`` of their platform)."""
     if "spectrogram" in batch:
         return batch["spectrogram"], batch["frames"]
-    return audio.device_spectrogram(batch["waveform"], batch["num_samples"], cfg.norm)
+    return audio.device_spectrogram(batch["waveform"], batch["num_samples"], cfg.norm, forms=forms)
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:

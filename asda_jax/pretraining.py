@@ -1,0 +1,82 @@
+"""The pretraining task: student encoder + CNN decoder against an EMA teacher.
+
+One step (``shared/asda-method.md``): spectrograms of the batch (on the host, or here
+from waveforms), the release's objective (``objectives.pretraining_step_loss``), AdamW,
+then the teacher moves toward the updated student by the annealed EMA decay.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from asda_jax import config_lib, objectives, optim, platforms, train_state
+from asda_jax import model as model_lib
+from asda_jax.data import pipeline
+
+
+class PretrainTask:
+    """Self-supervised pretraining of ``config`` on devices of ``platform``."""
+
+    def __init__(self, config, platform: str):
+        self.model_cfg = config_lib.model_config(config)
+        self.run = config_lib.execution(config, platform)
+        self.forms = platforms.forms(platform)
+        self.mask_cfg = config_lib.mask_config(config)
+        self.pre_cfg = config_lib.pretrain_config(config)
+        self.data_cfg = config_lib.input_config(config, platform=platform)
+        self.optim_cfg = config_lib.optim_config(config)
+        self.encoder = model_lib.Encoder(self.model_cfg, run=self.run)
+        self.decoder = model_lib.Decoder(self.model_cfg, run=self.run)
+        self.grid = objectives.grid_shape(self.data_cfg.target_frames, self.model_cfg)
+
+    def init_params(self, rng: jax.Array):
+        """Boxed (logically named) student parameters."""
+        enc_key, dec_key = jax.random.split(rng)
+        spec = jnp.zeros((1, self.data_cfg.target_frames, self.model_cfg.num_mel_bins))
+        grid = jnp.zeros((1, *self.grid, self.model_cfg.embed_dim))
+        return {
+            "encoder": self.encoder.init(enc_key, spec)["params"],
+            "decoder": self.decoder.init(dec_key, grid)["params"],
+        }
+
+    def optimizer(self, params) -> optax.GradientTransformation:
+        return optim.make_optimizer(self.optim_cfg, params)
+
+    def init_teacher(self, params):
+        return params["encoder"]  # the teacher starts as an exact copy
+
+    def load_initial(self, state: train_state.TrainState) -> train_state.TrainState:
+        return state  # pretraining starts from scratch
+
+    def step(self, state: train_state.TrainState, batch: dict, tx):
+        spec, _ = pipeline.spectrograms(batch, self.data_cfg, self.forms)
+        key = jax.random.fold_in(state.rng, state.step)
+
+        def loss_fn(params):
+            return objectives.pretraining_step_loss(
+                self.encoder, self.decoder, params, state.teacher, spec, key,
+                self.mask_cfg, self.pre_cfg,
+            )  # fmt: skip
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state, update = train_state.apply_gradients(
+            state, grads, tx, optim.schedule(self.optim_cfg)
+        )
+        decay = objectives.ema_decay(state.step, self.pre_cfg)
+        teacher = objectives.ema_update(state.teacher, state.params["encoder"], decay)
+        return state.replace(teacher=teacher), metrics | update | {"ema_decay": decay}
+
+    def check(self, step: int, metrics: dict) -> None:
+        """Stops the run on a NaN loss, or on a collapse once past its grace period."""
+        train_state.check_finite(step, metrics)
+        cfg = self.pre_cfg
+        if step < cfg.collapse_check_after:
+            return
+        if metrics["target_std"] < cfg.min_target_var or metrics["pred_std"] < cfg.min_pred_var:
+            raise train_state.TrainingStopped(
+                f"step {step}: representation collapse: target_std {metrics['target_std']:.4g} "
+                f"(min_target_var {cfg.min_target_var}), pred_std {metrics['pred_std']:.4g} "
+                f"(min_pred_var {cfg.min_pred_var}); stopping without saving this state"
+            )
