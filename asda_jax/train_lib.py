@@ -23,8 +23,16 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from asda_jax import audio, checkpoints, config_lib, finetuning, platforms, pretraining, sharding
-from asda_jax import train_state as state_lib
+from asda_jax import (
+    audio,
+    checkpoints,
+    config_lib,
+    finetuning,
+    platforms,
+    pretraining,
+    sharding,
+    train_state,
+)
 from asda_jax.data import pipeline
 
 
@@ -40,14 +48,14 @@ def make_task(config, platform: str):
 def initial_state(task, mesh, seed: int, ckpt: checkpoints.Checkpoints, iterator):
     """(state, plan, first step): restored from the latest checkpoint, or new."""
     rng = jax.random.PRNGKey(seed)
-    plan = state_lib.plan_state(task, mesh, rng)
+    plan = train_state.plan_state(task, mesh, rng)
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, plan.restore_target())
         iterator.set_state(data_state)
         logging.info("resumed from step %d of %s", latest, ckpt.directory)
         return state, plan, latest
-    return task.load_initial(state_lib.create_state(plan, mesh, rng)), plan, 0
+    return task.load_initial(train_state.create_state(plan, mesh, rng)), plan, 0
 
 
 class StopRequest:
@@ -120,7 +128,7 @@ def write_config(workdir: Path, config) -> None:
 
 
 class TrainResult(NamedTuple):
-    state: state_lib.TrainState  # the last step's state
+    state: train_state.TrainState  # the last step's state
     task: object  # the PretrainTask or FinetuneTask that was trained
     mesh: jax.sharding.Mesh
 
@@ -141,7 +149,9 @@ def train(config, workdir: str | Path) -> TrainResult:
     batches = pipeline.DevicePrefetch(iterator, mesh)
     try:
         with sharding.activate(mesh):
-            state = run.steps(state, state_lib.jit_step(task, plan, mesh), batches, start, workdir)
+            state = run.steps(
+                state, train_state.jit_step(task, plan, mesh), batches, start, workdir
+            )
     finally:
         run.close()
         batches.close()

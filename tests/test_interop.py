@@ -14,9 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from asda_jax import checkpoints, config_lib, inference, sharding, torch_import, train_lib
+from asda_jax import (
+    checkpoints,
+    config_lib,
+    inference,
+    sharding,
+    torch_import,
+    train_lib,
+    train_state,
+)
 from asda_jax import model as model_lib
-from asda_jax import train_state as state_lib
 from asda_jax.data import datasets
 from tests import torch_reference as ref
 from tests import train_helpers as th
@@ -200,7 +207,7 @@ def trained_state(data_dir, workdir, mesh_shape):
 
 
 def restore_onto(task, workdir, mesh):
-    plan = state_lib.plan_state(task, mesh, jax.random.PRNGKey(0))
+    plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
     ckpt = checkpoints.Checkpoints(workdir)
     try:
         state, _ = ckpt.restore(ckpt.latest_step(), plan.restore_target())
