@@ -18,6 +18,7 @@ import functools
 import io
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.fft
 import soundfile as sf
+import soxr
 
 from asda_jax import platforms, sharding
 
@@ -112,7 +114,7 @@ def read_audio(
     try:
         with sf.SoundFile(handle) as f:
             rate = f.samplerate
-            f.seek(min(int(start_seconds * rate), f.frames))
+            f.seek(min(round(start_seconds * rate), f.frames))
             count = -1 if max_seconds is None else math.ceil(max_seconds * rate)
             data = f.read(frames=count, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
@@ -121,6 +123,37 @@ def read_audio(
     if rate != SAMPLE_RATE:
         wave = resample(wave, rate)
     return check_waveform(wave, name)
+
+
+def read_blocks(path: str | os.PathLike, block_seconds: float = 60.0) -> Iterator[np.ndarray]:
+    """A file as consecutive mono float32 16 kHz blocks of about ``block_seconds``
+    (the last one shorter), decoded and resampled as a stream: an hour-long recording
+    is never held whole. Their concatenation is the whole file (mean not removed:
+    the fbank removes each frame's own). Raises AudioError as ``read_audio`` does."""
+    name = str(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"{name}: no such file", "missing")
+    try:
+        with sf.SoundFile(path) as f:
+            rate = f.samplerate
+            stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1)
+            size = max(1, round(block_seconds * rate))
+            for block in f.blocks(blocksize=size, dtype="float32", always_2d=True):
+                mono = block.mean(axis=1)  # (N, channels) -> (N,)
+                out = mono if stream is None else stream.resample_chunk(mono, last=False)
+                yield _finite(out, name)
+            if stream is not None:
+                yield _finite(stream.resample_chunk(np.zeros(0, np.float32), last=True), name)
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+        raise AudioError(f"{name}: unreadable audio ({e})", "unreadable") from e
+
+
+def _finite(block: np.ndarray, name: str) -> np.ndarray:
+    if not np.isfinite(block).all():
+        raise AudioError(f"{name}: contains NaN or infinite samples", "non_finite")
+    return block.astype(np.float32, copy=False)
 
 
 def resample(wave: np.ndarray, rate: int) -> np.ndarray:

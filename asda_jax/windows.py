@@ -1,0 +1,144 @@
+"""Windows over audio of any length: the model's input length every hop, with their spans.
+
+A recording (a file read in bounded blocks, or an array) is cut into windows of
+``frames`` fbank frames whose starts are ``hop`` frames apart: window k covers samples
+[k·hop·160, k·hop·160 + num_samples(frames)). A window exists if it is the first, or if
+the one before it did not reach the end and it still holds one 25 ms frame; the last
+one holds what is left, zero-padded (a raw log-mel 0, as in training). A recording
+shorter than one window therefore gives one window of its whole length, which is what
+the tools computed for such files before they cut windows.
+
+Each window's spectrogram is the host front end's (``audio.spectrogram``) of its own
+samples; since the fbank removes every frame's mean and pre-emphasises within the
+frame, a window's frames equal the same frames of the whole recording's fbank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+from asda_jax import audio
+
+
+@dataclasses.dataclass(frozen=True)
+class Windowing:
+    frames: int  # fbank frames per window: the model's input length
+    hop: int  # fbank frames between the starts of consecutive windows
+    opts: audio.FbankOptions = audio.RELEASE_FBANK
+
+    def __post_init__(self):
+        if not 1 <= self.hop <= self.frames:
+            raise ValueError(
+                f"the hop must be 1..{self.frames} frames (the window), got {self.hop}: "
+                "a longer hop would leave audio out"
+            )
+
+    @property
+    def samples(self) -> int:
+        return self.opts.num_samples(self.frames)
+
+    @property
+    def hop_samples(self) -> int:
+        return self.hop * self.opts.window_shift
+
+    def holds_window(self, index: int, total_samples: int) -> bool:
+        """Whether window ``index`` exists in a recording of ``total_samples``."""
+        if index == 0:
+            return True
+        previous_end = (index - 1) * self.hop_samples + self.samples
+        return previous_end < total_samples and (
+            total_samples - index * self.hop_samples >= self.opts.window_size
+        )
+
+    def count(self, total_samples: int) -> int:
+        index = 0
+        while self.holds_window(index + 1, total_samples):
+            index += 1
+        return index + 1
+
+
+class Window(NamedTuple):
+    index: int
+    start: float  # seconds from the recording's start
+    end: float  # seconds: the start plus the audio it holds (less at the end)
+    spectrogram: np.ndarray  # (frames, M) normalised, padded after the real frames
+    num_frames: int  # real fbank frames
+    level_db: float  # RMS level of its samples, dB re full scale
+
+
+def level_db(wave: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    return 20.0 * np.log10(max(rms, 1e-10))
+
+
+def _window(index: int, segment: np.ndarray, windowing: Windowing, norm) -> Window:
+    spec, frames = audio.spectrogram(segment, windowing.frames, norm, opts=windowing.opts)
+    start = index * windowing.hop_samples
+    rate = windowing.opts.sample_rate
+    return Window(
+        index, start / rate, (start + segment.size) / rate, spec, frames, level_db(segment)
+    )
+
+
+def windows_of_blocks(
+    blocks: Iterable[np.ndarray], windowing: Windowing, norm: tuple[float, float]
+) -> Iterator[Window]:
+    """The windows of a recording given as consecutive blocks of samples; holds at most
+    one window plus one block of samples at a time."""
+    buffer = np.zeros(0, np.float32)
+    offset = 0  # recording sample index of buffer[0]
+    index = 0
+    for block in blocks:
+        buffer = np.concatenate([buffer, np.asarray(block, np.float32)])
+        while index * windowing.hop_samples + windowing.samples <= offset + buffer.size:
+            first = index * windowing.hop_samples - offset
+            yield _window(index, buffer[first : first + windowing.samples], windowing, norm)
+            index += 1
+            drop = min(index * windowing.hop_samples - offset, buffer.size)
+            buffer, offset = buffer[drop:], offset + drop
+    total = offset + buffer.size
+    if index == 0 and total < windowing.opts.window_size:
+        raise audio.AudioError(f"{total} samples, shorter than one 25 ms frame", "too_short")
+    while windowing.holds_window(index, total):
+        first = index * windowing.hop_samples - offset
+        yield _window(index, buffer[first:], windowing, norm)
+        index += 1
+
+
+def windows_of_file(
+    path, windowing: Windowing, norm: tuple[float, float], block_seconds: float = 60.0
+) -> Iterator[Window]:
+    """The windows of an audio file, decoded ``block_seconds`` at a time."""
+    return windows_of_blocks(audio.read_blocks(path, block_seconds), windowing, norm)
+
+
+def windows_of_array(
+    wave: np.ndarray, windowing: Windowing, norm: tuple[float, float]
+) -> Iterator[Window]:
+    """The windows of a mono 16 kHz waveform."""
+    wave = np.asarray(wave, np.float32)
+    if wave.ndim != 1:
+        raise audio.AudioError(f"expected a mono waveform, got shape {wave.shape}", "not_mono")
+    return windows_of_blocks([audio.check_waveform(wave)], windowing, norm)
+
+
+def batches(windows: Iterable[Window], size: int) -> Iterator[list[Window]]:
+    """Consecutive windows in lists of ``size`` (the last one shorter)."""
+    batch: list[Window] = []
+    for window in windows:
+        batch.append(window)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def padded_rows(count: int, batch_size: int) -> int:
+    """Rows of the device batch that carries ``count`` windows: a full batch, or for the
+    last, shorter one the next power of two (a few compiled shapes, little padding)."""
+    return min(batch_size, 1 << (count - 1).bit_length())
