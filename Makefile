@@ -14,8 +14,10 @@ $(BIN)/.runtime: requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-$(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt
+$(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt Makefile
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	# hearvalidator pins `tensorflow` (the full wheel); the stack's tensorflow-cpu serves it.
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps hearvalidator==2021.0.2
 	touch $@
 
 demo: $(BIN)/.runtime

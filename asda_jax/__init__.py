@@ -7,7 +7,7 @@ of its own layer or of lower ones, at module level and in functions alike
 
 LAYERS = (
     ("foundations", ("platforms", "sharding", "metrics", "launch_env")),
-    ("kernels and front end", ("attention", "audio")),
+    ("kernels and front end", ("attention", "audio", "windows")),
     (
         "model and data",
         (
@@ -24,5 +24,5 @@ LAYERS = (
     ("typed config blocks", ("config_lib", "recipes")),
     ("tasks", ("train_state", "pretraining", "finetuning")),
     ("the loop", ("train_lib", "evaluation", "probe")),
-    ("tools", ("inference", "torch_import", "cli")),
+    ("tools", ("inference", "embeddings", "timeline", "hear", "torch_import", "cli")),
 )

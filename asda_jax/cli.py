@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from absl import logging as absl_logging
 
 from asda_jax import audio
@@ -54,3 +57,41 @@ def run_over_files(files: list[Path], work: Callable[[Path], str]) -> int:
     done = len(files) - len(skipped)
     print(f"{done} of {len(files)} files done, {len(skipped)} skipped", flush=True)
     return 0 if done else 1
+
+
+class NpyRows:
+    """A float32 ``.npy`` file of (rows, width) written as rows arrive, so an output of
+    any length never sits in memory whole. It appears under its name only when closed
+    after success; on an error the partial file is removed."""
+
+    HEADER_BYTES = 128  # magic, version, length and the padded dict: NumPy's format 1.0
+
+    def __init__(self, path: str | Path, width: int):
+        self.path, self.width, self.rows = Path(path), width, 0
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.file = None
+
+    def _header(self) -> bytes:
+        text = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.width)})
+        text = text.ljust(self.HEADER_BYTES - 11) + "\n"
+        return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, "<f4").reshape(-1, self.width)
+        self.file.write(rows.tobytes())
+        self.rows += rows.shape[0]
+
+    def __enter__(self) -> NpyRows:
+        self.file = self.partial.open("wb")
+        self.file.write(self._header())
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            self.file.close()
+            self.partial.unlink(missing_ok=True)
+            return
+        self.file.seek(0)
+        self.file.write(self._header())
+        self.file.close()
+        os.replace(self.partial, self.path)

@@ -3,9 +3,8 @@
 Sources: a training workdir (its ``config.json`` says the model; the latest or a given
 checkpoint holds the weights) or an exported encoder (``model.json`` + ``params/``).
 Either gives the architecture only: the model computes in this machine's platform
-defaults (``platforms.FORMS``), whatever the run that wrote it used. One file is read
-and encoded at a time at its own length, so files of any duration (up to the
-positional table's 122.88 s) and any mix of good and bad files work.
+defaults (``platforms.FORMS``), whatever the run that wrote it used. Recordings longer
+than the model's input are cut into windows (``windows.py``, ``embeddings.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from asda_jax import audio, checkpoints, config_lib, platforms, sharding
 from asda_jax import model as model_lib
@@ -60,22 +57,40 @@ def _params_target(module, cfg: model_lib.ModelConfig):
     return checkpoints.restore_target(shapes, sharding.first_local_device())
 
 
+RELEASE_INPUT_FRAMES = 1024  # 10.24 s: the release's pretraining and AudioSet input
+
+
+def input_frames(path: str | Path, cfg: model_lib.ModelConfig) -> int:
+    """The input length (fbank frames) the model of an export or a workdir was trained
+    on: the export's or the run's ``target_frames``; for exports that do not say, the
+    release's 1024 frames (at most the positional table's length)."""
+    description = checkpoints.export_description(path)
+    if description is None:
+        return config_lib.input_config(run_config(path), platform=here().platform).target_frames
+    table = cfg.max_time_patches * cfg.patch_size
+    return int(description.get("target_frames", min(RELEASE_INPUT_FRAMES, table)))
+
+
 class LoadedEncoder(NamedTuple):
-    encode: object  # (B, T, F) spectrograms -> (B, 1 + N, D) output tokens, jitted
+    encode: object  # (B, T, F) spectrograms[, (B,) frame lengths] -> (B, 1 + N, D), jitted
     cfg: model_lib.ModelConfig
     run: model_lib.Execution
+    frames: int  # the input length it was trained on: the windows of long recordings
 
 
 def load_encoder(path: str | Path, step: int | None = None, which: str = "encoder"):
     """The encoder of an export or a workdir (``which="teacher"``: a pretraining export's
-    EMA teacher), computing in this platform's defaults."""
+    EMA teacher), computing in this platform's defaults. ``encode(spec, frame_lengths)``
+    masks the tokens past each row's frame length (None: every token is real)."""
     cfg = dataclasses.replace(model_config_of(path), drop_path=0.0)
     run = here()
     encoder = model_lib.Encoder(cfg, run=run)
     params = checkpoints.restore_params(path, _params_target(encoder, cfg), (which,), step)
-    return LoadedEncoder(
-        jax.jit(lambda spec: encoder.apply({"params": params}, spec).tokens), cfg, run
-    )
+
+    def encode(spec, frame_lengths=None):
+        return encoder.apply({"params": params}, spec, frame_lengths).tokens
+
+    return LoadedEncoder(jax.jit(encode), cfg, run, input_frames(path, cfg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,24 +145,6 @@ def load_classifier(path: str | Path, step: int | None = None):
     return classify, dataclasses.replace(inputs, num_classes=num_classes)
 
 
-def whole_clip(path, norm, cfg: model_lib.ModelConfig) -> np.ndarray:  # (T, F)
-    """The normalised spectrogram of a whole file (at most the positional table's
-    length), its frame count rounded up to whole patches (the padding is the normalised
-    silence, as in training)."""
-    opts = audio.RELEASE_FBANK
-    patch, max_frames = cfg.patch_size, cfg.max_time_patches * cfg.patch_size
-    wave = audio.read_audio(path, max_seconds=opts.num_samples(max_frames) / audio.SAMPLE_RATE)
-    frames = min(-(-opts.num_frames(wave.size) // patch) * patch, max_frames)
-    spec, _ = audio.spectrogram(wave, frames, norm)
-    return spec
-
-
-def embed(encode, spec: np.ndarray) -> dict[str, np.ndarray]:
-    """utterance (D,) = the CLS output, frames (N, D) = the patch outputs (time-major)."""
-    tokens = np.asarray(encode(jnp.asarray(spec)[None]), np.float32)[0]
-    return {"utterance": tokens[0], "frames": tokens[1:]}
-
-
 def read_label_names(path: str | Path) -> list[str]:
     """Display names from a label CSV: ``index,mid,display_name`` (AudioSet's
     class_labels_indices.csv, with or without its header) or ``index,name``."""
@@ -162,8 +159,3 @@ def read_label_names(path: str | Path) -> list[str]:
     if [i for i, _ in indexed] != list(range(len(indexed))):
         raise ValueError(f"{path}: class indices must run 0..{len(indexed) - 1}")
     return [name for _, name in indexed]
-
-
-def top_k(scores: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
-    order = np.argsort(-scores)[:k]
-    return [(names[i], float(scores[i])) for i in order]

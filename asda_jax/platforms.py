@@ -27,6 +27,7 @@ class Forms:
     mel: str  # front end's mel energies: "dense" (one product) | "bands" (of the sparse bank)
     frames_per_pass: int | None  # device front end: frames a pass transforms (None: all)
     decoder_conv: str  # decoder's grouped convolution: "xla" | "taps" (k² matmuls)
+    windows_per_call: int  # the tools' windows of long audio encoded per call
 
 
 PLAIN = Forms(
@@ -36,10 +37,12 @@ PLAIN = Forms(
     mel="dense",
     frames_per_pass=None,
     decoder_conv="xla",
+    windows_per_call=32,
 )
 FORMS = {
     # XLA CPU fuses the pre-emphasis as a convolution in one pass; its FFT slows once a
-    # pass's frames outgrow the cache; its grouped-convolution gradient is slow.
+    # pass's frames outgrow the cache; its grouped-convolution gradient is slow; one
+    # 10 s window per call keeps the encoder's activations in cache.
     "cpu": Forms(
         compute_dtype="float32",
         fbank_on="host",
@@ -47,6 +50,7 @@ FORMS = {
         mel="bands",
         frames_per_pass=4096,
         decoder_conv="taps",
+        windows_per_call=1,
     ),
     "gpu": PLAIN,
     "tpu": PLAIN,

@@ -35,6 +35,8 @@ def run_export(workdir: str, step: int | None):
     description = {"source": str(item.parent), "kind": config.task}
     if config.task == "pretrain":
         params["teacher"] = checkpoints.restore_item(item, ("teacher",))
+        cfg = inference.model_config_of(workdir)
+        description["target_frames"] = inference.input_frames(workdir, cfg)  # the windows
     else:
         _, head, inputs = inference.classifier_description(workdir)
         description |= dict(head, target_frames=inputs.target_frames, norm=list(inputs.norm))

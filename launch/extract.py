@@ -1,11 +1,24 @@
-"""Utterance and frame embeddings of an audio file or of every audio file in a folder.
+"""Embeddings of audio files of any length: per file, per window and per 160 ms step.
 
     python launch/extract.py --checkpoint=<workdir or exported encoder> --audio=clip.wav \
-        --output=embeddings/
+        --output=embeddings/ [--hop=5.12] [--frames=concat|mean]
 
-For each file, ``<name>.utterance.npy`` (D,: the CLS output) and ``<name>.frames.npy``
-(N, D: the patch outputs of the last block, time-major, N = 8 per 16 frames) are written
-under --output, mirroring a folder's layout. The whole file is encoded (up to 122.88 s).
+Each file is cut into windows of the encoder's training length (``--hop`` seconds
+apart, a multiple of 0.16 s; default: the window), read in blocks and encoded in
+batches with padding masks (asda_jax/embeddings.py). Written under --output, mirroring
+a folder's layout, per file:
+
+  <name>.utterance.npy       (D,)     the windows' CLS outputs averaged, each weighted
+                                      by its real frames (one window: its CLS output)
+  <name>.frames.npy          (S, D')  one row per 16-frame time step: its frequency
+                                      patches side by side (--frames=concat, D' = 8·D
+                                      at 128 mel bins: the patch outputs as the encoder
+                                      lays them out) or averaged (mean, D' = D);
+                                      overlapping windows averaged; written as it goes
+  <name>.frame_times_ms.npy  (S,)     each step's centre
+  <name>.windows.npy         (W, D)   each window's CLS output
+  <name>.window_spans.npy    (W, 2)   each window's start and end in seconds
+
 Unreadable files are reported and skipped; the exit code is 1 only if none succeeded.
 """
 
@@ -15,43 +28,64 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from asda_jax import launch_env
+
+launch_env.reexec_with_launcher_environment()  # as launch/train.py: asda_jax/launch_env.py
+
 import sys
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
 
-from asda_jax import audio, checkpoints, cli, inference
+from asda_jax import audio, checkpoints, cli, embeddings, inference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or an exported encoder.")
 flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the latest).")
 flags.DEFINE_string("audio", None, "An audio file or a folder of them.")
 flags.DEFINE_string("output", None, "Folder for the .npy files.")
+flags.DEFINE_float("hop", None, "Seconds between window starts (default: the window).")
+flags.DEFINE_enum("frames", "concat", embeddings.POOLINGS, "A time step's frequency patches.")
+flags.DEFINE_integer("batch_size", None, "Windows per call (default: the platform's).")
 flags.DEFINE_float("norm_mean", audio.NORM_STATS["audioset"][0], "Fbank normalisation mean.")
 flags.DEFINE_float("norm_std", audio.NORM_STATS["audioset"][1], "Fbank normalisation std.")
 flags.mark_flags_as_required(["checkpoint", "audio", "output"])
+
+
+def hop_frames() -> int | None:
+    if FLAGS.hop is None:
+        return None
+    return max(1, round(FLAGS.hop * audio.SAMPLE_RATE / audio.RELEASE_FBANK.window_shift))
 
 
 def main(argv):
     del argv
     cli.quiet_library_logs()
     try:
-        encode, cfg, _ = inference.load_encoder(FLAGS.checkpoint, FLAGS.step)
+        embedder = embeddings.Embedder(
+            inference.load_encoder(FLAGS.checkpoint, FLAGS.step),
+            (FLAGS.norm_mean, FLAGS.norm_std),
+            hop_frames=hop_frames(),
+            batch_size=FLAGS.batch_size,
+        )
         files, root = cli.audio_inputs(FLAGS.audio)
-    except (checkpoints.CheckpointMismatch, FileNotFoundError) as e:
+    except (checkpoints.CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     output = Path(FLAGS.output)
-    norm = (FLAGS.norm_mean, FLAGS.norm_std)
 
     def extract(path: Path) -> str:
-        spec = inference.whole_clip(path, norm, cfg)
         stem = output / path.relative_to(root).with_suffix("")
         stem.parent.mkdir(parents=True, exist_ok=True)
-        for name, array in inference.embed(encode, spec).items():
-            np.save(f"{stem}.{name}.npy", array)
-        return f"{stem}.{{utterance,frames}}.npy  frames {spec.shape[0]}"
+        width = embedder.step_dim(FLAGS.frames)
+        with cli.NpyRows(f"{stem}.frames.npy", width) as frames:
+            out = embeddings.assemble(embedder, embedder.of_file(path), FLAGS.frames, frames.append)
+        np.save(f"{stem}.utterance.npy", out.utterance)
+        np.save(f"{stem}.frame_times_ms.npy", out.times_ms)
+        np.save(f"{stem}.windows.npy", out.windows)
+        np.save(f"{stem}.window_spans.npy", out.spans)
+        return f"{stem}.*.npy  {len(out.windows)} windows, {frames.rows} steps"
 
     sys.exit(cli.run_over_files(files, extract))
 

@@ -1,12 +1,22 @@
-"""Top-k labels of audio files from a fine-tuned checkpoint (a workdir or an export).
+"""Labels of audio files of any length from a fine-tuned checkpoint (a workdir or an export).
 
-    python launch/infer.py --checkpoint=/ckpt/as20k --audio=clip.wav \
-        [--labels=class_labels_indices.csv] [--top_k=5]
+    python launch/infer.py --checkpoint=/ckpt/as20k --audio=recording.flac \
+        [--labels=class_labels_indices.csv] [--top_k=5] [--hop=5.12] [--pooling=max] \
+        [--events --threshold=0.5] [--output=timeline.csv|timeline.json]
+
+Each file is cut into windows of the run's training length (``--hop`` seconds apart,
+default: the window, rounded to 10 ms frames) and read in blocks, so recordings of any
+length work in bounded memory. A file that fits one window prints one line of top-k
+labels, as a clip is scored in evaluation (padded to the training length). A longer one
+prints a timeline (per window its start, end and top-k labels) and the file's labels
+pooled over the windows (``--pooling``: max or mean). ``--events`` merges consecutive
+windows with the same top label of at least ``--threshold`` into events; windows below
+``--silence_db`` are silence (asda_jax/timeline.py). ``--output`` writes everything as
+CSV (one row per file, window or event label) or JSON, by its suffix.
 
 Display names come from --labels (AudioSet's ``index,mid,display_name`` CSV, or
-``index,name``), else from the run's prepared dataset. Each file is cropped or padded
-to the run's training length, as the release's inference does. Unreadable files are
-reported and skipped; the exit code is 1 only if none succeeded.
+``index,name``), else from the run's prepared dataset. Unreadable files are reported
+and skipped; the exit code is 1 only if none succeeded.
 """
 
 from __future__ import annotations
@@ -15,19 +25,33 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from asda_jax import launch_env
+
+launch_env.reexec_with_launcher_environment()  # as launch/train.py: asda_jax/launch_env.py
+
+import csv
+import json
 import sys
+from pathlib import Path
 
 from absl import app, flags
 
-from asda_jax import audio, checkpoints, cli, inference
+from asda_jax import audio, checkpoints, cli, inference, platforms, timeline, windows
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "A fine-tuning run's workdir.")
+flags.DEFINE_string("checkpoint", None, "A fine-tuning run's workdir, or a classifier export.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("audio", None, "An audio file or a folder of them.")
 flags.DEFINE_string("labels", None, "Label CSV with display names.")
-flags.DEFINE_integer("top_k", 5, "Labels shown per file.")
+flags.DEFINE_integer("top_k", 5, "Labels shown per file and per window.")
+flags.DEFINE_float("hop", None, "Seconds between window starts (default: the window).")
+flags.DEFINE_enum("pooling", "max", timeline.FILE_POOLINGS, "File scores over the windows.")
+flags.DEFINE_bool("events", False, "Merge consecutive windows into sound events.")
+flags.DEFINE_float("threshold", 0.5, "Lowest top score of a window in an event.")
+flags.DEFINE_float("silence_db", -60.0, "Windows quieter than this (dBFS RMS) are silence.")
+flags.DEFINE_integer("batch_size", None, "Windows per call (default: the platform's).")
+flags.DEFINE_string("output", None, "Write the results here: a .csv or .json file.")
 flags.mark_flags_as_required(["checkpoint", "audio"])
 
 
@@ -43,24 +67,100 @@ def class_names(inputs: inference.ClassifierInput) -> list[str]:
     return names
 
 
+def windowing_of(inputs: inference.ClassifierInput) -> windows.Windowing:
+    frames = inputs.target_frames
+    if FLAGS.hop is None:
+        return windows.Windowing(frames, frames)
+    shift = audio.RELEASE_FBANK.window_shift / audio.SAMPLE_RATE
+    return windows.Windowing(frames, max(1, round(FLAGS.hop / shift)))
+
+
+def shown(labels) -> str:
+    return "  ".join(f"{n} {s:.3f}" for n, s in labels)
+
+
+def labelled(path: Path, classify, inputs, windowing, names) -> dict:
+    """Everything known of one file: its windows' labels, its own, its events."""
+    stream = windows.windows_of_file(path, windowing, inputs.norm)
+    batch = FLAGS.batch_size or platforms.forms(inference.here().platform).windows_per_call
+    rows = list(timeline.classify_windows(classify, stream, batch))
+    result = {
+        "file": str(path),
+        "seconds": rows[-1].end,
+        "pooling": FLAGS.pooling if len(rows) > 1 else "one window",
+        "labels": timeline.top_k(timeline.file_scores(rows, FLAGS.pooling), names, FLAGS.top_k),
+        "windows": [
+            {"start": r.start, "end": r.end, "labels": timeline.top_k(r.scores, names, FLAGS.top_k)}
+            for r in rows
+        ],
+    }
+    if FLAGS.events:
+        found = timeline.events(rows, names, windowing, FLAGS.threshold, FLAGS.silence_db)
+        result["events"] = [e._asdict() for e in found]
+    return result
+
+
+def report(result: dict) -> str:
+    """The file's line, then its timeline and events when it has more than one window."""
+    lines = [shown(result["labels"])]
+    if len(result["windows"]) > 1:
+        lines[0] += f"   ({result['pooling']} over {len(result['windows'])} windows)"
+        lines += [
+            f"  {w['start']:9.2f} {w['end']:9.2f}  {shown(w['labels'])}" for w in result["windows"]
+        ]
+    lines += [
+        f"  event {e['start']:9.2f} {e['end']:9.2f}  {e['label']} {e['peak']:.3f}"
+        for e in result.get("events", [])
+    ]
+    return "\n".join(lines)
+
+
+def csv_rows(result: dict):
+    """Long format: file, kind (file, window, event), start, end, rank, label, score."""
+    for rank, (name, score) in enumerate(result["labels"], 1):
+        yield [result["file"], "file", 0.0, result["seconds"], rank, name, score]
+    for w in result["windows"]:
+        for rank, (name, score) in enumerate(w["labels"], 1):
+            yield [result["file"], "window", w["start"], w["end"], rank, name, score]
+    for e in result.get("events", []):
+        yield [result["file"], "event", e["start"], e["end"], 1, e["label"], e["peak"]]
+
+
+def write(results: list[dict], path: Path) -> None:
+    if path.suffix == ".json":
+        path.write_text(json.dumps({"files": results}, indent=1))
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "kind", "start", "end", "rank", "label", "score"])
+        for result in results:
+            writer.writerows(csv_rows(result))
+
+
 def main(argv):
     del argv
     cli.quiet_library_logs()
     try:
-        classify, data = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
-        names = class_names(data)
+        if FLAGS.output and Path(FLAGS.output).suffix not in (".csv", ".json"):
+            raise ValueError(f"--output must end in .csv or .json, got {FLAGS.output}")
+        classify, inputs = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
+        names = class_names(inputs)
+        windowing = windowing_of(inputs)
         files, _ = cli.audio_inputs(FLAGS.audio)
-    except (checkpoints.CheckpointMismatch, datasets.DatasetNotFoundError, ValueError) as e:
+    except (checkpoints.CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    results = []
 
-    def label(path) -> str:
-        wave = audio.read_audio(path)
-        spec, _ = audio.spectrogram(wave, data.target_frames, data.norm)
-        scores = classify(spec[None])[0]
-        return "  ".join(f"{n} {s:.3f}" for n, s in inference.top_k(scores, names, FLAGS.top_k))
+    def label(path: Path) -> str:
+        results.append(labelled(path, classify, inputs, windowing, names))
+        return report(results[-1])
 
-    sys.exit(cli.run_over_files(files, label))
+    code = cli.run_over_files(files, label)
+    if FLAGS.output:
+        write(results, Path(FLAGS.output))
+        print(f"wrote {FLAGS.output}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":
