@@ -5,8 +5,11 @@
     python launch/prepare_data.py --dataset=audioset --source=/data/audioset --data_dir=data
     python launch/prepare_data.py --dataset=speech_commands_v2 --source=/data/sc_v2 --data_dir=data
     python launch/prepare_data.py --dataset=audio_folder --source=/data/my_sounds --data_dir=data
+    python launch/prepare_data.py --dataset=unlabelled_folder --source=/data/field --data_dir=data
 
-Each dataset's expected source layout is printed when --source does not match it.
+Each dataset's expected source layout is printed when --source does not match it. For
+``unlabelled_folder`` --max_seconds is the segment length (default 10.255 s: one
+1024-frame input).
 """
 
 from __future__ import annotations

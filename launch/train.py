@@ -31,7 +31,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from asda_jax import cli, config_lib, evaluation, probe, train_lib, train_state
-from asda_jax.data import datasets
+from asda_jax.data import builders, datasets
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
@@ -61,16 +61,18 @@ def initialize_distributed(config) -> None:
             ) from e
 
 
-def prepare_embedded_data(config) -> None:
-    """The synthetic default is generated here if it is not there yet."""
-    if config.data.dataset != "synthetic":
+def prepare_dataset(config) -> None:
+    """The synthetic default, or a dataset whose config names its ``data.source``, is
+    prepared here if it is not there yet (a prepared one is reused as it is)."""
+    data = config.data
+    if data.dataset != "synthetic" and not data.get("source"):
         return
     if jax.process_index() == 0:
-        datasets.prepare("synthetic", config.data.data_dir)
+        datasets.prepare(data.dataset, data.data_dir, source_dir=data.get("source") or None)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("synthetic dataset ready")
+        multihost_utils.sync_global_devices("dataset ready")
 
 
 def report_probe(config, state, task, mesh, workdir: Path) -> None:
@@ -104,9 +106,13 @@ def main(argv):
     workdir = Path(FLAGS.workdir)
     try:
         initialize_distributed(config)
-        prepare_embedded_data(config)
+        prepare_dataset(config)
         state, task, mesh = train_lib.train(config, workdir)
-    except (config_lib.ConfigError, datasets.DatasetNotFoundError) as e:
+    except (
+        config_lib.ConfigError,
+        datasets.DatasetNotFoundError,
+        builders.DatasetLayoutError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except train_state.TrainingStopped as e:

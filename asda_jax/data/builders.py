@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import tensorflow_datasets as tfds
 from absl import logging
 
@@ -52,6 +53,7 @@ class ClipRef:
     path: str
     label_ids: tuple[int, ...]
     clip_id: str
+    start_seconds: float = 0.0  # where the clip starts in its file (a segment of it)
 
 
 class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -96,7 +98,9 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return {}
 
     def waveform(self, ref: ClipRef) -> np.ndarray:
-        return audio.read_audio(ref.path, max_seconds=self._max_seconds)
+        return audio.read_audio(
+            ref.path, max_seconds=self._max_seconds, start_seconds=ref.start_seconds
+        )
 
     # -- shared --------------------------------------------------------------------
 
@@ -340,6 +344,61 @@ or a CSV:        <source>/labels.csv with columns path,labels[,split]
                 ClipRef(str(source / row["path"]), ids, row["path"])
             )
         return dict(splits), classes
+
+
+# ---------------------------------------------------------------------------- unlabelled recordings
+
+
+def file_seconds(path: Path) -> float | None:
+    """A file's duration from its header, or None if the header cannot be read."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError):
+        return None
+    return info.frames / info.samplerate if info.samplerate else None
+
+
+def segment_starts(seconds: float, segment: float, shortest_tail: float) -> list[float]:
+    """Starts of the consecutive segments of a recording: every whole segment, and the
+    tail when it holds at least ``shortest_tail`` seconds (a recording shorter than one
+    segment is one segment)."""
+    whole = int(seconds // segment)
+    starts = [k * segment for k in range(whole)]
+    if not starts or seconds - whole * segment >= shortest_tail:
+        starts.append(whole * segment)
+    return starts
+
+
+class UnlabelledFolder(AudioSourceBuilder, skip_registration=True):
+    """A folder of the user's own recordings without labels, for pretraining.
+
+    Every audio file under the folder (recursively) is cut into consecutive segments of
+    ``max_seconds`` (default: exactly one 1024-frame pretraining input, 10.255 s); each
+    segment is one record of split ``train``, read by seeking into its file, so an
+    epoch visits every segment once and a long recording is never decoded whole. A
+    tail shorter than ``SHORTEST_TAIL`` seconds is left out. Files whose header cannot
+    be read are tried once and skipped and counted like any bad clip.
+    """
+
+    name = "unlabelled_folder"
+    MAX_SECONDS = audio.RELEASE_FBANK.num_samples(1024) / audio.SAMPLE_RATE
+    SHORTEST_TAIL = 1.0
+    LAYOUT = """
+<source>/**/<recording>.{wav,flac,ogg,mp3}   any depth, any length, no labels
+"""
+
+    def list_splits(self, source):
+        refs = []
+        for path in audio_files(source):
+            relative = str(path.relative_to(source))
+            seconds = file_seconds(path)
+            starts = (
+                [0.0]
+                if not seconds
+                else segment_starts(seconds, self._max_seconds, self.SHORTEST_TAIL)
+            )
+            refs += [ClipRef(str(path), (), f"{relative}@{start:.3f}", start) for start in starts]
+        return {"train": refs}, []
 
 
 # ---------------------------------------------------------------------------- synthetic

@@ -18,6 +18,7 @@ BUILDERS: dict[str, type[builders.AudioSourceBuilder]] = {
     "esc50": builders.Esc50,
     "speech_commands_v2": builders.SpeechCommandsV2,
     "audio_folder": builders.AudioFolder,
+    "unlabelled_folder": builders.UnlabelledFolder,
     "synthetic": builders.Synthetic,
 }
 

@@ -42,6 +42,7 @@ class InputConfig:
 
     dataset: str = "synthetic"
     data_dir: str = "data"
+    source: str = ""  # a local source tree: launch/train.py prepares the dataset from it
     split: str = "train"
     batch_size: int = 8  # global, over all hosts
     target_frames: int = 1024
