@@ -177,3 +177,32 @@ def bad_files_tree(root: Path) -> dict[str, str]:
     write_tone(root / "other" / "fine.wav", 880)
     expected["fine.wav"] = "good"
     return expected
+
+
+def event_sound(class_index: int, seconds: float) -> np.ndarray:
+    """``seconds`` of consecutive synthetic clips of one class (seeds 1000, 1001, ...)."""
+    from asda_jax.data import synthetic
+
+    size = int(seconds * SR)
+    clips, total = [], 0
+    while total < size:
+        clips.append(synthetic.clip(class_index, 1000 + len(clips)))
+        total += clips[-1].size
+    return np.concatenate(clips)[:size]
+
+
+def event_recording(path: Path, seconds: float, events, floor_db: float = -80.0) -> Path:
+    """A mono 16 kHz recording of faint noise (``floor_db`` RMS) with synthetic sound
+    events ``[(class index, start s, end s)]``, written 10 s at a time."""
+    rng = np.random.default_rng(7)
+    sounds = [(int(begin * SR), event_sound(c, end - begin)) for c, begin, end in events]
+    total = int(seconds * SR)
+    with sf.SoundFile(path, "w", SR, 1, subtype="PCM_16") as f:
+        for start in range(0, total, 10 * SR):
+            block = rng.standard_normal(min(10 * SR, total - start)) * 10 ** (floor_db / 20)
+            for begin, sound in sounds:
+                lo, hi = max(begin, start), min(begin + sound.size, start + block.size)
+                if lo < hi:
+                    block[lo - start : hi - start] = sound[lo - begin : hi - begin]
+            f.write(block.astype(np.float32))
+    return path

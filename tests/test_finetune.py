@@ -6,10 +6,12 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from asda_jax import (
+    audio,
     checkpoints,
     config_lib,
     evaluation,
@@ -204,22 +206,36 @@ def test_extract_writes_the_encoder_outputs_and_skips_bad_files(finetuned, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 of 4 files done, 2 skipped" in done.stdout
     assert "broken.wav" in done.stderr and "empty.ogg" in done.stderr
-    encode, cfg, _ = inference.load_encoder(finetuned)
-    for stem, seconds in (("a", 1.3), ("sub/b", 0.7)):
+    encode, cfg, _, frames = inference.load_encoder(finetuned)
+    assert frames == 64  # the run's input length: the windows
+    for stem, seconds in (("a", 1.3), ("sub/b", 0.7)):  # 128 and 68 frames: two windows
         utterance = np.load(tmp_path / "out" / f"{stem}.utterance.npy")
-        frames = np.load(tmp_path / "out" / f"{stem}.frames.npy")
-        patches = -(-(int(seconds * 100) - 2) // 16) * cfg.freq_patches
-        assert utterance.shape == (cfg.embed_dim,) and frames.shape == (patches, cfg.embed_dim)
-    spec = inference.whole_clip(clips / "a.wav", (-4.268, 4.569), cfg)
-    expected = inference.embed(encode, spec)
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "a.utterance.npy"), expected["utterance"])
+        steps = np.load(tmp_path / "out" / f"{stem}.frames.npy")
+        count = -(-(int(seconds * 100) - 2) // 16)
+        assert utterance.shape == (cfg.embed_dim,)
+        assert steps.shape == (count, cfg.freq_patches * cfg.embed_dim)
+        assert np.load(tmp_path / "out" / f"{stem}.frame_times_ms.npy").shape == (count,)
+        assert np.load(tmp_path / "out" / f"{stem}.window_spans.npy").shape == (2, 2)
+    # Each window is what its 64 frames give alone; the utterance is their mean (64 real
+    # frames each), the frames their patch outputs one after the other.
+    wave = audio.read_audio(clips / "a.wav")
+    spec, _ = audio.spectrogram(wave, 128, (-4.268, 4.569))
+    tokens = np.asarray(encode(jnp.stack([spec[:64], spec[64:]])))
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out" / "a.utterance.npy"), tokens[:, 0].mean(0), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out" / "a.frames.npy").reshape(-1, cfg.embed_dim),
+        tokens[:, 1:].reshape(-1, cfg.embed_dim),
+        atol=1e-5,
+    )
     assert (
         run_tool("extract", f"--checkpoint={tmp_path}", "--audio=x", "--output=y").returncode == 2
     )
 
 
 def test_infer_prints_top_labels_with_display_names(finetuned, sources, tmp_path):
-    path = fx.write_tone(tmp_path / "tone.wav", 440, seconds=1.0)
+    path = fx.write_tone(tmp_path / "tone.wav", 440, seconds=0.6)  # fits one 64-frame window
     names = datasets.load("synthetic", sources).class_names
     labels = tmp_path / "labels.csv"
     labels.write_text(

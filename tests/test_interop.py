@@ -116,7 +116,7 @@ def test_a_pretraining_checkpoint_converts_to_the_same_features(tmp_path):
     assert_architecture_only(tmp_path / "export")
     spec = spectrogram()
     for which, model in (("encoder", rounded(student)), ("teacher", teacher)):
-        encode, cfg, run = inference.load_encoder(tmp_path / "export", which=which)
+        encode, cfg, run, _ = inference.load_encoder(tmp_path / "export", which=which)
         assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (DIM, DEPTH, HEADS)
         assert run == model_lib.Execution(platform="cpu")  # this machine's defaults
         with torch.no_grad():
@@ -295,8 +295,8 @@ def test_an_exported_run_feeds_fine_tuning_and_extraction(data_dir, exported_run
     description = checkpoints.export_description(export)
     assert description["kind"] == "pretrain" and description["model"]["embed_dim"] == 64
     assert_architecture_only(export)
-    encode_run, _, _ = inference.load_encoder(run_dir)
-    encode_export, _, run = inference.load_encoder(export)
+    encode_run, _, _, _ = inference.load_encoder(run_dir)
+    encode_export, _, run, _ = inference.load_encoder(export)
     assert run == model_lib.Execution(platform="cpu")  # not the run's remat or kernels
     spec = spectrogram()[:, :64]
     np.testing.assert_array_equal(np.asarray(encode_run(spec)), np.asarray(encode_export(spec)))
@@ -331,7 +331,7 @@ def test_runs_and_exports_written_before_the_execution_split_still_load(exported
     (run_dir / "config.json").write_text(json.dumps(saved))
     with caplog.at_level("INFO"):
         for old in (export, run_dir):
-            encode, _, run = inference.load_encoder(old)
+            encode, _, run, _ = inference.load_encoder(old)
             assert run == model_lib.Execution(platform="cpu")
             np.testing.assert_array_equal(np.asarray(encode(spec)), expected)
     notes = [r.getMessage() for r in caplog.records if "ignoring its execution" in r.getMessage()]
