@@ -44,13 +44,7 @@ FRAMES, DIM, DEPTH, HEADS, CLONES = 1024, 768, 12, 12, 16
 
 def step_flops(clips: int) -> float:
     """Analytic FLOPs of one step (matmuls and convolutions only)."""
-    mlp = 3.5
-
-    def block_forward(tokens: int, length: int) -> float:
-        dense = 2 * DIM * DIM * (4 + 1 + 1 + mlp + mlp)  # qk, v, proj, fc1, fc2 per token
-        attention = 2 * 2 * length * DIM + 2 * length * DIM  # two QKᵀ, one A·V per token
-        return tokens * (dense + attention)
-
+    block_forward = common.block_forward_flops
     patches = FRAMES // 16 * 8
     kept = masking.MaskConfig().num_kept(patches) + 1
     student = 3 * DEPTH * block_forward(clips * CLONES * kept, kept)
