@@ -217,17 +217,18 @@ def test_extract_writes_the_encoder_outputs_and_skips_bad_files(finetuned, tmp_p
         assert np.load(tmp_path / "out" / f"{stem}.frame_times_ms.npy").shape == (count,)
         assert np.load(tmp_path / "out" / f"{stem}.window_spans.npy").shape == (2, 2)
     # Each window is what its 64 frames give alone; the utterance is their mean (64 real
-    # frames each), the frames their patch outputs one after the other.
+    # frames each), the frames their patch outputs one after the other. The reference
+    # cuts the whole clip's fbank; each window's own fbank differs by float rounding.
     wave = audio.read_audio(clips / "a.wav")
     spec, _ = audio.spectrogram(wave, 128, (-4.268, 4.569))
     tokens = np.asarray(encode(jnp.stack([spec[:64], spec[64:]])))
     np.testing.assert_allclose(
-        np.load(tmp_path / "out" / "a.utterance.npy"), tokens[:, 0].mean(0), atol=1e-5
+        np.load(tmp_path / "out" / "a.utterance.npy"), tokens[:, 0].mean(0), atol=1e-4
     )
     np.testing.assert_allclose(
         np.load(tmp_path / "out" / "a.frames.npy").reshape(-1, cfg.embed_dim),
         tokens[:, 1:].reshape(-1, cfg.embed_dim),
-        atol=1e-5,
+        atol=1e-4,
     )
     assert (
         run_tool("extract", f"--checkpoint={tmp_path}", "--audio=x", "--output=y").returncode == 2
