@@ -22,13 +22,18 @@ from asda_jax import audio, checkpoints, config_lib, platforms, sharding
 from asda_jax import model as model_lib
 
 
-def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def saved_config(workdir: str | Path) -> dict:
+    """The JSON a training run wrote as its ``config.json``, as written."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise checkpoints.CheckpointMismatch(
             f"{workdir} has no config.json: not a workdir written by launch/train.py"
         )
-    return config_lib.saved_run_config(json.loads(path.read_text()), str(workdir))
+    return json.loads(path.read_text())
+
+
+def run_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    return config_lib.saved_run_config(saved_config(workdir), str(workdir))
 
 
 def model_config_of(path: str | Path) -> model_lib.ModelConfig:
@@ -65,8 +70,8 @@ def input_frames(path: str | Path, cfg: model_lib.ModelConfig) -> int:
     on: the export's or the run's ``target_frames``; for exports that do not say, the
     release's 1024 frames (at most the positional table's length)."""
     description = checkpoints.export_description(path)
-    if description is None:
-        return config_lib.input_config(run_config(path), platform=here().platform).target_frames
+    if description is None:  # a run's config.json holds every field, resolved
+        return int(saved_config(path)["data"]["target_frames"])
     table = cfg.max_time_patches * cfg.patch_size
     return int(description.get("target_frames", min(RELEASE_INPUT_FRAMES, table)))
 
