@@ -119,7 +119,7 @@ def classifier_description(path: str | Path) -> tuple[model_lib.ModelConfig, dic
             "scores": description.get("scores", "sigmoid"),
         }
         norm = tuple(description.get("norm", audio.NORM_STATS["audioset"]))
-        inputs = ClassifierInput(description.get("target_frames", 1024), norm)
+        inputs = ClassifierInput(description.get("target_frames", RELEASE_INPUT_FRAMES), norm)
         return model_config_of(path), head, inputs
     config = run_config(path)
     if config.task == "pretrain":

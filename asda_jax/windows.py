@@ -61,6 +61,11 @@ class Windowing:
         return index + 1
 
 
+def hop_frames(seconds: float, opts: audio.FbankOptions = audio.RELEASE_FBANK) -> int:
+    """A hop given in seconds as whole fbank frames (10 ms each), at least one."""
+    return max(1, round(seconds * opts.sample_rate / opts.window_shift))
+
+
 class Window(NamedTuple):
     index: int
     start: float  # seconds from the recording's start

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from asda_jax import audio, checkpoints, cli, embeddings, inference
+from asda_jax import audio, checkpoints, cli, embeddings, inference, windows
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or an exported encoder.")
@@ -53,12 +53,6 @@ flags.DEFINE_float("norm_std", audio.NORM_STATS["audioset"][1], "Fbank normalisa
 flags.mark_flags_as_required(["checkpoint", "audio", "output"])
 
 
-def hop_frames() -> int | None:
-    if FLAGS.hop is None:
-        return None
-    return max(1, round(FLAGS.hop * audio.SAMPLE_RATE / audio.RELEASE_FBANK.window_shift))
-
-
 def main(argv):
     del argv
     cli.quiet_library_logs()
@@ -66,7 +60,7 @@ def main(argv):
         embedder = embeddings.Embedder(
             inference.load_encoder(FLAGS.checkpoint, FLAGS.step),
             (FLAGS.norm_mean, FLAGS.norm_std),
-            hop_frames=hop_frames(),
+            hop_frames=None if FLAGS.hop is None else windows.hop_frames(FLAGS.hop),
             batch_size=FLAGS.batch_size,
         )
         files, root = cli.audio_inputs(FLAGS.audio)

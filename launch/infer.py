@@ -36,7 +36,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from asda_jax import audio, checkpoints, cli, inference, platforms, timeline, windows
+from asda_jax import checkpoints, cli, inference, platforms, timeline, windows
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -69,10 +69,8 @@ def class_names(inputs: inference.ClassifierInput) -> list[str]:
 
 def windowing_of(inputs: inference.ClassifierInput) -> windows.Windowing:
     frames = inputs.target_frames
-    if FLAGS.hop is None:
-        return windows.Windowing(frames, frames)
-    shift = audio.RELEASE_FBANK.window_shift / audio.SAMPLE_RATE
-    return windows.Windowing(frames, max(1, round(FLAGS.hop / shift)))
+    hop = frames if FLAGS.hop is None else windows.hop_frames(FLAGS.hop)
+    return windows.Windowing(frames, hop)
 
 
 def shown(labels) -> str:
