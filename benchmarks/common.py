@@ -44,15 +44,6 @@ def interleaved_medians(
     return [statistics.median(t) for t in times]
 
 
-def block_forward_flops(tokens: int, length: int, dim: int = 768, mlp: float = 3.5) -> float:
-    """Analytic FLOPs of one differential block's forward pass over ``tokens`` tokens in
-    sequences of ``length``, in the naive form: the dense layers (q1 k1 q2 k2, v, proj,
-    fc1, fc2) and per token two QKᵀ rows and one A·V row."""
-    dense = 2 * dim * dim * (4 + 1 + 1 + mlp + mlp)
-    attention = 2 * 2 * length * dim + 2 * length * dim
-    return tokens * (dense + attention)
-
-
 def compiled_peak_bytes(jitted: Callable, *args) -> int:
     """XLA's planned peak for one call: temporaries plus outputs (arguments excluded)."""
     analysis = jitted.lower(*args).compile().memory_analysis()

@@ -11,7 +11,7 @@ first ``--windows`` windows of the same recording at window batch 1, 8 and 32, J
 (``embeddings.Embedder``: batching, padding masks, outputs to NumPy) against the
 independent PyTorch re-implementation of the release's model (tests/torch_reference.py)
 on the same spectrograms, alternated per batch size. FLOPs per window are counted
-analytically (benchmarks/common.py); the roof is a float32 2048³ matmul timed in this
+analytically (asda_jax/flop_counts.py); the roof is a float32 2048³ matmul timed in this
 process, per library.
 """
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from asda_jax import audio, checkpoints, embeddings, inference, windows
+from asda_jax import audio, checkpoints, embeddings, flop_counts, inference, windows
 from asda_jax import model as model_lib
 from benchmarks import common
 from benchmarks.train_step import matmul_roof
@@ -41,9 +41,7 @@ FRAMES, CLASSES = 1024, 527
 
 def window_flops(cfg: model_lib.ModelConfig) -> float:
     """Analytic FLOPs of the encoder on one full window (patch embedding + blocks)."""
-    patches = FRAMES // cfg.patch_size * cfg.freq_patches
-    embed = 2 * cfg.patch_size**2 * cfg.embed_dim * patches
-    return embed + cfg.depth * common.block_forward_flops(patches + 1, patches + 1)
+    return flop_counts.encoder_forward(cfg, 1, flop_counts.patches_of(cfg, FRAMES))
 
 
 def write_exports(root: Path, cfg: model_lib.ModelConfig) -> tuple[Path, Path, Path]:

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from asda_jax import launch_env, masking, sharding, train_lib, train_state
+from asda_jax import flop_counts, launch_env, masking, sharding, train_lib, train_state
+from asda_jax import model as model_lib
 from benchmarks import common
 from tests import torch_reference as ref
 from tests.train_helpers import load_config
@@ -44,15 +45,9 @@ FRAMES, DIM, DEPTH, HEADS, CLONES = 1024, 768, 12, 12, 16
 
 def step_flops(clips: int) -> float:
     """Analytic FLOPs of one step (matmuls and convolutions only)."""
-    block_forward = common.block_forward_flops
-    patches = FRAMES // 16 * 8
-    kept = masking.MaskConfig().num_kept(patches) + 1
-    student = 3 * DEPTH * block_forward(clips * CLONES * kept, kept)
-    teacher = DEPTH * block_forward(clips * (patches + 1), patches + 1)
-    embed = 2 * 256 * DIM * clips * patches * (1 + 3)  # teacher fwd + student fwd/bwd
-    decoder_per_slot = 6 * 2 * DIM * (DIM // 16) * 9 + 2 * DIM * DIM
-    decoder = 3 * decoder_per_slot * clips * CLONES * patches
-    return float(student + teacher + embed + decoder)
+    return flop_counts.pretraining_step(
+        model_lib.ModelConfig(), masking.MaskConfig(), clips, FRAMES
+    )
 
 
 def matmul_roof() -> tuple[float, float]:
