@@ -18,7 +18,8 @@ xla             the same maps and one A·V, mixed in one pass from the          
                 unnormalised exponentials, with a hand-written backward (the
                 CPU's choice)
 dot_product     two ``jax.nn.dot_product_attention`` calls sharing V (XLA)     everywhere
-cudnn           the same two calls through cuDNN flash attention               GPU, bf16/fp16
+cudnn           the same two calls through cuDNN flash attention (odd lengths  GPU, bf16/fp16
+                padded by one masked token: see ``_cudnn_attention``)
 pallas_flash    two Pallas TPU flash-attention calls                           TPU (CPU: interpret)
 pallas_splash   two Pallas TPU splash-attention calls (no additive bias)       TPU (CPU: interpret)
 =============== ============================================================== ==========
@@ -34,9 +35,11 @@ variable-length batching): the cuDNN backend passes it on as sequence lengths.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +51,9 @@ BACKENDS = ("reference", "xla", "dot_product", "cudnn", "pallas_flash", "pallas_
 PALLAS_BLOCK = 128  # Pallas TPU kernels work on sequence blocks of 128
 # Below this many tokens XLA's materialised attention beats the TPU kernels.
 PALLAS_MIN_LENGTH = 128
-CUDNN_MAX_HEAD_DIM = 256
+CUDNN_MAX_HEAD_DIM = 256  # Hopper and later (128 before)
+CUDNN_HEAD_DIM_MULTIPLE = 8
+CUDNN_LENGTH_MULTIPLE = 2  # differentiated calls (see _cudnn_attention)
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -138,8 +143,23 @@ def dot_product_attention(
     return _fused_attention(backend, q, k, v, mask=mask, bias=bias, interpret=interpret)
 
 
+_CHOICES: contextvars.ContextVar[list | None] = contextvars.ContextVar("choices", default=None)
+
+
+@contextlib.contextmanager
+def recorded_choices() -> Iterator[list[tuple[int, str]]]:
+    """Collects (sequence length, backend) of every attention call traced inside: what
+    a compiled program runs, for reports (``aot``)."""
+    choices: list[tuple[int, str]] = []
+    token = _CHOICES.set(choices)
+    try:
+        yield choices
+    finally:
+        _CHOICES.reset(token)
+
+
 def _backend_for(implementation, platform, q, v, bias, return_maps, interpret) -> str:
-    return choose_backend(
+    backend = choose_backend(
         implementation,
         platform=platform,
         dtype=q.dtype,
@@ -149,6 +169,9 @@ def _backend_for(implementation, platform, q, v, bias, return_maps, interpret) -
         need_maps=return_maps,
         interpret=interpret,
     )
+    if (choices := _CHOICES.get()) is not None:
+        choices.append((q.shape[1], backend))
+    return backend
 
 
 # ----------------------------------------------------------------------------- the XLA forms
@@ -296,9 +319,11 @@ def choose_backend(
 
 
 def _cudnn_can_run(dtype, head_dim: int) -> bool:
-    return (
-        jnp.dtype(dtype) in [jnp.dtype(d) for d in HALF_DTYPES] and head_dim <= CUDNN_MAX_HEAD_DIM
-    )
+    """cuDNN flash attention's limits on Hopper (jax's ``check_is_flash_attention``):
+    half precision, heads at most 256 wide and a multiple of 8; any length (odd ones are
+    padded to even)."""
+    half = jnp.dtype(dtype) in [jnp.dtype(d) for d in HALF_DTYPES]
+    return half and head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % CUDNN_HEAD_DIM_MULTIPLE == 0
 
 
 def _why_not_available(
@@ -308,7 +333,10 @@ def _why_not_available(
         if platform != "gpu":
             return f"cuDNN needs a GPU, this is {platform}"
         if not _cudnn_can_run(dtype, head_dim):
-            return f"cuDNN needs bf16/fp16 and head dim <= {CUDNN_MAX_HEAD_DIM}"
+            return (
+                f"cuDNN needs bf16/fp16 and a head dim <= {CUDNN_MAX_HEAD_DIM}, a multiple "
+                f"of {CUDNN_HEAD_DIM_MULTIPLE}"
+            )
     if implementation.startswith("pallas") and platform != "tpu" and not interpret:
         return f"Pallas TPU kernels need a TPU (or interpret=True), this is {platform}"
     if implementation == "pallas_splash" and has_bias:
@@ -334,8 +362,11 @@ def _fused_attention(
     """One softmax attention through a fused kernel, heads of q/k padded to V's width."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k = _pad_last(q, v.shape[-1]), _pad_last(k, v.shape[-1])  # zeros leave q·k unchanged
-    if backend in ("dot_product", "cudnn"):
-        return _jax_nn_attention(q, k, v, mask, bias, scale, cudnn=backend == "cudnn")
+    if backend == "cudnn":
+        return _cudnn_attention(q, k, v, mask, bias, scale)
+    if backend == "dot_product":
+        dense_mask = None if mask is None else mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense_mask, scale=scale)
     kernel = _pallas_flash if backend == "pallas_flash" else _pallas_splash
     return _pallas_attention(kernel, q, k, v, mask, bias, scale, interpret)
 
@@ -347,14 +378,27 @@ def _pad_last(x: jax.Array, width: int) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
 
 
-def _jax_nn_attention(q, k, v, mask, bias, scale, *, cudnn: bool) -> jax.Array:
-    if cudnn:
-        lengths = None if mask is None else mask.sum(-1).astype(jnp.int32)
-        return jax.nn.dot_product_attention(
-            q, k, v, bias=bias, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"
-        )
-    dense_mask = None if mask is None else mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense_mask, scale=scale)
+def _cudnn_attention(q, k, v, mask, bias, scale, implementation: str | None = "cudnn"):
+    """cuDNN's fused attention, the key mask passed as sequence lengths.
+
+    Differentiated, cuDNN takes even lengths only: jax.nn hands its backward a bias
+    (empty when there is none) and ``check_is_flash_attention`` refuses odd lengths
+    with one ("Unsupported sequence length Q 103, KV 103"). An odd sequence is padded
+    by one token that the lengths mask as a key and the slice drops as a query.
+    ``implementation=None`` runs the same padding through XLA (the tests' check).
+    """
+    batch, length = q.shape[:2]
+    lengths = jnp.full((batch,), length, jnp.int32) if mask is None else mask.sum(-1)
+    pad = -length % CUDNN_LENGTH_MULTIPLE
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        if bias is not None:
+            bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, pad), (0, pad)])
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, scale=scale, key_value_seq_lengths=lengths.astype(jnp.int32),
+        implementation=implementation,
+    )  # fmt: skip
+    return out[:, :length]
 
 
 def _pallas_attention(kernel: Callable, q, k, v, mask, bias, scale, interpret) -> jax.Array:
