@@ -14,6 +14,7 @@ so any field can be overridden as ``--config.<block>.<field>=value``:
                      says otherwise
     mesh, mesh_dcn, num_processes   sizes of the (data, fsdp, tensor) axes (one may be
                      -1), sizes across slices (multi-slice TPU), hosts expected (None: any)
+    topology         the chips the mesh preset is for ("v5e:2x4"): launch/compile.py's default
     and the loop's knobs: seed, num_train_steps, log_every, checkpoint_every, ...
 
 ``model`` is the architecture: it travels with checkpoints and exports. ``execution``
@@ -47,26 +48,43 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshPreset:
-    """A deployment's mesh: sizes within a slice and across slices, and its hosts."""
+    """A deployment: its mesh within a slice and across slices, its hosts, and the
+    topology it is (``launch/compile.py`` compiles for it; None: any device count)."""
 
     mesh: dict
     processes: int | None
+    topology: str | None = None  # "v5e:2x4": chip and chip grid; GPUs as "h100:1x1x8"
     dcn: dict | None = None
-    batch_size: int | None = None  # where the recipe's batch does not divide over the hosts
+
+    @property
+    def chips(self) -> int | None:
+        """Devices of the whole deployment (every slice), where the topology says."""
+        if self.topology is None:
+            return None
+        grid = self.topology.split(":", 1)[1]
+        slices = math.prod((self.dcn or {}).values()) if self.dcn else 1
+        return math.prod(int(n) for n in grid.split("x")) * slices
+
+    def batch_for(self, recipe_batch: int) -> int:
+        """The recipe's batch where it splits into whole clips over every chip and host,
+        else the next multiple of the chips (the rest of the recipe unchanged)."""
+        step = math.lcm(self.chips or 1, self.processes or 1)
+        return -(-recipe_batch // step) * step
 
 
 MESH_PRESETS = {
     "cpu": MeshPreset(sharding.DATA_PARALLEL, 1),
     "gpu": MeshPreset(sharding.DATA_PARALLEL, 1),  # 1–8 GPUs in one box
     "gpu_fsdp": MeshPreset({"data": 1, "fsdp": -1, "tensor": 1}, 1),
-    "v4-8": MeshPreset(sharding.DATA_PARALLEL, 1),  # 4 chips, 1 host
-    "v4-32": MeshPreset(sharding.DATA_PARALLEL, 4),  # 16 chips, 4 hosts
-    "v5e-8": MeshPreset(sharding.DATA_PARALLEL, 1),
-    "v5e-32": MeshPreset(sharding.DATA_PARALLEL, 8),
-    "v5e-256": MeshPreset(sharding.DATA_PARALLEL, 64, batch_size=64),
-    "v5p-128": MeshPreset(sharding.DATA_PARALLEL, 16),
-    "2x-v5e-256": MeshPreset(sharding.DATA_PARALLEL, 128, dcn={"data": 2}, batch_size=128),
+    "v4-8": MeshPreset(sharding.DATA_PARALLEL, 1, "v4:2x2x1"),  # 4 chips, 1 host
+    "v4-32": MeshPreset(sharding.DATA_PARALLEL, 4, "v4:2x2x4"),  # 16 chips, 4 hosts
+    "v5e-8": MeshPreset(sharding.DATA_PARALLEL, 1, "v5e:2x4"),
+    "v5e-32": MeshPreset(sharding.DATA_PARALLEL, 8, "v5e:4x8"),
+    "v5e-256": MeshPreset(sharding.DATA_PARALLEL, 64, "v5e:16x16"),
+    "v5p-128": MeshPreset(sharding.DATA_PARALLEL, 16, "v5p:4x4x4"),  # 64 chips
+    "2x-v5e-256": MeshPreset(sharding.DATA_PARALLEL, 128, "v5e:16x16", dcn={"data": 2}),
 }
+GPU_TOPOLOGY = "h100:1x1x8"  # what launch/compile.py compiles the gpu presets for
 
 
 def mesh_preset(name: str) -> MeshPreset:
@@ -126,8 +144,8 @@ def run_config(
     task: str, *, model: str = "base", mesh: str = "cpu", batch_size: int = 8
 ) -> ml_collections.ConfigDict:
     """A run's config with every block at its defaults, for a model preset, a mesh preset
-    and a global batch (unless the mesh preset sets its own); configs/*.py change what
-    differs."""
+    and a global batch (rounded up to whole clips per chip where the preset's chips do
+    not divide it: ``MeshPreset.batch_for``); configs/*.py change what differs."""
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
     preset = mesh_preset(mesh)
@@ -140,12 +158,13 @@ def run_config(
         config.pretrain = block(objectives.PretrainConfig)
     else:
         config.finetune = block(objectives.FinetuneConfig)
-    config.data = block(pipeline.InputConfig, batch_size=preset.batch_size or batch_size)
+    config.data = block(pipeline.InputConfig, batch_size=preset.batch_for(batch_size))
     config.eval_data = None
     config.optim = block(optim.OptimConfig)
     config.mesh = dict(preset.mesh)
     config.mesh_dcn = preset.dcn
     config.num_processes = preset.processes
+    config.topology = preset.topology or (GPU_TOPOLOGY if mesh.startswith("gpu") else None)
     config.seed = 0
     config.num_train_steps = 1000
     config.log_every = 100
@@ -272,8 +291,12 @@ def optim_config(config) -> optim.OptimConfig:
 # ---------------------------------------------------------------------------- validating
 
 
-def validate(config, *, device_count: int, process_count: int, platform: str) -> None:
-    """Every check that can fail before compiling, each with a message naming the fix."""
+def validate(
+    config, *, device_count: int, process_count: int, platform: str, require_files: bool = True
+) -> None:
+    """Every check that can fail before compiling, each with a message naming the fix;
+    ``require_files=False`` leaves out the datasets and the checkpoint to start from
+    (compiling ahead of time needs neither)."""
     if config.task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {config.task!r}")
     expected = config.get("num_processes")
@@ -294,12 +317,12 @@ def validate(config, *, device_count: int, process_count: int, platform: str) ->
             f"{model_cfg.patch_size}"
         )
     for name in ("data", "eval_data"):
-        if config.get(name) is not None:
+        if require_files and config.get(name) is not None:
             _require_dataset(input_config(config, name, platform=platform))
     if config.task == "pretrain":
         _validate_pretraining(config, model_cfg)
     else:
-        _validate_finetuning(config)
+        _validate_finetuning(config, require_files)
 
 
 def _validate_mesh(config, model_cfg, data, device_count: int, process_count: int) -> None:
@@ -313,11 +336,11 @@ def _validate_mesh(config, model_cfg, data, device_count: int, process_count: in
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from e
     data_parallel = data_size * fsdp * dcn.get("data", 1) * dcn.get("fsdp", 1)
-    rows = data.batch_size * (config.mask.clone_batch if config.task == "pretrain" else 1)
-    if data.batch_size % process_count or rows % data_parallel:
+    if data.batch_size % process_count or data.batch_size % data_parallel:
         raise ConfigError(
-            f"data.batch_size {data.batch_size} must divide over {process_count} hosts and "
-            f"its {rows} rows over the {data_parallel}-way data-parallel mesh"
+            f"data.batch_size {data.batch_size} clips must divide over {process_count} hosts "
+            f"and over the {data_parallel}-way data-parallel mesh (every device takes whole "
+            f"clips); use a multiple of {math.lcm(process_count, data_parallel)}"
         )
     for what, size, axis, width in (
         ("embed_dim", model_cfg.embed_dim, "fsdp", fsdp),
@@ -334,9 +357,9 @@ def _validate_pretraining(config, model_cfg: model_lib.ModelConfig) -> None:
         raise ConfigError(f"pretrain.average_top_k_layers {top_k} must be in 1..{model_cfg.depth}")
 
 
-def _validate_finetuning(config) -> None:
+def _validate_finetuning(config, require_files: bool) -> None:
     cfg = finetune_config(config)
-    if cfg.init_from:
+    if require_files and cfg.init_from:
         try:
             checkpoints.locate_params(cfg.init_from)
         except checkpoints.CheckpointMismatch as e:

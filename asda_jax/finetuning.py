@@ -36,7 +36,7 @@ class FinetuneTask:
             else None
         )
         self.optim_cfg = config_lib.optim_config(config)
-        self.num_classes = datasets.load(self.data_cfg.dataset, self.data_cfg.data_dir).num_classes
+        self.num_classes = datasets.class_count(self.data_cfg.dataset, self.data_cfg.data_dir)
         self.model = model_lib.Classifier(
             self.model_cfg, self.num_classes, self.ft_cfg.pooling, run=self.run
         )

@@ -29,6 +29,7 @@ class AudioSet(AudioSourceBuilder, skip_registration=True):
     """AudioSet (527 classes, multi-label) from local audio and its label files."""
 
     name = "audioset"
+    NUM_CLASSES = 527
     MAX_SECONDS = 10.5  # 1024 frames need 10.255 s
     LAYOUT = """
 Either AudioSet's own files:

@@ -63,6 +63,7 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     LAYOUT = ""  # the expected source tree, shown when it is missing or mis-laid
     MAX_SECONDS = 30.0
     NEEDS_SOURCE = True
+    NUM_CLASSES: int | None = None  # fixed by the dataset itself (None: by its source)
 
     def __init__(
         self,
@@ -194,6 +195,7 @@ class Esc50(AudioSourceBuilder, skip_registration=True):
 
     name = "esc50"
     MAX_SECONDS = 5.0
+    NUM_CLASSES = 50
     LAYOUT = """
 <source>/meta/esc50.csv      columns filename,fold,target,category,... (the official file)
 <source>/audio/<filename>    the clips named in the CSV
@@ -265,6 +267,7 @@ class SpeechCommandsV2(AudioSourceBuilder, skip_registration=True):
     """Speech Commands V2, the 35-word task, with the official validation and test lists."""
 
     name = "speech_commands_v2"
+    NUM_CLASSES = len(SPEECH_COMMANDS_35)
     MAX_SECONDS = 1.0
     LAYOUT = """
 <source>/<word>/<clip>.wav                 one folder per word (35 words)

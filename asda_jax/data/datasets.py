@@ -71,6 +71,18 @@ def load(name: str, data_dir: str | Path) -> PreparedDataset:
     return PreparedDataset(name, versions[-1])
 
 
+def class_count(name: str, data_dir: str | Path) -> int:
+    """Classes of ``name``: the prepared dataset's, else the count the dataset fixes
+    (AudioSet, ESC-50, Speech Commands), so a step compiles before any data exists."""
+    try:
+        return load(name, data_dir).num_classes
+    except DatasetNotFoundError:
+        fixed = builder_class(name).NUM_CLASSES
+        if fixed is None:
+            raise
+        return fixed
+
+
 @dataclasses.dataclass(frozen=True)
 class PreparedDataset:
     """A prepared dataset on disk: its splits, classes and per-split sidecars."""
