@@ -38,7 +38,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DECODER_CONV_FORMS = ("xla", "taps")
+DECODER_CONV_FORMS = ("xla", "per_device", "taps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Execution:
     attention_impl: str = "auto"  # per call, by platform and length (choose_backend)
     attention_stack_heads: bool = False
     attention_interpret: bool = False  # run Pallas TPU kernels in interpret mode (tests)
-    decoder_conv_impl: str = "auto"  # "auto" | "xla" | "taps" (see grouped_conv)
+    decoder_conv_impl: str = "auto"  # "auto" | "xla" | "per_device" | "taps" (grouped_conv)
 
     @property
     def compute_dtype(self):
@@ -545,9 +545,13 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, impl: str = "xla"
     """k×k grouped convolution with SAME padding: (B, H, W, Cin) → (B, H, W, Cout).
 
     ``kernel`` has ``nn.Conv``'s layout (k, k, Cin/G, Cout). ``impl="xla"`` is XLA's
-    grouped convolution (the reference; cuDNN and TPU run it well); ``"taps"`` computes
-    the same sums as k² group-batched matmuls whose products are shifted into place,
-    because XLA CPU's kernel gradient of a grouped convolution is slow (BENCHMARKS.md).
+    grouped convolution (the reference; TPU partitions it well); ``"per_device"`` the
+    same with each device convolving its own examples (``shard_map`` over the batch
+    axes): left to itself the GPU compiler's SPMD partitioner all-gathered the whole
+    batch before every decoder convolution (12 × 576 MiB per step at the gpu preset,
+    every GPU convolving the global batch); ``"taps"`` computes the same sums as k²
+    group-batched matmuls whose products are shifted into place, because XLA CPU's
+    kernel gradient of a grouped convolution is slow (BENCHMARKS.md).
     """
     if impl not in DECODER_CONV_FORMS:
         raise ValueError(f"grouped_conv impl must be one of {DECODER_CONV_FORMS}, got {impl!r}")
@@ -558,11 +562,8 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, impl: str = "xla"
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
     )  # fmt: skip
     by_example = sharding.current_mesh_spec(("batch", None, None, None))
-    if by_example is None:
+    if impl == "xla" or by_example is None:
         return conv(x, kernel)
-    # Each device convolves its own examples. Left to itself the GPU compiler's SPMD
-    # partitioner all-gathered the whole batch before every decoder convolution (every
-    # GPU ran the global batch: 12 × 576 MiB gathered per step at the gpu preset).
     per_device = jax.shard_map(
         conv, in_specs=(by_example, jax.sharding.PartitionSpec()), out_specs=by_example
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asda_jax import model as model_lib
-from asda_jax import release_weights
+from asda_jax import release_weights, sharding
 from tests import torch_reference as ref
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4, max_time_patches=64)
@@ -131,21 +131,27 @@ def _tiny_encoder(run: model_lib.Execution | None = None, **overrides):
     return cfg, encoder, variables
 
 
-def test_grouped_conv_by_taps_equals_xla_grouped_conv_with_gradients():
-    x = jax.random.normal(jax.random.key(0), (2, 6, 4, 16))
+@pytest.mark.parametrize("impl", ["taps", "per_device"])
+def test_grouped_conv_forms_equal_xla_grouped_conv_with_gradients(impl):
+    """Under an 8-device data-parallel mesh (where ``per_device`` shard_maps)."""
+    x = jax.random.normal(jax.random.key(0), (8, 6, 4, 16))
     kernel = 0.3 * jax.random.normal(jax.random.key(1), (3, 3, 4, 24))
-    weights = jax.random.normal(jax.random.key(2), (2, 6, 4, 24))
-    results = {
-        impl: jax.value_and_grad(
-            lambda x, k, impl=impl: jnp.sum(model_lib.grouped_conv(x, k, 4, impl) * weights),
-            argnums=(0, 1),
-        )(x, kernel)
-        for impl in ("xla", "taps")
-    }
-    (value_xla, grads_xla), (value_taps, grads_taps) = results["xla"], results["taps"]
-    np.testing.assert_allclose(value_taps, value_xla, rtol=1e-5)
-    for a, b in zip(grads_taps, grads_xla, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(2), (8, 6, 4, 24))
+    mesh = sharding.make_mesh(sharding.DATA_PARALLEL)
+    with sharding.activate(mesh):
+        results = {
+            form: jax.jit(
+                jax.value_and_grad(
+                    lambda x, k, f=form: jnp.sum(model_lib.grouped_conv(x, k, 4, f) * weights),
+                    argnums=(0, 1),
+                )
+            )(x, kernel)
+            for form in ("xla", impl)
+        }
+    (value_xla, grads_xla), (value, grads) = results["xla"], results[impl]
+    np.testing.assert_allclose(value, value_xla, rtol=1e-5)
+    for a, b in zip(grads, grads_xla, strict=True):  # kernel sums over 8 examples
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_batch_equals_each_clip_alone():
@@ -293,6 +299,7 @@ def test_execution_takes_the_platforms_forms_unless_told():
     cpu, tpu = model_lib.Execution(platform="cpu"), model_lib.Execution(platform="tpu")
     assert (cpu.compute_dtype, cpu.decoder_conv) == (jnp.float32, "taps")
     assert (tpu.compute_dtype, tpu.decoder_conv) == (jnp.bfloat16, "xla")
+    assert model_lib.Execution(platform="gpu").decoder_conv == "per_device"
     told = model_lib.Execution(platform="tpu", dtype="float32", decoder_conv_impl="taps")
     assert (told.compute_dtype, told.decoder_conv) == (jnp.float32, "taps")
 
