@@ -20,9 +20,12 @@ LAYERS = (
             "data.pipeline",
         ),
     ),
-    ("objectives and state on disk", ("objectives", "optim", "checkpoints", "release_weights")),
+    (
+        "objectives and state on disk",
+        ("objectives", "optim", "checkpoints", "release_weights", "flop_counts"),
+    ),
     ("typed config blocks", ("config_lib", "recipes")),
     ("tasks", ("train_state", "pretraining", "finetuning")),
-    ("the loop", ("train_lib", "evaluation", "probe")),
+    ("the loop", ("train_lib", "evaluation", "probe", "aot")),
     ("tools", ("inference", "embeddings", "timeline", "hear", "torch_import", "cli")),
 )

@@ -1,0 +1,159 @@
+"""Compiles a run's training step for its TPU or GPU topology on this host, no chips needed.
+
+    pip install libtpu==0.0.42.1            # TPU topologies (or: pip install -e .[tpu])
+    pip install "jax[cuda12]==0.10.2"       # GPU descriptions (a ~4 GB install)
+    python launch/compile.py --config=configs/pretrain_as2m.py:mesh=v5e-8
+    python launch/compile.py --config=configs/pretrain_as2m.py:mesh=2x-v5e-256
+    python launch/compile.py --config=configs/finetune_as20k.py:mesh=gpu --topology=h100:1x1x1
+
+Builds what launch/train.py would run (task, state shardings, the donated jitted step,
+the batch's shapes and shardings) on abstract devices of the preset's topology (or
+--topology; --num_slices for multi-slice TPU, default from the preset's mesh_dcn) and
+compiles it with the accelerator's compiler. Prints per-chip memory against HBM, the
+compiler's FLOPs and bytes next to the analytic count, the collectives, the attention
+backend per sequence length, and a roofline step time (asda_jax/aot.py has the chips'
+published figures and their sources). No data or checkpoint is read.
+
+Exit codes: 0 fits, 1 does not fit its chips' memory, 2 bad config, 5 the compiler for
+that platform is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server here
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no GPU driver here
+
+import json
+import math
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from asda_jax import aot, cli, config_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
+flags.DEFINE_string("topology", None, "Chips to compile for, e.g. v5e:2x4 (default: the preset's).")
+flags.DEFINE_integer("num_slices", None, "TPU slices (default: from the config's mesh_dcn).")
+flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+flags.DEFINE_string("hlo", None, "Also write the compiled program's HLO text to this file.")
+flags.DEFINE_integer("traffic", 0, "Print the N op scopes and opcodes moving the most bytes.")
+flags.mark_flags_as_required(["config"])
+
+MiB = 1024**2
+
+
+def report_rows(rep: aot.Report) -> list[tuple[str, str]]:
+    m = rep.memory
+    flops = rep.compiler_flops
+    rows = [
+        ("chips", f"{rep.chips} × {rep.chip.name}"),
+        ("global batch", f"{rep.clips} clips ({rep.clips / rep.chips:g} per chip)"),
+        ("memory per chip", f"{m.total / MiB:,.0f} MiB of {rep.chip.hbm_bytes / MiB:,.0f} MiB "
+         f"({1 - rep.headroom:.0%}; headroom {rep.headroom:.0%})"),
+        ("  arguments / temporaries / outputs / aliased / code (MiB)",
+         " / ".join(f"{b / MiB:,.0f}" for b in (m.arguments, m.temporaries, m.outputs,
+                                                m.aliased, m.code))),
+        ("FLOPs per chip, compiler", "n/a (GPU)" if flops is None else f"{flops / 1e12:.3f} T"),
+        ("FLOPs per chip, analytic", f"{rep.analytic_flops / 1e12:.3f} T"),
+        ("bytes accessed per chip", "n/a (GPU)" if rep.bytes_accessed is None
+         else f"{rep.bytes_accessed / 1e9:.2f} GB"),
+        ("roofline step", "n/a (the GPU compiler counts no FLOPs or bytes)"
+         if rep.step_seconds is None else f"{rep.step_seconds * 1e3:.1f} ms; MFU {rep.mfu:.0%}; "
+         f"{rep.clips_per_second_per_chip:.1f} clips/s per chip"),
+        ("HLO op traffic per chip (estimate)", f"{rep.hbm_traffic / 1e9:.2f} GB in HBM, "
+         f"{rep.on_chip_traffic / 1e9:.2f} GB in on-chip memory spaces"),
+        ("roofline, HBM traffic only", f"{rep.hbm_step_seconds * 1e3:.1f} ms; "
+         f"MFU {rep.hbm_mfu:.0%}"),
+        ("attention", ", ".join(f"{n} tokens: {b}" for n, b in rep.attention) or "none"),
+        ("custom calls", ", ".join(f"{k} ×{v}" for k, v in sorted(rep.custom_calls.items()))
+         or "none"),
+    ]  # fmt: skip
+    for c in rep.collectives:
+        where = (
+            ""
+            if c["crosses_slices"] is None
+            else (", crosses slices" if c["crosses_slices"] else ", within slices")
+        )
+        rows.append((f"collective {c['kind']} (groups of {c['group_size']}{where})",
+                     f"×{c['count']}, {c['bytes'] / MiB:,.1f} MiB"))  # fmt: skip
+    return rows
+
+
+def print_traffic(traffic: dict, top: int) -> None:
+    """Where the bytes go (aot.traffic): the busiest op scopes and opcodes."""
+    total = sum(traffic["by_scope"].values())
+    print(f"  traffic of the entry computation's ops: {total / 1e9:.2f} GB in the default memory "
+          f"space, {traffic['other_memory'] / 1e9:.2f} GB in others")  # fmt: skip
+    for what in ("by_scope", "by_opcode"):
+        rows = sorted(traffic[what].items(), key=lambda kv: -kv[1])[:top]
+        for name, size in rows:
+            print(f"    {what[3:]:<6} {size / 1e9:8.2f} GB  {size / total:4.0%}  {name}")
+
+
+def as_json(rep: aot.Report, topology: str, seconds: float) -> dict:
+    return dict(
+        topology=topology, chip=rep.chip.name, chips=rep.chips, clips=rep.clips,
+        memory=vars(rep.memory) | {"total": rep.memory.total}, fits=rep.fits,
+        headroom=rep.headroom, compiler_flops=rep.compiler_flops,
+        bytes_accessed=rep.bytes_accessed, analytic_flops=rep.analytic_flops,
+        step_seconds=rep.step_seconds, mfu=rep.mfu,
+        clips_per_second_per_chip=rep.clips_per_second_per_chip,
+        hbm_traffic=rep.hbm_traffic, on_chip_traffic=rep.on_chip_traffic,
+        hbm_step_seconds=rep.hbm_step_seconds, hbm_mfu=rep.hbm_mfu,
+        collectives=rep.collectives, attention=[list(a) for a in rep.attention],
+        custom_calls=rep.custom_calls, compile_seconds=seconds,
+    )  # fmt: skip
+
+
+def main(argv):
+    del argv
+    cli.quiet_library_logs()
+    config = FLAGS.config
+    topology = FLAGS.topology or config.get("topology")
+    if not topology:
+        logging.error("this config's mesh preset names no topology: pass --topology=v5e:2x4")
+        return 2
+    dcn = dict(config.get("mesh_dcn") or {})
+    slices = FLAGS.num_slices or (math.prod(dcn.values()) if dcn else 1)
+    started = time.perf_counter()
+    try:
+        devices = aot.abstract_devices(topology, slices)
+        step = aot.compile_step(config, devices)
+    except aot.CompilerMissing as e:
+        logging.error("%s", e)
+        return 5
+    except (config_lib.ConfigError, ValueError) as e:
+        logging.error("config cannot run on %s: %s", topology, e)
+        return 2
+    seconds = time.perf_counter() - started
+    rep = aot.report(step, aot.chip_of_topology(topology))
+    print(f"{config.task} step for {topology} × {slices} slice(s), compiled in {seconds:.0f} s")
+    width = max(len(k) for k, _ in report_rows(rep))
+    for key, value in report_rows(rep):
+        print(f"  {key:<{width}}  {value}")
+    text = step.compiled.as_text()
+    if FLAGS.traffic:
+        print_traffic(aot.traffic(text), FLAGS.traffic)
+    if FLAGS.hlo:
+        with open(FLAGS.hlo, "w") as f:
+            f.write(text)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(as_json(rep, topology, seconds) | {"traffic": aot.traffic(text)}, f, indent=2)
+    if not rep.fits:
+        logging.error(
+            "does not fit: %.0f MiB per chip > %.0f MiB of HBM; lower data.batch_size, set "
+            "execution.remat_policy, or shard the state (mesh fsdp)",
+            rep.memory.total / MiB, rep.chip.hbm_bytes / MiB,
+        )  # fmt: skip
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,286 @@
+"""Ahead-of-time compilation for accelerators this host lacks (asda_jax/aot.py).
+
+The TPU tests compile with the real TPU compiler (libtpu, from the test extras) for
+abstract v5e chips; without libtpu they are skipped with the reason. The GPU test
+needs the CUDA plugin (jax[cuda12], not in the test extras: ~4 GB) and is skipped
+with the reason where it is absent.
+"""
+
+import importlib.util
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
+
+from asda_jax import aot, attention, config_lib, platforms, sharding, train_lib
+from tests.train_helpers import ROOT, load_config
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install libtpu==0.0.42.1): no TPU compiler here",
+)
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("jax_cuda12_plugin") is None,
+    reason='the CUDA plugin is not installed (pip install "jax[cuda12]==0.10.2")',
+)
+
+
+def tiny_run(path: str, arg: str = "", frames: int = 256, clips: int = 4):
+    """A tiny config of ``path`` whose teacher (frames/16·8 + 1 tokens) reaches the
+    Pallas kernels' 128 tokens at 256 frames while the student (26 tokens) does not."""
+    config = load_config(path, ",".join(filter(None, ["model=tiny,mesh=v5e-8", arg])))
+    config.data.update(target_frames=frames, batch_size=clips)
+    if config.task == "pretrain":
+        config.pretrain.average_top_k_layers = 2
+        config.mask.clone_batch = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+    return aot.abstract_devices("v5e:2x2")
+
+
+@needs_libtpu
+def test_the_pretraining_step_compiles_for_v5e_with_the_pallas_kernels(v5e_2x2):
+    step = aot.compile_step(tiny_run("configs/pretrain_as2m.py"), v5e_2x2)
+    rep = aot.report(step, "v5e")
+    # the teacher's 129 tokens through splash attention, the student's 26 below its 128
+    assert step.attention_choices == ((26, "xla"), (129, "pallas_splash"))
+    # two blocks × two branches of the (forward-only) teacher, as Mosaic kernels
+    assert rep.custom_calls["tpu_custom_call"] == 4
+    assert rep.chips == 4 and rep.fits
+    assert rep.memory.total > rep.memory.arguments > 0
+    # the compiler counts at least the model's matmuls (and elementwise work on top)
+    assert rep.analytic_flops <= rep.compiler_flops < 3 * rep.analytic_flops
+    assert rep.bytes_accessed > 0 and 0 < rep.mfu <= 1
+    # data parallelism: only all-reduces over all four chips
+    assert {(c["kind"], c["group_size"]) for c in rep.collectives} == {("all-reduce", 4)}
+
+
+@needs_libtpu
+def test_the_finetuning_step_compiles_for_v5e_forward_and_backward_kernels(v5e_2x2):
+    config = tiny_run("configs/finetune_as20k.py")
+    step = aot.compile_step(config, v5e_2x2)
+    assert step.attention_choices == ((129, "pallas_splash"),)
+    calls = aot.report(step, "v5e").custom_calls
+    # forward and backward kernels of both branches in both blocks
+    assert calls["tpu_custom_call"] >= 8
+    assert step.task.num_classes == 527  # AudioSet's, known without the prepared data
+
+
+@needs_libtpu
+def test_kernels_and_front_end_follow_the_mesh_devices_not_the_host(v5e_2x2):
+    config = tiny_run("configs/pretrain_as2m.py")
+    on_tpu = aot.lower_step(config, v5e_2x2)
+    config.mesh = dict(sharding.DATA_PARALLEL)
+    on_cpu = aot.lower_step(config, jax.devices("cpu")[:4])
+    assert jax.default_backend() == "cpu"  # the same process, the same call
+    assert on_tpu.attention_choices == ((26, "xla"), (129, "pallas_splash"))
+    assert on_cpu.attention_choices == ((26, "xla"), (129, "xla"))
+    assert on_tpu.task.forms == platforms.FORMS["tpu"]
+    assert on_cpu.task.forms == platforms.FORMS["cpu"]
+    assert on_tpu.task.run.decoder_conv == "xla" and on_cpu.task.run.decoder_conv == "taps"
+    assert on_tpu.task.data_cfg.fbank_on == "device" and on_cpu.task.data_cfg.fbank_on == "host"
+    tpu_text = on_tpu.lowered.as_text()
+    assert "tpu_custom_call" in tpu_text and "tpu_custom_call" not in on_cpu.lowered.as_text()
+
+
+@needs_libtpu
+def test_multi_slice_only_the_gradient_reduction_crosses_slices():
+    devices = aot.abstract_devices("v5e:2x2", num_slices=2)
+    assert sorted({d.slice_index for d in devices}) == [0, 1]
+    config = tiny_run("configs/pretrain_as2m.py", clips=8)
+    config.mesh_dcn = {"data": 2}
+    rep = aot.report(aot.compile_step(config, devices), "v5e")
+    crossing = [c for c in rep.collectives if c["crosses_slices"]]
+    # over the data-centre network: the multi-slice runtime's all-reduces (sums), only
+    assert [c["kind"] for c in crossing] == ["dcn-all-reduce"]
+    # no more than the float32 gradients (and the metrics), reduced within slices first
+    grads = sum(x.size * 4 for x in jax.tree.leaves(rep_params(config)))
+    assert grads / 8 < crossing[0]["bytes"] <= grads
+    inside = [c for c in rep.collectives if not c["crosses_slices"]]
+    assert {c["kind"] for c in inside} >= {"reduce-scatter", "all-gather"}
+    assert all(c["crosses_slices"] is False for c in inside if c["group_size"])
+    assert {c["group_size"] for c in inside if c["group_size"]} == {4}
+
+
+def rep_params(config):
+    """The student's parameters of ``config`` (shapes only)."""
+    task = train_lib.make_task(config, "tpu")
+    return jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+
+
+PRESET_CONFIGS = [
+    ("configs/pretrain_as2m.py", ""),
+    ("configs/finetune_as2m.py", ""),
+    ("configs/finetune_as20k.py", ""),
+    ("configs/finetune_esc50.py", ""),
+    ("configs/finetune_spcv2.py", ""),
+]
+TPU_PRESETS = [name for name, p in config_lib.MESH_PRESETS.items() if p.topology]
+
+
+@pytest.mark.parametrize("preset", TPU_PRESETS)
+@pytest.mark.parametrize("path,arg", PRESET_CONFIGS)
+def test_every_preset_batch_splits_into_whole_clips_over_its_chips(preset, path, arg):
+    config = load_config(path, ",".join(filter(None, [f"mesh={preset}", arg])))
+    spec = config_lib.MESH_PRESETS[preset]
+    assert config.data.batch_size % spec.chips == 0
+    assert config.data.batch_size % spec.processes == 0
+    config_lib.validate(
+        config,
+        device_count=spec.chips,
+        process_count=spec.processes,
+        platform="tpu",
+        require_files=False,
+    )
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused():
+    config = load_config("configs/pretrain_as2m.py", "mesh=v5e-32")
+    config.data.batch_size = 48  # the recipe's, over 32 chips: 1.5 clips each
+    with pytest.raises(config_lib.ConfigError, match="multiple of 32"):
+        config_lib.validate(
+            config, device_count=32, process_count=8, platform="tpu", require_files=False
+        )
+
+
+def test_the_preset_batch_is_the_recipe_where_it_splits_else_whole_clips_per_chip():
+    batch = lambda preset: load_config("configs/pretrain_as2m.py", f"mesh={preset}").data.batch_size
+    assert [batch(p) for p in ("gpu", "v4-8", "v4-32", "v5e-8")] == [48] * 4
+    assert [batch(p) for p in ("v5e-32", "v5p-128", "v5e-256", "2x-v5e-256")] == [64, 64, 256, 512]
+
+
+def run_compile(*flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "launch" / "compile.py"), *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@needs_libtpu
+def test_compile_refuses_what_cannot_run_before_compiling():
+    split = run_compile(
+        "--config=configs/pretrain_as2m.py:mesh=v5e-32", "--config.data.batch_size=48"
+    )
+    assert split.returncode == 2 and "use a multiple of 32" in split.stderr
+    nowhere = run_compile("--config=configs/demo.py")
+    assert nowhere.returncode == 2 and "names no topology: pass --topology" in nowhere.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax_cuda12_plugin") is not None, reason="the CUDA plugin is here"
+)
+def test_a_gpu_topology_without_the_cuda_plugin_says_what_to_install():
+    with pytest.raises(aot.CompilerMissing, match=r'pip install "jax\[cuda12\]==0.10.2"'):
+        aot.abstract_devices("h100:1x1x8")
+
+
+# ---------------------------------------------------------------------------- cuDNN
+
+
+def test_the_chooser_holds_cudnn_to_its_limits():
+    choose = lambda **kw: attention.choose_backend(
+        "auto", **{"dtype": jnp.bfloat16, "head_dim": 128, "length": 103, "has_bias": False,
+                   "need_maps": False, "platform": "gpu"} | kw,
+    )  # fmt: skip
+    assert choose() == "cudnn"  # odd lengths too: padded to even
+    assert choose(dtype=jnp.float32) == "xla"
+    assert choose(head_dim=264) == "xla"  # wider than 256
+    assert choose(head_dim=100) == "xla"  # not a multiple of 8
+    assert choose(platform="cpu") == "xla"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_every_length_reaches_cudnn_in_a_shape_its_training_check_accepts(head_dim):
+    """jax's own check (the one that raised "Unsupported sequence length Q 103"),
+    differentiated and with the bias jax.nn always passes, on what the cudnn backend
+    hands it: every length from 1 to 1100; the unpadded odd lengths are refused."""
+    check = cudnn_checks.check_is_flash_attention
+    layout = cudnn_checks.AttentionLayout.BTNH.value
+    for length in range(1, 1101):
+        padded = length + (-length % attention.CUDNN_LENGTH_MULTIPLE)
+        x = jax.ShapeDtypeStruct((2, padded, 4, head_dim), jnp.bfloat16)
+        check(x, x, x, layout, 92800, has_bias=True, is_training=True)
+    odd = jax.ShapeDtypeStruct((2, 103, 4, head_dim), jnp.bfloat16)
+    with pytest.raises(NotImplementedError, match="Unsupported sequence length Q 103"):
+        check(odd, odd, odd, layout, 92800, has_bias=True, is_training=True)
+
+
+@pytest.mark.parametrize("length", [103, 104])
+def test_the_cudnn_padding_leaves_attention_and_its_gradients_unchanged(length):
+    """The cudnn backend's padding and length mask, run through XLA (no GPU here),
+    against plain masked attention, values and gradients."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (2, length, 3, 16)) for key in keys)
+    mask = jnp.arange(length)[None, :] < jnp.array([[length], [length - 7]])
+    scale = 0.25
+
+    def padded(q, k, v):
+        return attention._cudnn_attention(q, k, v, mask, None, scale, implementation=None)
+
+    def plain(q, k, v):
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+        scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+
+    np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), atol=2e-6)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * v)
+    got = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+@needs_cuda_plugin
+def test_the_pretraining_step_compiles_for_h100s_with_cudnn_attention():
+    config = tiny_run(
+        "configs/pretrain_as2m.py", frames=1024, clips=8
+    ).copy_and_resolve_references()
+    config.mesh = dict(sharding.DATA_PARALLEL)
+    step = aot.compile_step(config, aot.abstract_devices("h100:1x1x8"))
+    assert step.attention_choices == ((103, "cudnn"), (513, "cudnn"))
+    calls = aot.report(step, "h100").custom_calls
+    assert calls["__cudnn$fmhaSoftmax"] > 0 and calls["__cudnn$fmhaSoftmaxBackward"] > 0
+
+
+# ---------------------------------------------------------------------------- reading HLO
+
+
+def test_replica_groups_of_every_form():
+    mesh_form = "replica_groups=mesh['axis_0'=2,'axis_1'=3] {'axis_0'}, use_global_device_ids"
+    assert aot.replica_groups(mesh_form) == [[0, 3], [1, 4], [2, 5]]
+    both = "replica_groups=mesh['axis_0'=2,'axis_1'=3] {'axis_0','axis_1'}"
+    assert aot.replica_groups(both) == [[0, 1, 2, 3, 4, 5]]
+    assert aot.replica_groups("replica_groups=[2,4]<=[8], x") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert aot.replica_groups("replica_groups=[4,2]<=[2,4]T(1,0)") == [
+        [0, 4], [1, 5], [2, 6], [3, 7]
+    ]  # fmt: skip
+    assert aot.replica_groups("replica_groups={{0,2},{1,3}}") == [[0, 2], [1, 3]]
+
+
+def test_array_bytes_of_hlo_shapes():
+    assert aot.array_bytes("bf16[4,128]{1,0:T(8,128)(2,1)}") == 4 * 128 * 2
+    assert aot.array_bytes("(f32[3]{0}, /*index=1*/s32[], pred[2,2])") == 12 + 4 + 4
+
+
+def test_traffic_counts_each_op_once_and_splits_memory_spaces():
+    op_name = "jit(<lambda>)/transpose(jvp(Encoder.contextualize))/blocks_3/mlp/fc1/add"
+    hlo = f"""HloModule m
+
+ENTRY %main (p: f32[256]) -> f32[256] {{
+  %p = f32[256]{{0}} parameter(0)
+  %s = ((f32[256]{{0}}), f32[128]{{0:S(1)}}, s32[]{{:S(2)}}) slice-start(%p), slice={{[0:128]}}
+  %d = f32[128]{{0:S(1)}} slice-done(%s)
+  %f = f32[256]{{0}} fusion(%p, %d), kind=kLoop, calls=%c, metadata={{op_name="{op_name}"}}
+  ROOT %g = f32[256]{{0}} copy(%f)
+}}
+"""
+    got = aot.traffic(hlo)
+    # the fusion reads p (1 KiB) and d (on-chip), writes 1 KiB; the copy 1 KiB each way
+    assert got["by_opcode"] == {"fusion": 2048, "copy": 2048, "slice-start": 0}
+    assert got["other_memory"] == 2 * 512 + 512  # the slice moved, and read by the fusion
+    assert got["by_scope"]["backward Encoder.contextualize/mlp/fc1"] == 2048
