@@ -1,0 +1,104 @@
+"""Every mesh preset × task compiled for its chips on this CPU host: memory, FLOPs, bytes,
+collectives, roofline step time, MFU and the cost of 10 AS-2M epochs.
+
+    python -m benchmarks.aot_presets [--presets v5e-8,v4-8] [--tasks pretrain,as20k]
+    python -m benchmarks.aot_presets --presets gpu,gpu_fsdp --python /venv-cuda/bin/python
+
+Each row is one ``launch/compile.py`` in its own process (``--python`` picks the
+interpreter: one with the CUDA plugin for the GPU presets), its JSON report kept under
+``--out``; a row whose report is already there is read back, so an interrupted sweep
+resumes. The roofline (``asda_jax/aot.py``) takes the slower of the compiler's FLOPs
+at the chip's peak and its bytes at the HBM bandwidth; MFU counts the analytic model
+FLOPs (asda_jax/flop_counts.py) against that time. 10 AS-2M epochs are 10 × 1.9 M clips
+(EAT's published cost for its 10 epochs: 230 GPU-hours on RTX 3090s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks import common
+
+TASKS = {
+    "pretrain": "configs/pretrain_as2m.py",
+    "as2m": "configs/finetune_as2m.py",
+    "as20k": "configs/finetune_as20k.py",
+}
+TPU_PRESETS = ("v4-8", "v4-32", "v5e-8", "v5e-32", "v5e-256", "v5p-128", "2x-v5e-256")
+AS2M_CLIPS, EPOCHS = 1_900_000, 10
+MiB = 1024**2
+
+
+def compile_row(python: str, preset: str, task: str, out: Path, extra: list[str]) -> dict:
+    """The JSON report of one preset × task (compiled now unless already there)."""
+    path = out / f"{preset}-{task}.json"
+    if not path.exists():
+        command = [
+            python, "launch/compile.py", f"--config={TASKS[task]}:mesh={preset}",
+            f"--json={path}", *extra,
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode not in (0, 1):  # 1: compiled, does not fit (in the report)
+            tail = "\n".join(done.stderr.strip().splitlines()[-3:])
+            return {"preset": preset, "task": task, "error": tail}
+    return {"preset": preset, "task": task} | json.loads(path.read_text())
+
+
+def table_row(r: dict) -> list[str]:
+    if "error" in r:
+        return [r["preset"], r["task"], f"failed: {r['error'][-160:]}"] + [""] * 9
+    mem = r["memory"]
+    per_clip = lambda flops: flops * r["chips"] / r["clips"] / 1e12
+    compiler = "n/a" if r["compiler_flops"] is None else f"{per_clip(r['compiler_flops']):.3f}"
+    collectives = ", ".join(
+        f"{c['kind']} ×{c['count']} {c['bytes'] / MiB:,.0f} MiB" for c in r["collectives"]
+    )
+    roofline = r["step_seconds"] is not None
+    hours = EPOCHS * AS2M_CLIPS / (r["clips_per_second_per_chip"] or 1) / 3600
+    return [
+        r["preset"], r["task"], f"{r['chips']} × {r['topology']}", str(r["clips"]),
+        f"{mem['total'] / MiB:,.0f} ({1 - r['headroom']:.0%})",
+        f"{compiler} / {per_clip(r['analytic_flops']):.3f}",
+        "n/a" if r["bytes_accessed"] is None else f"{r['bytes_accessed'] / 1e9:.1f}",
+        collectives or "none",
+        f"{r['step_seconds'] * 1e3:.0f}" if roofline else "n/a",
+        f"{r['mfu']:.0%}" if roofline else "n/a",
+        f"{r['clips_per_second_per_chip']:.1f}" if roofline else "n/a",
+        f"{hours:,.0f}" if roofline and r["task"] == "pretrain" else "",
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--presets", default=",".join(TPU_PRESETS))
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--out", default="workdirs/aot")
+    parser.add_argument("--extra", default="", help="more launch/compile.py flags, spaced")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(common.machine())
+    print(common.versions(("jax", "jaxlib", "libtpu", "jax-cuda12-plugin")))
+    rows = [
+        compile_row(args.python, preset, task, out, args.extra.split())
+        for preset in args.presets.split(",")
+        for task in args.tasks.split(",")
+    ]
+    common.print_table(
+        "Compiled per preset and task (per chip; roofline from the compiler's counts)",
+        [
+            "preset", "task", "chips", "clips", "memory MiB (of HBM)",
+            "TFLOP/clip compiler / analytic", "GB accessed/step", "collectives",
+            "roofline ms", "MFU", "clips/s/chip", f"chip-h, {EPOCHS} AS-2M epochs",
+        ],
+        [table_row(r) for r in rows],
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
