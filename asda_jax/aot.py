@@ -150,17 +150,6 @@ def abstract_devices(topology: str, num_slices: int = 1) -> list:
 # ---------------------------------------------------------------------------- compiling
 
 
-@dataclasses.dataclass(frozen=True)
-class CompiledStep:
-    """One run's step compiled for abstract devices, with what shaped it."""
-
-    compiled: jax.stages.Compiled
-    mesh: jax.sharding.Mesh
-    task: object
-    attention_choices: tuple[tuple[int, str], ...]  # (sequence length, backend), distinct
-    clips: int  # global batch
-
-
 def num_classes(config) -> int:
     """Classes of the training data: the prepared dataset's, else its builder's fixed
     count (compiling needs no data)."""
@@ -180,22 +169,25 @@ def batch_spec(task, mesh, classes: int) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoweredStep:
-    """One run's step lowered for devices, before compiling."""
+class Step:
+    """One run's step lowered for devices (and, once ``compile``d, compiled), with what
+    shaped it."""
 
     lowered: jax.stages.Lowered
     mesh: jax.sharding.Mesh
     task: object
     attention_choices: tuple[tuple[int, str], ...]  # (sequence length, backend), distinct
+    compiled: jax.stages.Compiled | None = None
 
-    def compile(self) -> CompiledStep:
-        clips = self.task.data_cfg.batch_size
-        return CompiledStep(
-            self.lowered.compile(), self.mesh, self.task, self.attention_choices, clips
-        )
+    @property
+    def clips(self) -> int:  # the global batch
+        return self.task.data_cfg.batch_size
+
+    def compile(self) -> Step:
+        return dataclasses.replace(self, compiled=self.lowered.compile())
 
 
-def lower_step(config, devices, *, process_count: int | None = None) -> LoweredStep:
+def lower_step(config, devices, *, process_count: int | None = None) -> Step:
     """``config``'s training step lowered for ``devices`` (real or abstract), as
     ``launch/train.py`` would run it on them. Raises ConfigError for a config that
     cannot run there (the checks ``train`` makes, without the data)."""
@@ -215,10 +207,10 @@ def lower_step(config, devices, *, process_count: int | None = None) -> LoweredS
     batch = batch_spec(task, mesh, num_classes(config))
     with sharding.activate(mesh), attention.recorded_choices() as choices:
         lowered = step.lower(plan.restore_target(), batch)
-    return LoweredStep(lowered, mesh, task, tuple(sorted(set(choices))))
+    return Step(lowered, mesh, task, tuple(sorted(set(choices))))
 
 
-def compile_step(config, devices, *, process_count: int | None = None) -> CompiledStep:
+def compile_step(config, devices, *, process_count: int | None = None) -> Step:
     """``lower_step``, compiled by the devices' compiler."""
     return lower_step(config, devices, process_count=process_count).compile()
 
@@ -441,7 +433,7 @@ class Report:
         return None if rate is None else clips / rate / 3600
 
 
-def report(step: CompiledStep, chip: str) -> Report:
+def report(step: Step, chip: str) -> Report:
     text = step.compiled.as_text()
     cost = cost_of(step.compiled)
     chips = step.mesh.devices.size
