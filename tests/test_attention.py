@@ -310,7 +310,8 @@ def test_unavailable_kernels_fall_back_to_xla_with_a_warning_and_still_compute(c
         assert _choose("pallas_splash", platform="tpu", has_bias=True) == "xla"
     assert fallback_warnings(caplog) == [
         "attention 'cudnn' unavailable (cuDNN needs a GPU, this is cpu); using 'xla'",
-        "attention 'cudnn' unavailable (cuDNN needs bf16/fp16 and head dim <= 256); using 'xla'",
+        "attention 'cudnn' unavailable (cuDNN needs bf16/fp16 and a head dim <= 256, a "
+        "multiple of 8); using 'xla'",
         "attention 'pallas_flash' unavailable (Pallas TPU kernels need a TPU (or interpret=True),"
         " this is cpu); using 'xla'",
         "attention 'pallas_splash' unavailable (splash attention takes no additive bias); "
