@@ -50,7 +50,7 @@ def compile_row(python: str, preset: str, task: str, out: Path, extra: list[str]
 
 def table_row(r: dict) -> list[str]:
     if "error" in r:
-        return [r["preset"], r["task"], f"failed: {r['error'][-160:]}"] + [""] * 9
+        return [r["preset"], r["task"], f"failed: {r['error'][-160:]}"] + [""] * 10
     mem = r["memory"]
     per_clip = lambda flops: flops * r["chips"] / r["clips"] / 1e12
     compiler = "n/a" if r["compiler_flops"] is None else f"{per_clip(r['compiler_flops']):.3f}"
@@ -67,6 +67,7 @@ def table_row(r: dict) -> list[str]:
         collectives or "none",
         f"{r['step_seconds'] * 1e3:.0f}" if roofline else "n/a",
         f"{r['mfu']:.0%}" if roofline else "n/a",
+        f"{r['hbm_traffic'] / 1e9:.1f} / {r['hbm_mfu']:.0%}" if "hbm_mfu" in r else "",
         f"{r['clips_per_second_per_chip']:.1f}" if roofline else "n/a",
         f"{hours:,.0f}" if roofline and r["task"] == "pretrain" else "",
     ]  # fmt: skip
@@ -94,7 +95,8 @@ def main() -> None:
         [
             "preset", "task", "chips", "clips", "memory MiB (of HBM)",
             "TFLOP/clip compiler / analytic", "GB accessed/step", "collectives",
-            "roofline ms", "MFU", "clips/s/chip", f"chip-h, {EPOCHS} AS-2M epochs",
+            "roofline ms", "MFU", "HLO HBM GB / MFU (estimate)", "clips/s/chip",
+            f"chip-h, {EPOCHS} AS-2M epochs",
         ],
         [table_row(r) for r in rows],
     )  # fmt: skip
