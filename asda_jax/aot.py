@@ -22,7 +22,16 @@ import jax
 import numpy as np
 from jax.experimental import topologies
 
-from asda_jax import attention, config_lib, flop_counts, platforms, sharding, train_lib, train_state
+from asda_jax import (
+    attention,
+    config_lib,
+    flop_counts,
+    platforms,
+    pretraining,
+    sharding,
+    train_lib,
+    train_state,
+)
 from asda_jax.data import datasets, pipeline
 
 GiB = 1024**3
@@ -66,11 +75,8 @@ _GPU_TARGETS = {
         bandwidth=2_039_000_000_000, l2=41_943_040, smem_core=167_936, smem_optin=166_912,
     ),
 }  # fmt: skip
-CUDNN_VERSION = (
-    9,
-    28,
-    0,
-)  # of the cuDNN wheel jax[cuda12]==0.10.2 installs (nvidia-cudnn-cu12 9.28)
+# of the cuDNN wheel jax[cuda12]==0.10.2 installs (nvidia-cudnn-cu12 9.28)
+CUDNN_VERSION = (9, 28, 0)
 
 
 def gpu_target_config(chip: str) -> str:
@@ -103,12 +109,7 @@ class CompilerMissing(RuntimeError):
     """The accelerator's compiler (libtpu, or the CUDA plugin) is not installed here."""
 
 
-_COMPILERS = {
-    chip: "pip install libtpu==0.0.42.1"
-    if c.platform == "tpu"
-    else 'pip install "jax[cuda12]==0.10.2"'
-    for chip, c in CHIPS.items()
-}
+_COMPILERS = {"tpu": "pip install libtpu==0.0.42.1", "gpu": 'pip install "jax[cuda12]==0.10.2"'}
 
 
 def chip_of_topology(topology: str) -> str:
@@ -138,22 +139,17 @@ def abstract_devices(topology: str, num_slices: int = 1) -> list:
                 topology_name="", platform="cuda", target_config=gpu_target_config(chip),
                 topology=shape,
             )  # fmt: skip
-    except NotImplementedError as e:  # "topology not implemented for cuda": no plugin
-        raise CompilerMissing(f"compiling for {topology} needs {_COMPILERS[chip]} ({e})") from e
-    except (RuntimeError, jax.errors.JaxRuntimeError) as e:
-        if any(s in str(e) for s in ("Unknown backend", "not found", "No such", "Unable to")):
-            raise CompilerMissing(f"compiling for {topology} needs {_COMPILERS[chip]} ({e})") from e
-        raise
+    except (NotImplementedError, RuntimeError, jax.errors.JaxRuntimeError) as e:
+        # "topology not implemented for cuda" (no plugin), or libtpu's own words for its absence
+        missing = ("not implemented", "Unknown backend", "not found", "No such", "Unable to")
+        if not any(s in str(e) for s in missing):
+            raise
+        needs = _COMPILERS[CHIPS[chip].platform]
+        raise CompilerMissing(f"compiling for {topology} needs {needs} ({e})") from e
     return list(desc.devices)
 
 
 # ---------------------------------------------------------------------------- compiling
-
-
-def num_classes(config) -> int:
-    """Classes of the training data: the prepared dataset's, else its builder's fixed
-    count (compiling needs no data)."""
-    return datasets.class_count(config.data.dataset, config.data.data_dir)
 
 
 def batch_spec(task, mesh, classes: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -204,7 +200,9 @@ def lower_step(config, devices, *, process_count: int | None = None) -> Step:
     task = train_lib.make_task(config, platforms.of_mesh(mesh))
     plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(config.seed))
     step = train_state.jit_step(task, plan, mesh)
-    batch = batch_spec(task, mesh, num_classes(config))
+    # classes of the prepared dataset, else its builder's fixed count: no data needed
+    classes = datasets.class_count(task.data_cfg.dataset, task.data_cfg.data_dir)
+    batch = batch_spec(task, mesh, classes)
     with sharding.activate(mesh), attention.recorded_choices() as choices:
         lowered = step.lower(plan.restore_target(), batch)
     return Step(lowered, mesh, task, tuple(sorted(set(choices))))
@@ -256,9 +254,8 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
 _DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _ARRAY = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
-_INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\((.*)$"
-)
+# an HLO instruction line: name, shape, opcode, the rest
+_NAMED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](T\(([\d,]+)\))?")
 _LIST_GROUPS = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
@@ -308,9 +305,7 @@ class Collective:
     crosses_slices: bool | None  # None: a single slice
 
 
-_DCN_SEND = re.compile(
-    r"^\s*%?[\w.\-]+ = \((.*?), u32\[\].*? send\(.*_xla_megascale_transfer_type=\"(\w+)\""
-)
+_DCN_TRANSFER = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 
 
 def collectives_of(hlo_text: str, devices) -> list[Collective]:
@@ -324,23 +319,24 @@ def collectives_of(hlo_text: str, devices) -> list[Collective]:
     multi_slice = len(set(slices)) > 1
     found = []
     for line in hlo_text.splitlines():
-        if dcn := _DCN_SEND.match(line):
-            kind = "dcn-" + dcn.group(2).lower().replace("_", "-")
-            found.append(Collective(kind, array_bytes(dcn.group(1)), len(set(slices)), True))
-            continue
-        m = _INSTRUCTION.match(line)
+        m = _NAMED.match(line)
         if not m:
             continue
-        shape, kind, is_start, rest = m.groups()
-        if is_start and kind != "all-reduce" and shape.startswith("("):
-            parts = _top_level(shape)  # (operands, results): the results
-            shape = parts[len(parts) // 2 :] and ", ".join(parts[len(parts) // 2 :])
+        _, shape, opcode, rest = m.groups()
+        if opcode == "send" and (dcn := _DCN_TRANSFER.search(rest)):
+            kind = "dcn-" + dcn.group(1).lower().replace("_", "-")
+            data = _top_level(shape)[0]  # (data, context, token)
+            found.append(Collective(kind, array_bytes(data), len(set(slices)), True))
+            continue
+        kind = opcode.removesuffix("-start")
+        if kind not in COLLECTIVES:
+            continue
         groups = replica_groups(rest)
         crosses = None
         if multi_slice and groups:
             crosses = any(len({slices[i] for i in g}) > 1 for g in groups if g)
         size = len(groups[0]) if groups and groups[0] else None
-        found.append(Collective(kind, array_bytes(shape), size, crosses))
+        found.append(Collective(kind, array_bytes(_result_shape(shape, opcode)), size, crosses))
     return found
 
 
@@ -365,7 +361,7 @@ def custom_calls(hlo_text: str) -> collections.Counter:
 def analytic_flops(task, clips: int) -> float:
     """The step's FLOPs counted from the model (all chips together)."""
     frames = task.data_cfg.target_frames
-    if hasattr(task, "mask_cfg"):
+    if isinstance(task, pretraining.PretrainTask):
         return flop_counts.pretraining_step(task.model_cfg, task.mask_cfg, clips, frames)
     return flop_counts.finetuning_step(task.model_cfg, clips, frames, task.frozen)
 
@@ -384,8 +380,17 @@ class Report:
     collectives: list[dict]
     attention: tuple[tuple[int, str], ...]
     custom_calls: dict[str, int]
-    hbm_traffic: float  # per chip: the HLO's op traffic in the default memory space
-    on_chip_traffic: float  # in other memory spaces (TPU: on-chip), not HBM
+    traffic: dict  # ``traffic`` of the compiled HLO (per chip)
+
+    @property
+    def hbm_traffic(self) -> float:
+        """The HLO's op traffic in the default memory space (HBM), per chip."""
+        return float(sum(self.traffic["by_scope"].values()))
+
+    @property
+    def on_chip_traffic(self) -> float:
+        """In other memory spaces (TPU: on-chip), not HBM."""
+        return float(self.traffic["other_memory"])
 
     @property
     def fits(self) -> bool:
@@ -427,17 +432,11 @@ class Report:
     def hbm_mfu(self) -> float:
         return self.analytic_flops / (self.hbm_step_seconds * self.chip.peak_flops)
 
-    def chip_hours(self, clips: int) -> float | None:
-        """Chip-hours to train on ``clips`` clips at the roofline step time."""
-        rate = self.clips_per_second_per_chip
-        return None if rate is None else clips / rate / 3600
-
 
 def report(step: Step, chip: str) -> Report:
     text = step.compiled.as_text()
     cost = cost_of(step.compiled)
     chips = step.mesh.devices.size
-    moved = traffic(text)
     return Report(
         chip=CHIPS[chip],
         chips=chips,
@@ -449,14 +448,12 @@ def report(step: Step, chip: str) -> Report:
         collectives=summarise_collectives(collectives_of(text, list(step.mesh.devices.flat))),
         attention=step.attention_choices,
         custom_calls=dict(custom_calls(text)),
-        hbm_traffic=float(sum(moved["by_scope"].values())),
-        on_chip_traffic=float(moved["other_memory"]),
+        traffic=traffic(text),
     )
 
 
 # ---------------------------------------------------------------------------- traffic
 
-_NAMED = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _MEMORY_SPACE = re.compile(r"S\((\d+)\)")
@@ -478,6 +475,15 @@ def _top_level(shape_text: str) -> list[str]:
         else:
             current += ch
     return [*parts, current.strip()]
+
+
+def _result_shape(shape_text: str, opcode: str) -> str:
+    """The result in an instruction's shape: an async start's shape is (operands,
+    result[, context...]), operands and results each one array or one tuple, except an
+    all-reduce-start's, which is its result alone."""
+    if not opcode.endswith("-start") or opcode == "all-reduce-start":
+        return shape_text
+    return _top_level(shape_text)[1]
 
 
 def _shape_bytes(shape_text: str) -> tuple[int, int]:
@@ -530,9 +536,8 @@ def traffic(hlo_text: str) -> dict[str, dict[str, float]]:
         shapes[name] = _shape_bytes(shape)
         if opcode in _NO_TRAFFIC or _ASYNC_DONE.search(opcode):
             continue
-        if opcode.endswith("-start"):  # (operands, result[, context]): moves the result
-            parts = _top_level(shape)
-            moved = _shape_bytes(parts[1] if len(parts) > 1 else parts[0])
+        if opcode.endswith("-start"):  # moves its result: read, then written
+            moved = _shape_bytes(_result_shape(shape, opcode))
             main, other = 2 * moved[0], 2 * moved[1]
         else:
             args = rest.split("), ", 1)[0]

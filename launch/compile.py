@@ -103,7 +103,7 @@ def as_json(rep: aot.Report, topology: str, seconds: float) -> dict:
         bytes_accessed=rep.bytes_accessed, analytic_flops=rep.analytic_flops,
         step_seconds=rep.step_seconds, mfu=rep.mfu,
         clips_per_second_per_chip=rep.clips_per_second_per_chip,
-        hbm_traffic=rep.hbm_traffic, on_chip_traffic=rep.on_chip_traffic,
+        hbm_traffic=rep.hbm_traffic, on_chip_traffic=rep.on_chip_traffic, traffic=rep.traffic,
         hbm_step_seconds=rep.hbm_step_seconds, hbm_mfu=rep.hbm_mfu,
         collectives=rep.collectives, attention=[list(a) for a in rep.attention],
         custom_calls=rep.custom_calls, compile_seconds=seconds,
@@ -136,15 +136,14 @@ def main(argv):
     width = max(len(k) for k, _ in report_rows(rep))
     for key, value in report_rows(rep):
         print(f"  {key:<{width}}  {value}")
-    text = step.compiled.as_text()
     if FLAGS.traffic:
-        print_traffic(aot.traffic(text), FLAGS.traffic)
+        print_traffic(rep.traffic, FLAGS.traffic)
     if FLAGS.hlo:
         with open(FLAGS.hlo, "w") as f:
-            f.write(text)
+            f.write(step.compiled.as_text())
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
-            json.dump(as_json(rep, topology, seconds) | {"traffic": aot.traffic(text)}, f, indent=2)
+            json.dump(as_json(rep, topology, seconds), f, indent=2)
     if not rep.fits:
         logging.error(
             "does not fit: %.0f MiB per chip > %.0f MiB of HBM; lower data.batch_size, set "
