@@ -256,6 +256,25 @@ def test_backend_matches_reference_forward_and_gradients(implementation, stack_h
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
 
 
+def test_xla_backward_keeps_bfloat16_maps_as_accurate_as_float32_ones():
+    """The xla backend saves its softmax maps in V's dtype: at bfloat16 its gradients
+    stay as close to the float32 reference's as autodiff through float32 maps does."""
+    arrays, mask = _inputs()
+    _, exact = _forward_and_grads("reference", arrays, mask)
+    half = [a.astype(jnp.bfloat16) for a in arrays]
+    _, ours = _forward_and_grads("xla", half, mask)
+    _, autodiff = _forward_and_grads("reference", half, mask)
+
+    def error(grads):  # the worst gradient's error, relative to its scale
+        return max(
+            float(jnp.max(jnp.abs(g.astype(jnp.float32) - e)) / jnp.max(jnp.abs(e)))
+            for g, e in zip(grads, exact, strict=True)
+        )
+
+    assert error(ours) < 2e-2
+    assert error(ours) <= 1.5 * error(autodiff)
+
+
 @pytest.mark.parametrize("implementation", ["xla", "dot_product", "pallas_flash"])
 def test_backend_with_bias_and_wider_values_matches_reference(implementation):
     arrays, mask = _inputs(dk=8, dv=16, t=24)  # DIFF form: v heads twice as wide as q/k
