@@ -195,36 +195,38 @@ def _materialised(backend, qs, ks, v, coeffs, mask, bias, return_maps):
 def _reference_mixture(qs, ks, v, coeffs, mask, bias):
     """o = Σ_j c_j softmax(q_j k_jᵀ/√D + bias) v as the formula reads (B, H, T, D), and
     the maps (float32); ``coeffs=None`` is one branch with coefficient 1."""
-    factors = [_softmax_factors(q, k, mask=mask, bias=bias) for q, k in zip(qs, ks, strict=True)]
-    maps = tuple(e * r for e, r in factors)
-    return jnp.einsum("bhqk,bhkd->bhqd", _mixed(coeffs, maps).astype(v.dtype), v), maps
+    maps = tuple(
+        _normalised(*_softmax_factors(q, k, mask=mask, bias=bias))
+        for q, k in zip(qs, ks, strict=True)
+    )
+    weights = [1.0] if coeffs is None else [c[:, None, None] for c in coeffs]
+    mixed = sum(w * a for w, a in zip(weights, maps, strict=True))
+    return jnp.einsum("bhqk,bhkd->bhqd", mixed.astype(v.dtype), v), maps
 
 
 def _mixture_forward(qs, ks, v, coeffs, mask, bias):
     """The ``xla`` backend's forward: o = A·v with A = Σ_j c_j softmax(q_j k_jᵀ/√D), in
-    (B, H, T, D) layout, and the softmax maps in V's dtype for the backward.
+    (B, H, T, D) layout.
 
-    ``coeffs=None`` means one branch with coefficient 1. Two branches are mixed straight
-    from the unnormalised exponentials, A = Σ_j (c_j r_j) e_j with r_j = 1 / Σ_k e_j:
-    one pass over the maps instead of three.
+    Returns (o, probs, A) where softmax_j = e_j · r_j for probs[j] = (e_j, r_j), r_j
+    (B, H, T, 1) or None when e_j is already normalised. ``coeffs=None`` means one
+    branch with coefficient 1. Two branches are mixed straight from the unnormalised
+    exponentials, A = Σ_j (c_j r_j) e_j: one pass over the maps instead of three.
     """
     factors = [_softmax_factors(q, k, mask=mask, bias=bias) for q, k in zip(qs, ks, strict=True)]
-    weights = [None] if coeffs is None else list(coeffs)
-    mixed = sum(_weighted(c, r) * e for c, (e, r) in zip(weights, factors, strict=True))
+    if coeffs is None:
+        ((exps, inv_sums),) = factors
+        mixed = exps * inv_sums
+        probs = [(mixed, None)]
+    else:
+        mixed = sum((c[:, None, None] * r) * e for c, (e, r) in zip(coeffs, factors, strict=True))
+        probs = factors
     out = jnp.einsum("bhqk,bhkd->bhqd", mixed.astype(v.dtype), v)
-    maps = tuple((e * r).astype(v.dtype) for e, r in factors)
-    return out, maps
+    return out, probs, mixed
 
 
-def _weighted(c: jax.Array | None, x: jax.Array) -> jax.Array:
-    """x times a per-head coefficient c (H,) on a (B, H, ...) array; c=None: x."""
-    return x if c is None else c.reshape(-1, *[1] * (x.ndim - 2)) * x
-
-
-def _mixed(coeffs, maps: tuple[jax.Array, ...]) -> jax.Array:  # (B, H, T, T)
-    """Σ_j c_j A_j, the map the branches' softmaxes mix to."""
-    weights = [None] if coeffs is None else list(coeffs)
-    return sum(_weighted(c, a) for c, a in zip(weights, maps, strict=True))
+def _normalised(exps: jax.Array, inv_sums: jax.Array | None) -> jax.Array:
+    return exps if inv_sums is None else exps * inv_sums
 
 
 @jax.custom_vjp
@@ -232,30 +234,29 @@ def _softmax_mixture(qs, ks, v, coeffs, mask, bias):
     """The ``xla`` backend: softmax maps mixed per head with coefficients, times V.
 
     One branch with ``coeffs=None`` is plain attention; two with (1, −λ) differential
-    attention. The backward keeps only the normalised maps, in V's dtype (half the
-    bytes of float32 at bfloat16, and no mixed map: it is Σ c_j A_j again, fused into
-    the dV product), reuses each softmax's row sums r_j = Σ_k G⊙A_j for dc_j, and
-    applies per-head coefficients to (T, D) matmul results instead of (T, T) maps: XLA
-    CPU would materialise such a broadcast as a T×T buffer. The tests hold it to
-    ``reference``'s autodiff.
+    attention. The hand-written backward reuses each softmax's row sums r_j = Σ_k G⊙A_j
+    for dc_j, and applies per-head coefficients to (T, D) matmul results instead of
+    (T, T) maps: XLA CPU would materialise such a broadcast as a T×T buffer. The tests
+    hold it to ``reference``'s autodiff.
     """
     return _mixture_forward(qs, ks, v, coeffs, mask, bias)[0]
 
 
 def _softmax_mixture_fwd(qs, ks, v, coeffs, mask, bias):
-    out, maps = _mixture_forward(qs, ks, v, coeffs, mask, bias)
-    return out, (qs, ks, v, coeffs, bias, maps)  # padding lives on as zeros in the maps
+    out, probs, mixed = _mixture_forward(qs, ks, v, coeffs, mask, bias)
+    # Padding lives on as zeros in the maps; the mixed map is kept for dV.
+    return out, (qs, ks, v, coeffs, bias, probs, mixed)
 
 
 def _softmax_mixture_bwd(residuals, d_out):  # d_out (B, H, T, Dv)
-    qs, ks, v, coeffs, bias, maps = residuals
+    qs, ks, v, coeffs, bias, probs, mixed = residuals
     scale = 1.0 / math.sqrt(qs[0].shape[-1])
     g = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)  # dL/dA
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", _mixed(coeffs, maps).astype(d_out.dtype), d_out)
-    factors = [None] * len(maps) if coeffs is None else list(coeffs)
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", mixed.astype(d_out.dtype), d_out)
+    factors = [None] * len(probs) if coeffs is None else list(coeffs)
     d_qs, d_ks, d_coeffs, d_logits = [], [], [], []
-    for c, a, q, k in zip(factors, maps, qs, ks, strict=True):
-        a = a.astype(jnp.float32)
+    for c, (exps, inv_sums), q, k in zip(factors, probs, qs, ks, strict=True):
+        a = _normalised(exps, inv_sums)  # recomputed inside the fused passes below
         rowsum = jnp.sum(g * a, axis=-1, keepdims=True)  # (B, H, T, 1)
         u = a * (g - rowsum)  # softmax backward, before the branch coefficient
         factor = scale if c is None else (c * scale)[:, None, None]  # per head
@@ -264,7 +265,7 @@ def _softmax_mixture_bwd(residuals, d_out):  # d_out (B, H, T, Dv)
         if c is not None:
             d_coeffs.append(jnp.sum(rowsum, axis=(0, 2, 3)))  # (H,)
         if bias is not None:
-            d_logits.append(_weighted(c, u))
+            d_logits.append(u if c is None else c[:, None, None] * u)
     d_coeffs = None if coeffs is None else jnp.stack(d_coeffs)
     d_bias = None if bias is None else _sum_to_shape(sum(d_logits), bias.shape).astype(bias.dtype)
     return tuple(d_qs), tuple(d_ks), d_v.astype(v.dtype), d_coeffs, None, d_bias
