@@ -401,13 +401,18 @@ class Report:
         return 1 - self.memory.total / self.chip.hbm_bytes
 
     @property
+    def compute_seconds(self) -> float:
+        """The step's FLOPs at peak: the compiler's, but never fewer than the model's (the
+        compiler does not count what runs inside custom calls, e.g. Pallas kernels)."""
+        return max(self.compiler_flops or 0.0, self.analytic_flops) / self.chip.peak_flops
+
+    @property
     def step_seconds(self) -> float | None:
-        """Roofline: the slower of the compiler's FLOPs at peak and its bytes at the HBM
-        bandwidth; None where the compiler counts neither (GPU)."""
+        """Roofline: the slower of the FLOPs at peak (``compute_seconds``) and the
+        compiler's bytes at the HBM bandwidth; None where the compiler counts neither (GPU)."""
         if self.compiler_flops is None or self.bytes_accessed is None:
             return None
-        compute = self.compiler_flops / self.chip.peak_flops
-        return max(compute, self.bytes_accessed / self.chip.hbm_bandwidth)
+        return max(self.compute_seconds, self.bytes_accessed / self.chip.hbm_bandwidth)
 
     @property
     def mfu(self) -> float | None:
@@ -423,10 +428,8 @@ class Report:
     @property
     def hbm_step_seconds(self) -> float:
         """Roofline with the HLO's default-memory-space traffic as the bytes (``traffic``:
-        an estimate that leaves out what moves within on-chip memory), and the compiler's
-        FLOPs (the analytic ones where it counts none)."""
-        flops = self.compiler_flops or self.analytic_flops
-        return max(flops / self.chip.peak_flops, self.hbm_traffic / self.chip.hbm_bandwidth)
+        an estimate that leaves out what moves within on-chip memory)."""
+        return max(self.compute_seconds, self.hbm_traffic / self.chip.hbm_bandwidth)
 
     @property
     def hbm_mfu(self) -> float:
