@@ -6,6 +6,7 @@ needs the CUDA plugin (jax[cuda12], not in the test extras: ~4 GB) and is skippe
 with the reason where it is absent.
 """
 
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -284,3 +285,23 @@ ENTRY %main (p: f32[256]) -> f32[256] {{
     assert got["by_opcode"] == {"fusion": 2048, "copy": 2048, "slice-start": 0}
     assert got["other_memory"] == 2 * 512 + 512  # the slice moved, and read by the fusion
     assert got["by_scope"]["backward Encoder.contextualize/mlp/fc1"] == 2048
+
+
+def test_the_roofline_counts_at_least_the_model_flops():
+    """Pallas kernels are custom calls the compiler's cost analysis does not count: the
+    compute time never drops below the model's FLOPs at peak, so MFU stays ≤ 1."""
+    v5e = aot.CHIPS["v5e"]
+    report = functools.partial(
+        aot.Report, chip=v5e, chips=8, clips=48, memory=aot.Memory(0, 0, 0, 0, 0),
+        collectives=[], attention=(), custom_calls={},
+        traffic={"by_scope": {"x": 0.1 * v5e.hbm_bandwidth}, "other_memory": 0},
+    )  # fmt: skip
+    hidden = report(compiler_flops=0.5 * v5e.peak_flops, analytic_flops=1.0 * v5e.peak_flops,
+                    bytes_accessed=0.2 * v5e.hbm_bandwidth)  # fmt: skip
+    assert hidden.step_seconds == hidden.hbm_step_seconds == pytest.approx(1.0)
+    assert hidden.mfu == hidden.hbm_mfu == pytest.approx(1.0)
+    memory_bound = report(compiler_flops=1.2 * v5e.peak_flops, analytic_flops=v5e.peak_flops,
+                          bytes_accessed=3.0 * v5e.hbm_bandwidth)  # fmt: skip
+    assert memory_bound.step_seconds == pytest.approx(3.0)
+    assert memory_bound.mfu == pytest.approx(1 / 3)
+    assert memory_bound.hbm_step_seconds == pytest.approx(1.2)  # the compiler's extra FLOPs
