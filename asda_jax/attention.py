@@ -22,6 +22,9 @@ cudnn           the same two calls through cuDNN flash attention (odd lengths  G
                 padded by one masked token: see ``_cudnn_attention``)
 pallas_flash    two Pallas TPU flash-attention calls                           TPU (CPU: interpret)
 pallas_splash   two Pallas TPU splash-attention calls (no additive bias)       TPU (CPU: interpret)
+pallas_short    differential attention only, ≤ 128 tokens, no bias: both       TPU (CPU: interpret)
+                branches in one Pallas kernel per (example, head), the maps
+                only in VMEM, recomputed in the backward (``short_attention``)
 =============== ============================================================== ==========
 
 Because (A1 − λA2)v = A1·v − λ·(A2·v), the fused backends never materialise a T×T
@@ -45,9 +48,17 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from asda_jax import sharding
+from asda_jax import sharding, short_attention
 
-BACKENDS = ("reference", "xla", "dot_product", "cudnn", "pallas_flash", "pallas_splash")
+BACKENDS = (
+    "reference",
+    "xla",
+    "dot_product",
+    "cudnn",
+    "pallas_flash",
+    "pallas_splash",
+    "pallas_short",
+)
 PALLAS_BLOCK = 128  # Pallas TPU kernels work on sequence blocks of 128
 # Below this many tokens XLA's materialised attention beats the TPU kernels.
 PALLAS_MIN_LENGTH = 128
@@ -102,8 +113,13 @@ def differential_attention(
     With ``return_maps`` also returns the two softmax maps (A1, A2), each
     (B, H, T, T) float32; that always runs the ``reference`` backend.
     """
-    backend = _backend_for(implementation, platform, q1, v, bias, return_maps, interpret)
+    backend = _backend_for(implementation, platform, q1, v, bias, return_maps, interpret, 2)
     lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (q1.shape[2],))  # (H,)
+    if backend == "pallas_short":
+        out = short_attention.differential_attention(
+            q1, k1, q2, k2, v, lam, mask, interpret=interpret
+        )
+        return out.astype(v.dtype)
     if backend in ("reference", "xla"):
         coeffs = jnp.stack([jnp.ones_like(lam), -lam])  # (2, H)
         qs, ks = (_heads_first(q1), _heads_first(q2)), (_heads_first(k1), _heads_first(k2))
@@ -134,7 +150,7 @@ def dot_product_attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Plain softmax attention behind the same backends: (B, T, H, Dv); with
     ``return_maps`` also its (B, H, T, T) map."""
-    backend = _backend_for(implementation, platform, q, v, bias, return_maps, interpret)
+    backend = _backend_for(implementation, platform, q, v, bias, return_maps, interpret, 1)
     if backend in ("reference", "xla"):
         out = _materialised(
             backend, (_heads_first(q),), (_heads_first(k),), v, None, mask, bias, return_maps
@@ -158,7 +174,7 @@ def recorded_choices() -> Iterator[list[tuple[int, str]]]:
         _CHOICES.reset(token)
 
 
-def _backend_for(implementation, platform, q, v, bias, return_maps, interpret) -> str:
+def _backend_for(implementation, platform, q, v, bias, return_maps, interpret, branches) -> str:
     backend = choose_backend(
         implementation,
         platform=platform,
@@ -168,6 +184,7 @@ def _backend_for(implementation, platform, q, v, bias, return_maps, interpret) -
         has_bias=bias is not None,
         need_maps=return_maps,
         interpret=interpret,
+        branches=branches,
     )
     if (choices := _CHOICES.get()) is not None:
         choices.append((q.shape[1], backend))
@@ -293,11 +310,14 @@ def choose_backend(
     need_maps: bool,
     platform: str,
     interpret: bool = False,
+    branches: int = 2,
 ) -> str:
-    """The backend to run on devices of ``platform``: the requested one if it can run
-    there, else the best fallback.
+    """The backend to run on devices of ``platform`` for attention of ``branches``
+    softmaxes (2: differential, 1: plain): the requested one if it can run there, else
+    the best fallback.
 
-    ``auto``: TPU → Pallas splash (flash with a bias) from 128 tokens, XLA below;
+    ``auto``: TPU → Pallas splash (flash with a bias) from 128 tokens, below that the
+    short kernel for differential attention without a bias, else XLA;
     GPU → cuDNN for bf16/fp16, XLA otherwise; CPU → XLA. A requested backend that
     cannot run there falls back to ``xla`` with a warning. Maps need ``reference``.
     """
@@ -308,10 +328,14 @@ def choose_backend(
     if implementation == "auto":
         if platform == "tpu" and length >= PALLAS_MIN_LENGTH:
             return "pallas_flash" if has_bias else "pallas_splash"
+        if platform == "tpu" and _short_can_run(length, has_bias, branches):
+            return "pallas_short"
         if platform == "gpu" and _cudnn_can_run(dtype, head_dim):
             return "cudnn"
         return "xla"
-    reason = _why_not_available(implementation, platform, dtype, head_dim, has_bias, interpret)
+    reason = _why_not_available(
+        implementation, platform, dtype, head_dim, has_bias, interpret, length, branches
+    )
     if reason is None:
         return implementation
     _warn_fallback(implementation, reason)
@@ -326,8 +350,12 @@ def _cudnn_can_run(dtype, head_dim: int) -> bool:
     return half and head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % CUDNN_HEAD_DIM_MULTIPLE == 0
 
 
+def _short_can_run(length: int, has_bias: bool, branches: int) -> bool:
+    return length <= short_attention.MAX_LENGTH and not has_bias and branches == 2
+
+
 def _why_not_available(
-    implementation: str, platform: str, dtype, head_dim: int, has_bias: bool, interpret: bool
+    implementation, platform, dtype, head_dim, has_bias, interpret, length, branches
 ) -> str | None:
     if implementation == "cudnn":
         if platform != "gpu":
@@ -341,6 +369,11 @@ def _why_not_available(
         return f"Pallas TPU kernels need a TPU (or interpret=True), this is {platform}"
     if implementation == "pallas_splash" and has_bias:
         return "splash attention takes no additive bias"
+    if implementation == "pallas_short" and not _short_can_run(length, has_bias, branches):
+        return (
+            f"the short kernel takes differential attention over at most "
+            f"{short_attention.MAX_LENGTH} tokens without a bias"
+        )
     return None
 
 

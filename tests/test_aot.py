@@ -50,10 +50,12 @@ def v5e_2x2():
 def test_the_pretraining_step_compiles_for_v5e_with_the_pallas_kernels(v5e_2x2):
     step = aot.compile_step(tiny_run("configs/pretrain_as2m.py"), v5e_2x2)
     rep = aot.report(step, "v5e")
-    # the teacher's 129 tokens through splash attention, the student's 26 below its 128
-    assert step.attention_choices == ((26, "xla"), (129, "pallas_splash"))
-    # two blocks × two branches of the (forward-only) teacher, as Mosaic kernels
-    assert rep.custom_calls["tpu_custom_call"] == 4
+    # the teacher's 129 tokens through splash attention, the student's 26 (below splash's
+    # 128) through the short kernel
+    assert step.attention_choices == ((26, "pallas_short"), (129, "pallas_splash"))
+    # Mosaic kernels: two blocks × two branches of the (forward-only) teacher, and the
+    # student's forward and backward kernels in both blocks
+    assert rep.custom_calls["tpu_custom_call"] == 4 + 4
     assert rep.chips == 4 and rep.fits
     assert rep.memory.total > rep.memory.arguments > 0
     # the compiler counts at least the model's matmuls (and elementwise work on top)
@@ -81,7 +83,7 @@ def test_kernels_and_front_end_follow_the_mesh_devices_not_the_host(v5e_2x2):
     config.mesh = dict(sharding.DATA_PARALLEL)
     on_cpu = aot.lower_step(config, jax.devices("cpu")[:4])
     assert jax.default_backend() == "cpu"  # the same process, the same call
-    assert on_tpu.attention_choices == ((26, "xla"), (129, "pallas_splash"))
+    assert on_tpu.attention_choices == ((26, "pallas_short"), (129, "pallas_splash"))
     assert on_cpu.attention_choices == ((26, "xla"), (129, "xla"))
     assert on_tpu.task.forms == platforms.FORMS["tpu"]
     assert on_cpu.task.forms == platforms.FORMS["cpu"]

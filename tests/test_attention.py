@@ -10,6 +10,7 @@ import pytest
 
 from asda_jax import attention as attn_lib
 from asda_jax import model as model_lib
+from asda_jax import sharding
 
 RNG = np.random.default_rng(0)
 
@@ -243,6 +244,7 @@ BACKEND_CASES = [
     ("pallas_flash", False),
     ("pallas_flash", True),
     ("pallas_splash", False),
+    ("pallas_short", False),
 ]
 
 
@@ -256,13 +258,14 @@ def test_backend_matches_reference_forward_and_gradients(implementation, stack_h
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
 
 
-def test_xla_backward_in_bfloat16_is_as_accurate_as_autodiff():
-    """At bfloat16 the xla backend's hand-written backward stays as close to the
-    float32 reference's gradients as autodiff of the reference does."""
+@pytest.mark.parametrize("implementation", ["xla", "pallas_short"])
+def test_hand_written_backward_in_bfloat16_is_as_accurate_as_autodiff(implementation):
+    """At bfloat16 a hand-written backward stays as close to the float32 reference's
+    gradients as autodiff of the reference does."""
     arrays, mask = _inputs()
     _, exact = _forward_and_grads("reference", arrays, mask)
     half = [a.astype(jnp.bfloat16) for a in arrays]
-    _, ours = _forward_and_grads("xla", half, mask)
+    _, ours = _forward_and_grads(implementation, half, mask)
     _, autodiff = _forward_and_grads("reference", half, mask)
 
     def error(grads):  # the worst gradient's error, relative to its scale
@@ -281,6 +284,36 @@ def test_backend_with_bias_and_wider_values_matches_reference(implementation):
     bias = jnp.asarray(randn(1, 2, 24, 24, scale=0.5))
     ref_out, ref_grads = _forward_and_grads("reference", arrays, mask, bias)
     out, grads = _forward_and_grads(implementation, arrays, mask, bias)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("dk", "dv", "t", "lengths"),
+    [(8, 16, 24, (24, 11)), (16, 16, 128, (128, 128)), (16, 16, 103, (103, 103))],
+)
+def test_short_kernel_on_both_forms_and_at_its_full_block(dk, dv, t, lengths):
+    """The DIFF form's values twice as wide as q/k, a sequence filling the 128-token
+    block (no padding), and the student's 103 tokens."""
+    arrays = [jnp.asarray(randn(2, t, 2, dk)) for _ in range(4)] + [jnp.asarray(randn(2, t, 2, dv))]
+    mask = jnp.asarray(trailing_mask(lengths, t))
+    ref_out, ref_grads = _forward_and_grads("reference", arrays, mask)
+    out, grads = _forward_and_grads("pallas_short", arrays, mask)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, ref, atol=2e-5, rtol=0)
+
+
+def test_short_kernel_under_a_mesh_equals_the_reference():
+    """Shard_mapped over an 8-device mesh's batch axis, λ's gradient summed over it."""
+    arrays, _ = _inputs(b=8, t=20)
+    mask = jnp.asarray(trailing_mask((20, 7) * 4, 20))
+    ref_out, ref_grads = _forward_and_grads("reference", arrays, mask)
+    with sharding.activate(sharding.make_mesh(sharding.DATA_PARALLEL)):
+        out, grads = jax.jit(
+            lambda *a: _forward_and_grads("pallas_short", list(a), mask)
+        )(*arrays)  # fmt: skip
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
@@ -316,7 +349,9 @@ def test_auto_picks_the_platform_kernel():
     assert _choose("auto", platform="gpu", dtype=jnp.float32) == "xla"
     assert _choose("auto", platform="tpu") == "pallas_splash"
     assert _choose("auto", platform="tpu", has_bias=True) == "pallas_flash"
-    assert _choose("auto", platform="tpu", length=103) == "xla"  # student tokens: XLA wins
+    assert _choose("auto", platform="tpu", length=103) == "pallas_short"  # student tokens
+    assert _choose("auto", platform="tpu", length=103, has_bias=True) == "xla"
+    assert _choose("auto", platform="tpu", length=103, branches=1) == "xla"  # plain attention
     assert _choose("auto", platform="tpu", need_maps=True) == "reference"
 
 
@@ -327,6 +362,7 @@ def test_unavailable_kernels_fall_back_to_xla_with_a_warning_and_still_compute(c
         assert _choose("cudnn", platform="gpu", dtype=jnp.float32) == "xla"
         assert _choose("pallas_flash", platform="cpu") == "xla"
         assert _choose("pallas_splash", platform="tpu", has_bias=True) == "xla"
+        assert _choose("pallas_short", platform="tpu", length=513) == "xla"
     assert fallback_warnings(caplog) == [
         "attention 'cudnn' unavailable (cuDNN needs a GPU, this is cpu); using 'xla'",
         "attention 'cudnn' unavailable (cuDNN needs bf16/fp16 and a head dim <= 256, a "
@@ -335,6 +371,8 @@ def test_unavailable_kernels_fall_back_to_xla_with_a_warning_and_still_compute(c
         " this is cpu); using 'xla'",
         "attention 'pallas_splash' unavailable (splash attention takes no additive bias); "
         "using 'xla'",
+        "attention 'pallas_short' unavailable (the short kernel takes differential attention "
+        "over at most 128 tokens without a bias); using 'xla'",
     ]
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # kernels that can run are taken without a word

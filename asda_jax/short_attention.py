@@ -1,0 +1,164 @@
+"""Differential attention over at most 128 tokens as one Pallas TPU kernel per
+(example, head), both branches together, forward and backward.
+
+The student sees 103 tokens. There XLA's attention writes every T×T map to HBM and
+reads it back (float32 logits, exponentials and the mixed map in the forward; the
+gradient of the mixed map and each branch's softmax gradient in the backward), and
+the general kernels cost more than they save at this length: splash keeps per-row
+statistics broadcast over 128 lanes in float32 (a 75 MB array per branch and layer at
+96 × 12 rows, four times the queries). Here a whole sequence fits one block, so the
+kernel holds both maps in VMEM only, and the backward recomputes them from q and k
+instead of saving anything: HBM sees q1, k1, q2, k2, v and the output going forward,
+and those, the output's gradient and the five input gradients coming back.
+
+Layout inside: (B, H, Tp, D) with Tp the length padded to 128; keys past the real
+length (or masked) get no weight, padded query rows are sliced off.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from asda_jax import sharding
+
+MAX_LENGTH = 128  # one (128, D) block per sequence
+_NEG = -1e30  # logit of a key that takes no weight (finite: exp gives exactly 0)
+_LANES = 128  # the dλ partials' lane width (one (8, 128) tile per example and head)
+
+
+def differential_attention(q1, k1, q2, k2, v, lam, mask=None, *, interpret=False):
+    """(softmax(q1k1ᵀ/√Dk) − λ·softmax(q2k2ᵀ/√Dk)) v on (B, T, H, D) inputs, T ≤ 128,
+    λ of shape (H,), ``mask`` (B, T) True for real keys: (B, T, H, Dv)."""
+    length = q1.shape[1]
+    if length > MAX_LENGTH:
+        raise ValueError(f"short attention takes at most {MAX_LENGTH} tokens, got {length}")
+    valid = jnp.ones(q1.shape[:2], bool) if mask is None else mask
+    valid = jnp.pad(valid, ((0, 0), (0, MAX_LENGTH - length)))[:, None, :].astype(jnp.float32)
+    out = _attend(*(_to_kernel_layout(x) for x in (q1, k1, q2, k2, v)), lam, valid, interpret)
+    return out[:, :, :length].transpose(0, 2, 1, 3)
+
+
+def _to_kernel_layout(x):  # (B, T, H, D) -> (B, H, 128, D)
+    return jnp.pad(x, ((0, 0), (0, MAX_LENGTH - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attend(q1, k1, q2, k2, v, lam, valid, interpret):
+    return _forward(q1, k1, q2, k2, v, lam, valid, interpret)
+
+
+def _attend_fwd(q1, k1, q2, k2, v, lam, valid, interpret):
+    out = _forward(q1, k1, q2, k2, v, lam, valid, interpret)
+    return out, (q1, k1, q2, k2, v, lam, valid)  # the maps are recomputed, not kept
+
+
+def _attend_bwd(interpret, residuals, d_out):
+    *grads, d_lam = _backward(*residuals, d_out, interpret)
+    return (*grads, d_lam[:, :, 0, 0].sum(0), None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _probs(q, k, valid, scale):  # (T, Dk) × 2, (1, T) -> (T, T) float32 softmax
+    logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    logits = jnp.where(valid > 0, logits * scale, _NEG)
+    e = jnp.exp(logits - jnp.max(logits, axis=1, keepdims=True))
+    return e / jnp.sum(e, axis=1, keepdims=True)
+
+
+def _transposed_product(a, b):  # aᵀ b: (T, T) × (T, D) -> (T, D) float32
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _forward_kernel(lam_ref, q1, k1, q2, k2, v, valid, out, *, scale):
+    lam = lam_ref[pl.program_id(1)]
+    mixed = _probs(q1[...], k1[...], valid[...], scale) - lam * _probs(
+        q2[...], k2[...], valid[...], scale
+    )
+    out[...] = jnp.dot(mixed.astype(v.dtype), v[...], preferred_element_type=jnp.float32).astype(
+        out.dtype
+    )
+
+
+def _backward_kernel(
+    lam_ref, q1, k1, q2, k2, v, d_out, valid, dq1, dk1, dq2, dk2, dv, d_lam, *, scale
+):
+    lam = lam_ref[pl.program_id(1)]
+    p1 = _probs(q1[...], k1[...], valid[...], scale)
+    p2 = _probs(q2[...], k2[...], valid[...], scale)
+    do = d_out[...]
+    dv[...] = _transposed_product((p1 - lam * p2).astype(do.dtype), do).astype(dv.dtype)
+    g = jax.lax.dot_general(
+        do, v[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )  # dL/d(mixed map)
+    for p, coeff, q, k, dq, dk in ((p1, 1.0, q1, k1, dq1, dk1), (p2, -lam, q2, k2, dq2, dk2)):
+        rowsum = jnp.sum(g * p, axis=1, keepdims=True)  # (T, 1)
+        u = (p * (g - rowsum) * (coeff * scale)).astype(q.dtype)  # d logits, scaled
+        dq[...] = jnp.dot(u, k[...], preferred_element_type=jnp.float32).astype(dq.dtype)
+        dk[...] = _transposed_product(u, q[...]).astype(dk.dtype)
+    # d(−λ·A2)/dλ = −A2: dλ = −Σ G⊙A2 over the map = −Σ rowsum of branch 2
+    d_lam[...] = jnp.broadcast_to(-jnp.sum(rowsum), d_lam.shape)
+
+
+def _block(x):
+    return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h: (b, h, 0, 0))
+
+
+def _call(kernel, out_shape, lam, *arrays, interpret):
+    """``kernel`` over the (example, head) grid, under a mesh shard_mapped over the batch
+    and head axes (a Pallas call cannot be auto-partitioned)."""
+    valid_block = pl.BlockSpec((None, 1, MAX_LENGTH), lambda b, h: (b, 0, 0))
+
+    def run(lam, *arrays):
+        *blocks, valid = arrays
+        batch, heads = blocks[0].shape[:2]
+        shapes = [jax.ShapeDtypeStruct((batch, heads, *s[2:]), d) for s, d in out_shape]
+        call = pl.pallas_call(
+            kernel,
+            grid=(batch, heads),
+            in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)]
+            + [_block(x) for x in blocks]
+            + [valid_block],
+            out_specs=[_block(s) for s in shapes],
+            out_shape=shapes,
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+            interpret=pltpu.InterpretParams() if interpret else False,
+        )
+        return tuple(call(lam, *blocks, valid))
+
+    spec = sharding.current_mesh_spec(("batch", "heads", "length", "head_dim"))
+    if spec is not None:
+        lam_spec = jax.sharding.PartitionSpec(spec[1])
+        valid_spec = jax.sharding.PartitionSpec(spec[0], None, None)
+        in_specs = (lam_spec, *[spec] * (len(arrays) - 1), valid_spec)
+        out_specs = (spec,) * len(out_shape)
+        run = jax.shard_map(run, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return run(lam, *arrays)
+
+
+def _scale(q):
+    return 1.0 / q.shape[-1] ** 0.5
+
+
+def _forward(q1, k1, q2, k2, v, lam, valid, interpret):  # -> (B, H, 128, Dv)
+    kernel = functools.partial(_forward_kernel, scale=_scale(q1))
+    (out,) = _call(kernel, [(v.shape, v.dtype)], lam, q1, k1, q2, k2, v, valid, interpret=interpret)
+    return out
+
+
+def _backward(q1, k1, q2, k2, v, lam, valid, d_out, interpret):
+    kernel = functools.partial(_backward_kernel, scale=_scale(q1))
+    batch, heads = q1.shape[:2]
+    shapes = [(x.shape, x.dtype) for x in (q1, k1, q2, k2, v)]
+    shapes.append(((batch, heads, 8, _LANES), jnp.float32))  # dλ partials
+    # d_out rides with the blocked inputs; valid stays last
+    return _call(kernel, shapes, lam, q1, k1, q2, k2, v, d_out, valid, interpret=interpret)
