@@ -7,7 +7,7 @@ of its own layer or of lower ones, at module level and in functions alike
 
 LAYERS = (
     ("foundations", ("platforms", "sharding", "metrics", "launch_env")),
-    ("kernels and front end", ("attention", "audio", "windows")),
+    ("kernels and front end", ("short_attention", "attention", "audio", "windows")),
     (
         "model and data",
         (

@@ -60,7 +60,8 @@ BACKENDS = (
     "pallas_short",
 )
 PALLAS_BLOCK = 128  # Pallas TPU kernels work on sequence blocks of 128
-# Below this many tokens XLA's materialised attention beats the TPU kernels.
+# From this many tokens the TPU takes splash; below, differential attention takes the
+# short kernel (the whole sequence one block) and plain attention XLA.
 PALLAS_MIN_LENGTH = 128
 CUDNN_MAX_HEAD_DIM = 256  # Hopper and later (128 before)
 CUDNN_HEAD_DIM_MULTIPLE = 8
