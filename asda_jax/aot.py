@@ -436,6 +436,34 @@ class Report:
         return self.analytic_flops / (self.hbm_step_seconds * self.chip.peak_flops)
 
 
+def counts_of(rep: Report) -> dict:
+    """A report as JSON: its counts (what ``report_from_counts`` reads back) and, for
+    readers of the file, the figures derived from them."""
+    return dict(
+        chip=rep.chip.name, chips=rep.chips, clips=rep.clips,
+        memory=vars(rep.memory) | {"total": rep.memory.total}, fits=rep.fits,
+        headroom=rep.headroom, compiler_flops=rep.compiler_flops,
+        bytes_accessed=rep.bytes_accessed, analytic_flops=rep.analytic_flops,
+        step_seconds=rep.step_seconds, mfu=rep.mfu,
+        clips_per_second_per_chip=rep.clips_per_second_per_chip,
+        hbm_traffic=rep.hbm_traffic, on_chip_traffic=rep.on_chip_traffic, traffic=rep.traffic,
+        hbm_step_seconds=rep.hbm_step_seconds, hbm_mfu=rep.hbm_mfu,
+        collectives=rep.collectives, attention=[list(a) for a in rep.attention],
+        custom_calls=rep.custom_calls,
+    )  # fmt: skip
+
+
+def report_from_counts(saved: dict) -> Report:
+    """A report back from the counts a JSON report keeps (``launch/compile.py --json``):
+    its derived figures recomputed here, whichever version wrote it."""
+    (chip,) = [c for c in CHIPS.values() if c.name == saved["chip"]]
+    memory = Memory(**{k: v for k, v in saved["memory"].items() if k != "total"})
+    fields = ("chips", "clips", "compiler_flops", "bytes_accessed", "analytic_flops",
+              "collectives", "custom_calls", "traffic")  # fmt: skip
+    attention = tuple(tuple(a) for a in saved["attention"])
+    return Report(chip=chip, memory=memory, attention=attention, **{f: saved[f] for f in fields})
+
+
 def report(step: Step, chip: str) -> Report:
     text = step.compiled.as_text()
     cost = cost_of(step.compiled)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from asda_jax import aot
 from benchmarks import common
 
 TASKS = {
@@ -51,24 +52,24 @@ def compile_row(python: str, preset: str, task: str, out: Path, extra: list[str]
 def table_row(r: dict) -> list[str]:
     if "error" in r:
         return [r["preset"], r["task"], f"failed: {r['error'][-160:]}"] + [""] * 10
-    mem = r["memory"]
-    per_clip = lambda flops: flops * r["chips"] / r["clips"] / 1e12
-    compiler = "n/a" if r["compiler_flops"] is None else f"{per_clip(r['compiler_flops']):.3f}"
+    rep = aot.report_from_counts(r)  # the figures by today's roofline, whoever compiled
+    per_clip = lambda flops: flops * rep.chips / rep.clips / 1e12
+    compiler = "n/a" if rep.compiler_flops is None else f"{per_clip(rep.compiler_flops):.3f}"
     collectives = ", ".join(
-        f"{c['kind']} ×{c['count']} {c['bytes'] / MiB:,.0f} MiB" for c in r["collectives"]
+        f"{c['kind']} ×{c['count']} {c['bytes'] / MiB:,.0f} MiB" for c in rep.collectives
     )
-    roofline = r["step_seconds"] is not None
-    hours = EPOCHS * AS2M_CLIPS / (r["clips_per_second_per_chip"] or 1) / 3600
+    roofline = rep.step_seconds is not None
+    hours = EPOCHS * AS2M_CLIPS / (rep.clips_per_second_per_chip or 1) / 3600
     return [
-        r["preset"], r["task"], f"{r['chips']} × {r['topology']}", str(r["clips"]),
-        f"{mem['total'] / MiB:,.0f} ({1 - r['headroom']:.0%})",
-        f"{compiler} / {per_clip(r['analytic_flops']):.3f}",
-        "n/a" if r["bytes_accessed"] is None else f"{r['bytes_accessed'] / 1e9:.1f}",
+        r["preset"], r["task"], f"{rep.chips} × {r['topology']}", str(rep.clips),
+        f"{rep.memory.total / MiB:,.0f} ({1 - rep.headroom:.0%})",
+        f"{compiler} / {per_clip(rep.analytic_flops):.3f}",
+        "n/a" if rep.bytes_accessed is None else f"{rep.bytes_accessed / 1e9:.1f}",
         collectives or "none",
-        f"{r['step_seconds'] * 1e3:.0f}" if roofline else "n/a",
-        f"{r['mfu']:.0%}" if roofline else "n/a",
-        f"{r['hbm_traffic'] / 1e9:.1f} / {r['hbm_mfu']:.0%}" if "hbm_mfu" in r else "",
-        f"{r['clips_per_second_per_chip']:.1f}" if roofline else "n/a",
+        f"{rep.step_seconds * 1e3:.0f}" if roofline else "n/a",
+        f"{rep.mfu:.0%}" if roofline else "n/a",
+        f"{rep.hbm_traffic / 1e9:.1f} / {rep.hbm_mfu:.0%}",
+        f"{rep.clips_per_second_per_chip:.1f}" if roofline else "n/a",
         f"{hours:,.0f}" if roofline and r["task"] == "pretrain" else "",
     ]  # fmt: skip
 

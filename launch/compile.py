@@ -95,21 +95,6 @@ def print_traffic(traffic: dict, top: int) -> None:
             print(f"    {what[3:]:<6} {size / 1e9:8.2f} GB  {size / total:4.0%}  {name}")
 
 
-def as_json(rep: aot.Report, topology: str, seconds: float) -> dict:
-    return dict(
-        topology=topology, chip=rep.chip.name, chips=rep.chips, clips=rep.clips,
-        memory=vars(rep.memory) | {"total": rep.memory.total}, fits=rep.fits,
-        headroom=rep.headroom, compiler_flops=rep.compiler_flops,
-        bytes_accessed=rep.bytes_accessed, analytic_flops=rep.analytic_flops,
-        step_seconds=rep.step_seconds, mfu=rep.mfu,
-        clips_per_second_per_chip=rep.clips_per_second_per_chip,
-        hbm_traffic=rep.hbm_traffic, on_chip_traffic=rep.on_chip_traffic, traffic=rep.traffic,
-        hbm_step_seconds=rep.hbm_step_seconds, hbm_mfu=rep.hbm_mfu,
-        collectives=rep.collectives, attention=[list(a) for a in rep.attention],
-        custom_calls=rep.custom_calls, compile_seconds=seconds,
-    )  # fmt: skip
-
-
 def main(argv):
     del argv
     cli.quiet_library_logs()
@@ -143,7 +128,9 @@ def main(argv):
             f.write(step.compiled.as_text())
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
-            json.dump(as_json(rep, topology, seconds), f, indent=2)
+            json.dump(
+                aot.counts_of(rep) | dict(topology=topology, compile_seconds=seconds), f, indent=2
+            )
     if not rep.fits:
         logging.error(
             "does not fit: %.0f MiB per chip > %.0f MiB of HBM; lower data.batch_size, set "

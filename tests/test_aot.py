@@ -8,6 +8,7 @@ with the reason where it is absent.
 
 import functools
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -307,3 +308,6 @@ def test_the_roofline_counts_at_least_the_model_flops():
     assert memory_bound.step_seconds == pytest.approx(3.0)
     assert memory_bound.mfu == pytest.approx(1 / 3)
     assert memory_bound.hbm_step_seconds == pytest.approx(1.2)  # the compiler's extra FLOPs
+    # a JSON report reads back as the same report, its figures recomputed
+    saved = json.loads(json.dumps(aot.counts_of(memory_bound) | {"step_seconds": 99.0}))
+    assert aot.report_from_counts(saved) == memory_bound
