@@ -120,6 +120,11 @@ def chip_of_topology(topology: str) -> str:
     return chip
 
 
+# A TPU VM's JAX shows one device per v4 chip (its two TensorCores as one "megacore");
+# libtpu's topology description defaults to one per TensorCore (8 devices for v4-8).
+_TPU_CHIP_CONFIG = {"v4": {"chip_config_name": "megacore"}}
+
+
 def abstract_devices(topology: str, num_slices: int = 1) -> list:
     """Devices of ``topology`` ("v5e:2x4", "v4:2x2x1", "h100:1x1x8"; TPU topologies may
     span ``num_slices`` slices), without the hardware."""
@@ -130,8 +135,9 @@ def abstract_devices(topology: str, num_slices: int = 1) -> list:
             os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
             os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to hold a lock on
             desc = topologies.get_topology_desc(
-                platform="tpu", topology_name=topology, num_slices=num_slices
-            )
+                platform="tpu", topology_name=topology, num_slices=num_slices,
+                **_TPU_CHIP_CONFIG.get(chip, {}),
+            )  # fmt: skip
         else:
             if num_slices != 1:
                 raise ValueError("slices are a TPU notion; describe GPUs as hosts x1xN")

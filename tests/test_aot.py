@@ -9,6 +9,7 @@ with the reason where it is absent.
 import functools
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -143,6 +144,15 @@ def test_every_preset_batch_splits_into_whole_clips_over_its_chips(preset, path,
         platform="tpu",
         require_files=False,
     )
+
+
+@needs_libtpu
+def test_every_tpu_preset_compiles_for_one_device_per_chip():
+    """As a TPU VM's JAX shows them: v4's two TensorCores per chip are one device."""
+    for preset in TPU_PRESETS:
+        spec = config_lib.MESH_PRESETS[preset]
+        slices = math.prod(spec.dcn.values()) if spec.dcn else 1
+        assert len(aot.abstract_devices(spec.topology, slices)) == spec.chips, preset
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused():
