@@ -3,6 +3,7 @@ collectives, roofline step time, MFU and the cost of 10 AS-2M epochs.
 
     python -m benchmarks.aot_presets [--presets v5e-8,v4-8] [--tasks pretrain,as20k]
     python -m benchmarks.aot_presets --presets gpu,gpu_fsdp --python /venv-cuda/bin/python
+    python -m benchmarks.aot_presets --saved    # the table of the reports kept, compiling none
 
 Each row is one ``launch/compile.py`` in its own process (``--python`` picks the
 interpreter: one with the CUDA plugin for the GPU presets), its JSON report kept under
@@ -34,9 +35,14 @@ AS2M_CLIPS, EPOCHS = 1_900_000, 10
 MiB = 1024**2
 
 
-def compile_row(python: str, preset: str, task: str, out: Path, extra: list[str]) -> dict:
-    """The JSON report of one preset × task (compiled now unless already there)."""
+def compile_row(
+    python: str, preset: str, task: str, out: Path, extra: list[str], saved: bool
+) -> dict | None:
+    """The JSON report of one preset × task (compiled now unless already there, or
+    None with ``saved``)."""
     path = out / f"{preset}-{task}.json"
+    if saved and not path.exists():
+        return None
     if not path.exists():
         command = [
             python, "launch/compile.py", f"--config={TASKS[task]}:mesh={preset}",
@@ -81,16 +87,18 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--out", default="workdirs/aot")
     parser.add_argument("--extra", default="", help="more launch/compile.py flags, spaced")
+    parser.add_argument("--saved", action="store_true", help="the saved reports only; compile none")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(common.machine())
     print(common.versions(("jax", "jaxlib", "libtpu", "jax-cuda12-plugin")))
     rows = [
-        compile_row(args.python, preset, task, out, args.extra.split())
+        compile_row(args.python, preset, task, out, args.extra.split(), args.saved)
         for preset in args.presets.split(",")
         for task in args.tasks.split(",")
     ]
+    rows = [r for r in rows if r is not None]
     common.print_table(
         "Compiled per preset and task (per chip; roofline from the compiler's counts)",
         [
