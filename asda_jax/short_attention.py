@@ -11,8 +11,10 @@ kernel holds both maps in VMEM only, and the backward recomputes them from q and
 instead of saving anything: HBM sees q1, k1, q2, k2, v and the output going forward,
 and those, the output's gradient and the five input gradients coming back.
 
-Layout inside: (B, H, Tp, D) with Tp the length padded to 128; keys past the real
-length (or masked) get no weight, padded query rows are sliced off.
+Layout inside: (B, H, T, D), each block the whole unpadded sequence (Mosaic takes a
+block dimension equal to the array's, 103 included); masked keys get no weight.
+Padding to 128 cost more than the kernel saved: the pads and transposes around it
+wrote 0.48 GB per student block and step at the v5e-8 batch (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from asda_jax import sharding
 
-MAX_LENGTH = 128  # one (128, D) block per sequence
+MAX_LENGTH = 128  # the whole sequence is one block: at most one (128, D) tile of rows
 _NEG = -1e30  # logit of a key that takes no weight (finite: exp gives exactly 0)
 _LANES = 128  # the dλ partials' lane width (one (8, 128) tile per example and head)
 
@@ -38,13 +40,9 @@ def differential_attention(q1, k1, q2, k2, v, lam, mask=None, *, interpret=False
     if length > MAX_LENGTH:
         raise ValueError(f"short attention takes at most {MAX_LENGTH} tokens, got {length}")
     valid = jnp.ones(q1.shape[:2], bool) if mask is None else mask
-    valid = jnp.pad(valid, ((0, 0), (0, MAX_LENGTH - length)))[:, None, :].astype(jnp.float32)
-    out = _attend(*(_to_kernel_layout(x) for x in (q1, k1, q2, k2, v)), lam, valid, interpret)
-    return out[:, :, :length].transpose(0, 2, 1, 3)
-
-
-def _to_kernel_layout(x):  # (B, T, H, D) -> (B, H, 128, D)
-    return jnp.pad(x, ((0, 0), (0, MAX_LENGTH - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    valid = valid[:, None, :].astype(jnp.float32)  # (B, 1, T)
+    out = _attend(*(x.transpose(0, 2, 1, 3) for x in (q1, k1, q2, k2, v)), lam, valid, interpret)
+    return out.transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -116,7 +114,7 @@ def _block(x):
 def _call(kernel, out_shape, lam, *arrays, interpret):
     """``kernel`` over the (example, head) grid, under a mesh shard_mapped over the batch
     and head axes (a Pallas call cannot be auto-partitioned)."""
-    valid_block = pl.BlockSpec((None, 1, MAX_LENGTH), lambda b, h: (b, 0, 0))
+    valid_block = pl.BlockSpec((None, *arrays[-1].shape[1:]), lambda b, h: (b, 0, 0))
 
     def run(lam, *arrays):
         *blocks, valid = arrays
