@@ -462,7 +462,12 @@ def counts_of(rep: Report) -> dict:
 def report_from_counts(saved: dict) -> Report:
     """A report back from the counts a JSON report keeps (``launch/compile.py --json``):
     its derived figures recomputed here, whichever version wrote it."""
-    (chip,) = [c for c in CHIPS.values() if c.name == saved["chip"]]
+    known = {c.name: c for c in CHIPS.values()}
+    if saved.get("chip") not in known:
+        raise ValueError(
+            f"a report of chip {saved.get('chip')!r}; this version knows {sorted(known)}"
+        )
+    chip = known[saved["chip"]]
     memory = Memory(**{k: v for k, v in saved["memory"].items() if k != "total"})
     fields = ("chips", "clips", "compiler_flops", "bytes_accessed", "analytic_flops",
               "collectives", "custom_calls", "traffic")  # fmt: skip

@@ -117,10 +117,9 @@ def differential_attention(
     backend = _backend_for(implementation, platform, q1, v, bias, return_maps, interpret, 2)
     lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (q1.shape[2],))  # (H,)
     if backend == "pallas_short":
-        out = short_attention.differential_attention(
+        return short_attention.differential_attention(
             q1, k1, q2, k2, v, lam, mask, interpret=interpret
-        )
-        return out.astype(v.dtype)
+        )  # in v's dtype
     if backend in ("reference", "xla"):
         coeffs = jnp.stack([jnp.ones_like(lam), -lam])  # (2, H)
         qs, ks = (_heads_first(q1), _heads_first(q2)), (_heads_first(k1), _heads_first(k2))

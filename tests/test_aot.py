@@ -321,3 +321,5 @@ def test_the_roofline_counts_at_least_the_model_flops():
     # a JSON report reads back as the same report, its figures recomputed
     saved = json.loads(json.dumps(aot.counts_of(memory_bound) | {"step_seconds": 99.0}))
     assert aot.report_from_counts(saved) == memory_bound
+    with pytest.raises(ValueError, match="a report of chip 'TPU v9'; this version knows"):
+        aot.report_from_counts(saved | {"chip": "TPU v9"})
