@@ -7,12 +7,11 @@ then the teacher moves toward the updated student by the annealed EMA decay.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import config_lib, objectives, optim, platforms, sharding, train_state
+from asda_jax import config_lib, objectives, optim, platforms, train_state
 from asda_jax import model as model_lib
 from asda_jax.data import pipeline
 
@@ -54,14 +53,10 @@ class PretrainTask:
     def step(self, state: train_state.TrainState, batch: dict, tx):
         spec, _ = pipeline.spectrograms(batch, self.data_cfg, self.forms)
         key = jax.random.fold_in(state.rng, state.step)
-        # the teacher is kept spread over the data axes (train_state.plan_state): gathered
-        # to the parameters' layout for its forward
-        axes = nn.get_partition_spec(jax.eval_shape(self.init_params, key))["encoder"]
-        teacher = sharding.constrain_tree(state.teacher, axes)
 
         def loss_fn(params):
             return objectives.pretraining_step_loss(
-                self.encoder, self.decoder, params, teacher, spec, key,
+                self.encoder, self.decoder, params, state.teacher, spec, key,
                 self.mask_cfg, self.pre_cfg,
             )  # fmt: skip
 
