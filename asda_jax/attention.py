@@ -136,6 +136,31 @@ def differential_attention(
     return (o1 - lam[:, None] * o2).astype(v.dtype)
 
 
+def fused_projection_attention(
+    qk: jax.Array,  # (B, T, 4, H, Dk): [q1 | q2 | k1 | k2], the release's fused projection
+    v: jax.Array,  # (B, T, H, Dv)
+    lam: jax.Array | float,
+    *,
+    mask: jax.Array | None = None,
+    implementation: str = "auto",
+    platform: str = "cpu",
+    stack_heads: bool = False,
+    interpret: bool = False,
+) -> jax.Array:
+    """``differential_attention`` of the four parts of one projection: the short kernel
+    reads ``qk`` whole (splitting it cost a copy of every part each way); every other
+    backend gets the parts."""
+    q1, q2, k1, k2 = (qk[:, :, i] for i in range(4))
+    backend = _backend_for(implementation, platform, q1, v, None, False, interpret, 2)
+    if backend == "pallas_short":
+        lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (qk.shape[3],))  # (H,)
+        return short_attention.fused_projection_attention(qk, v, lam, mask, interpret=interpret)
+    return differential_attention(
+        q1, k1, q2, k2, v, lam, mask=mask, implementation=backend, platform=platform,
+        stack_heads=stack_heads, interpret=interpret,
+    )  # fmt: skip
+
+
 def dot_product_attention(
     q: jax.Array,  # (B, T, H, D)
     k: jax.Array,  # (B, T, H, D)

@@ -361,9 +361,17 @@ class AsdaAttention(nn.Module):
             (4, c.num_heads, c.head_dim), ("embed", "qk_group", "heads", "head_dim"), name="qk"
         )(x)  # (B, T, 4, H, Dh)
         v = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), name="v")(x)
-        q1, q2, k1, k2 = (sharding.constrain(qk[:, :, i], HEAD_AXES) for i in range(4))
+        qk = sharding.constrain(qk, ("batch", "length", "qk_group", "heads", "head_dim"))
         v = sharding.constrain(v, HEAD_AXES)
-        o = _differential_core(self, self.run, q1, k1, q2, k2, v, c.diff_lambda, mask)
+        if self.is_mutable_collection("intermediates"):
+            q1, q2, k1, k2 = (qk[:, :, i] for i in range(4))
+            o = _differential_core(self, self.run, q1, k1, q2, k2, v, c.diff_lambda, mask)
+        else:
+            o = attn_lib.fused_projection_attention(
+                qk, v, c.diff_lambda, mask=mask, implementation=self.run.attention_impl,
+                platform=self.run.platform, stack_heads=self.run.attention_stack_heads,
+                interpret=self.run.attention_interpret,
+            )  # fmt: skip
         o = layer_norm(1e-5, dtype, axes=("heads", "head_dim"), name="norm")(o)
         o = o * c.attn_out_scale
         return dense((c.embed_dim,), ("heads", "head_dim", "embed"), contract=2, name="proj")(o)
@@ -481,6 +489,13 @@ class Block(nn.Module):
         return sharding.constrain(x, ("batch", "length", "act_embed")), f
 
 
+def block_class(run: Execution) -> type[Block]:
+    """``Block``, rematerialised as ``run.remat_policy`` says (the encoder's blocks)."""
+    if run.remat_policy == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[run.remat_policy], static_argnums=(3,))
+
+
 class EncoderOutput(NamedTuple):
     tokens: jax.Array  # (B, 1 + N, D): CLS, then patches
     layer_results: tuple[jax.Array, ...]  # per block (B, 1 + N, D): MLP output
@@ -502,9 +517,7 @@ class Encoder(nn.Module):
             (1, 1, c.embed_dim),
         )
         self.context_norm = layer_norm(1e-6, run.compute_dtype)
-        block = Block
-        if run.remat_policy != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[run.remat_policy], static_argnums=(3,))
+        block = block_class(run)
         rates = np.linspace(0.0, c.drop_path, c.depth) if c.depth > 1 else [c.drop_path]
         self.blocks = [block(c, i, float(rates[i]), run) for i in range(c.depth)]
 

@@ -11,7 +11,9 @@ kernel holds both maps in VMEM only, and the backward recomputes them from q and
 instead of saving anything: HBM sees q1, k1, q2, k2, v and the output going forward,
 and those, the output's gradient and the five input gradients coming back.
 
-Layout inside: (B, H, T, D), each block the whole unpadded sequence (Mosaic takes a
+Layout inside: the four parts of q and k as one (4, B, H, T, Dk) array (the TPU
+compiler's layout of the release's fused projection, so handing it over whole moves no
+bytes) and v as (B, H, T, Dv); each block the whole unpadded sequence (Mosaic takes a
 block dimension equal to the array's, 103 included); masked keys get no weight.
 Padding to 128 cost more than the kernel saved: the pads and transposes around it
 wrote 0.48 GB per student block and step at the v5e-8 batch (BENCHMARKS.md).
@@ -36,28 +38,35 @@ _LANES = 128  # the dλ partials' lane width (one (8, 128) tile per example and 
 def differential_attention(q1, k1, q2, k2, v, lam, mask=None, *, interpret=False):
     """(softmax(q1k1ᵀ/√Dk) − λ·softmax(q2k2ᵀ/√Dk)) v on (B, T, H, D) inputs, T ≤ 128,
     λ of shape (H,), ``mask`` (B, T) True for real keys: (B, T, H, Dv)."""
-    length = q1.shape[1]
+    qk = jnp.stack([q1, q2, k1, k2], axis=2)
+    return fused_projection_attention(qk, v, lam, mask, interpret=interpret)
+
+
+def fused_projection_attention(qk, v, lam, mask=None, *, interpret=False):
+    """The same of the release's fused projection ``qk`` (B, T, 4, H, Dk), its four parts
+    [q1 | q2 | k1 | k2], read as it is: the projection's output is laid out (4, B, H, T, Dk)
+    by the TPU compiler, so no part is copied out of it, going forward or back."""
+    length = qk.shape[1]
     if length > MAX_LENGTH:
         raise ValueError(f"short attention takes at most {MAX_LENGTH} tokens, got {length}")
-    valid = jnp.ones(q1.shape[:2], bool) if mask is None else mask
+    valid = jnp.ones(qk.shape[:2], bool) if mask is None else mask
     valid = valid[:, None, :].astype(jnp.float32)  # (B, 1, T)
-    out = _attend(*(x.transpose(0, 2, 1, 3) for x in (q1, k1, q2, k2, v)), lam, valid, interpret)
+    out = _attend(qk.transpose(2, 0, 3, 1, 4), v.transpose(0, 2, 1, 3), lam, valid, interpret)
     return out.transpose(0, 2, 1, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attend(q1, k1, q2, k2, v, lam, valid, interpret):
-    return _forward(q1, k1, q2, k2, v, lam, valid, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(qk, v, lam, valid, interpret):  # (4, B, H, T, Dk), (B, H, T, Dv) -> (B, H, T, Dv)
+    return _forward(qk, v, lam, valid, interpret)
 
 
-def _attend_fwd(q1, k1, q2, k2, v, lam, valid, interpret):
-    out = _forward(q1, k1, q2, k2, v, lam, valid, interpret)
-    return out, (q1, k1, q2, k2, v, lam, valid)  # the maps are recomputed, not kept
+def _attend_fwd(qk, v, lam, valid, interpret):
+    return _forward(qk, v, lam, valid, interpret), (qk, v, lam, valid)  # maps recomputed
 
 
 def _attend_bwd(interpret, residuals, d_out):
-    *grads, d_lam = _backward(*residuals, d_out, interpret)
-    return (*grads, d_lam[:, :, 0, 0].sum(0), None)
+    d_qk, dv, d_lam = _backward(*residuals, d_out, interpret)
+    return d_qk, dv, d_lam[:, :, 0, 0].sum(0), None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -77,56 +86,57 @@ def _transposed_product(a, b):  # aᵀ b: (T, T) × (T, D) -> (T, D) float32
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(lam_ref, q1, k1, q2, k2, v, valid, out, *, scale):
+def _forward_kernel(lam_ref, qk, v, valid, out, *, scale):
     lam = lam_ref[pl.program_id(1)]
-    mixed = _probs(q1[...], k1[...], valid[...], scale) - lam * _probs(
-        q2[...], k2[...], valid[...], scale
-    )
+    mixed = _probs(qk[0], qk[2], valid[...], scale) - lam * _probs(qk[1], qk[3], valid[...], scale)
     out[...] = jnp.dot(mixed.astype(v.dtype), v[...], preferred_element_type=jnp.float32).astype(
         out.dtype
     )
 
 
-def _backward_kernel(
-    lam_ref, q1, k1, q2, k2, v, d_out, valid, dq1, dk1, dq2, dk2, dv, d_lam, *, scale
-):
+def _backward_kernel(lam_ref, qk, v, d_out, valid, d_qk, dv, d_lam, *, scale):
     lam = lam_ref[pl.program_id(1)]
-    p1 = _probs(q1[...], k1[...], valid[...], scale)
-    p2 = _probs(q2[...], k2[...], valid[...], scale)
+    q1, q2, k1, k2 = qk[0], qk[1], qk[2], qk[3]
+    p1 = _probs(q1, k1, valid[...], scale)
+    p2 = _probs(q2, k2, valid[...], scale)
     do = d_out[...]
     dv[...] = _transposed_product((p1 - lam * p2).astype(do.dtype), do).astype(dv.dtype)
     g = jax.lax.dot_general(
         do, v[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )  # dL/d(mixed map)
-    for p, coeff, q, k, dq, dk in ((p1, 1.0, q1, k1, dq1, dk1), (p2, -lam, q2, k2, dq2, dk2)):
+    for branch, (p, coeff, q, k) in enumerate(((p1, 1.0, q1, k1), (p2, -lam, q2, k2))):
         rowsum = jnp.sum(g * p, axis=1, keepdims=True)  # (T, 1)
         u = (p * (g - rowsum) * (coeff * scale)).astype(q.dtype)  # d logits, scaled
-        dq[...] = jnp.dot(u, k[...], preferred_element_type=jnp.float32).astype(dq.dtype)
-        dk[...] = _transposed_product(u, q[...]).astype(dk.dtype)
+        d_qk[branch] = jnp.dot(u, k, preferred_element_type=jnp.float32).astype(d_qk.dtype)
+        d_qk[2 + branch] = _transposed_product(u, q).astype(d_qk.dtype)
     # d(−λ·A2)/dλ = −A2: dλ = −Σ G⊙A2 over the map = −Σ rowsum of branch 2
     d_lam[...] = jnp.broadcast_to(-jnp.sum(rowsum), d_lam.shape)
 
 
-def _block(x):
-    return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h: (b, h, 0, 0))
+def _block(shape):
+    """One (example, head)'s block of a (B, H, ...) array, or of all four parts of a
+    (4, B, H, T, D) one."""
+    if len(shape) == 5:
+        return pl.BlockSpec((shape[0], None, None, *shape[3:]), lambda b, h: (0, b, h, 0, 0))
+    return pl.BlockSpec((None, None, *shape[2:]), lambda b, h: (b, h, 0, 0))
 
 
 def _call(kernel, out_shape, lam, *arrays, interpret):
     """``kernel`` over the (example, head) grid, under a mesh shard_mapped over the batch
-    and head axes (a Pallas call cannot be auto-partitioned)."""
-    valid_block = pl.BlockSpec((None, *arrays[-1].shape[1:]), lambda b, h: (b, 0, 0))
+    and head axes (a Pallas call cannot be auto-partitioned). ``arrays``: the blocked
+    inputs, then the (B, 1, T) key weights; ``out_shape``: (global shape, dtype) pairs."""
 
     def run(lam, *arrays):
         *blocks, valid = arrays
-        batch, heads = blocks[0].shape[:2]
-        shapes = [jax.ShapeDtypeStruct((batch, heads, *s[2:]), d) for s, d in out_shape]
+        batch, heads = valid.shape[0], lam.shape[0]  # this device's
+        shapes = [jax.ShapeDtypeStruct((*s[:-4], batch, heads, *s[-2:]), d) for s, d in out_shape]
         call = pl.pallas_call(
             kernel,
             grid=(batch, heads),
             in_specs=[pl.BlockSpec(memory_space=pltpu.SMEM)]
-            + [_block(x) for x in blocks]
-            + [valid_block],
-            out_specs=[_block(s) for s in shapes],
+            + [_block(x.shape) for x in blocks]
+            + [pl.BlockSpec((None, *valid.shape[1:]), lambda b, h: (b, 0, 0))],
+            out_specs=[_block(s.shape) for s in shapes],
             out_shape=shapes,
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
             interpret=pltpu.InterpretParams() if interpret else False,
@@ -135,28 +145,28 @@ def _call(kernel, out_shape, lam, *arrays, interpret):
 
     spec = sharding.current_mesh_spec(("batch", "heads", "length", "head_dim"))
     if spec is not None:
+        specs = {4: spec, 5: jax.sharding.PartitionSpec(None, *spec)}  # by rank
         lam_spec = jax.sharding.PartitionSpec(spec[1])
         valid_spec = jax.sharding.PartitionSpec(spec[0], None, None)
-        in_specs = (lam_spec, *[spec] * (len(arrays) - 1), valid_spec)
-        out_specs = (spec,) * len(out_shape)
+        in_specs = (lam_spec, *[specs[x.ndim] for x in arrays[:-1]], valid_spec)
+        out_specs = tuple(specs[len(s)] for s, _ in out_shape)
         run = jax.shard_map(run, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     return run(lam, *arrays)
 
 
-def _scale(q):
-    return 1.0 / q.shape[-1] ** 0.5
+def _scale(qk):
+    return 1.0 / qk.shape[-1] ** 0.5
 
 
-def _forward(q1, k1, q2, k2, v, lam, valid, interpret):  # -> (B, H, 128, Dv)
-    kernel = functools.partial(_forward_kernel, scale=_scale(q1))
-    (out,) = _call(kernel, [(v.shape, v.dtype)], lam, q1, k1, q2, k2, v, valid, interpret=interpret)
+def _forward(qk, v, lam, valid, interpret):  # -> (B, H, T, Dv)
+    kernel = functools.partial(_forward_kernel, scale=_scale(qk))
+    (out,) = _call(kernel, [(v.shape, v.dtype)], lam, qk, v, valid, interpret=interpret)
     return out
 
 
-def _backward(q1, k1, q2, k2, v, lam, valid, d_out, interpret):
-    kernel = functools.partial(_backward_kernel, scale=_scale(q1))
-    batch, heads = q1.shape[:2]
-    shapes = [(x.shape, x.dtype) for x in (q1, k1, q2, k2, v)]
-    shapes.append(((batch, heads, 8, _LANES), jnp.float32))  # dλ partials
+def _backward(qk, v, lam, valid, d_out, interpret):  # -> d_qk, dv, dλ partials
+    kernel = functools.partial(_backward_kernel, scale=_scale(qk))
+    batch, heads = v.shape[:2]
+    shapes = [(qk.shape, qk.dtype), (v.shape, v.dtype), ((batch, heads, 8, _LANES), jnp.float32)]
     # d_out rides with the blocked inputs; valid stays last
-    return _call(kernel, shapes, lam, q1, k1, q2, k2, v, d_out, valid, interpret=interpret)
+    return _call(kernel, shapes, lam, qk, v, d_out, valid, interpret=interpret)

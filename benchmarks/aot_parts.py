@@ -45,7 +45,7 @@ def step_shapes(config) -> dict[str, tuple[int, ...]]:
 def part_loss(part: str, model: model_lib.ModelConfig, run: model_lib.Execution):
     """(module, loss of (params, input)): the squared output, so the backward runs."""
     if part == "block":
-        module = model_lib.Block(model, 0, 0.0, run)
+        module = model_lib.block_class(run)(model, 0, 0.0, run)
         apply = lambda p, x: module.apply({"params": p}, x, None, False)[0]
         init_args = (None, False)
     else:

@@ -1,5 +1,6 @@
 """Differential attention: NumPy oracles for both forms, and every backend vs the reference."""
 
+import functools
 import logging
 import math
 
@@ -317,6 +318,30 @@ def test_short_kernel_under_a_mesh_equals_the_reference():
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
+
+
+def test_the_release_attention_hands_its_fused_projection_to_the_short_kernel_whole():
+    """AsdaAttention gives the short kernel its (B, T, 4, H, D) projection undivided:
+    the layer's output and every gradient equal the reference backend's."""
+    cfg = model_lib.preset("tiny")  # 4 heads of 16
+    x = jnp.asarray(randn(2, 26, cfg.embed_dim))
+    mask = jnp.asarray(trailing_mask((26, 9), 26))
+
+    def layer(implementation):
+        run = model_lib.Execution(attention_impl=implementation, attention_interpret=True)
+        return model_lib.AsdaAttention(cfg, run)
+
+    params = layer("reference").init(jax.random.key(0), x, mask)["params"]
+
+    def loss(implementation, p, x):
+        return jnp.sum(jnp.square(layer(implementation).apply({"params": p}, x, mask)))
+
+    with attn_lib.recorded_choices() as choices:
+        ours = jax.value_and_grad(functools.partial(loss, "pallas_short"), (0, 1))(params, x)
+    assert choices == [(26, "pallas_short")]
+    ref = jax.value_and_grad(functools.partial(loss, "reference"), (0, 1))(params, x)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_plain_attention_backends_agree():
