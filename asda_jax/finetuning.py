@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import checkpoints, config_lib, objectives, optim, platforms, sharding, train_state
+from asda_jax import checkpoints, config_lib, objectives, optim, platforms, train_state
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline
 
@@ -41,8 +40,6 @@ class FinetuneTask:
         self.model = model_lib.Classifier(
             self.model_cfg, self.num_classes, self.ft_cfg.pooling, run=self.run
         )
-        # logical axes of the parameters (traced here, outside any mesh)
-        self.param_axes = nn.get_partition_spec(jax.eval_shape(self.init_params, jax.random.key(0)))
 
     def init_params(self, rng: jax.Array):
         spec = jnp.zeros((1, self.data_cfg.target_frames, self.model_cfg.num_mel_bins))
@@ -90,8 +87,6 @@ class FinetuneTask:
             return objectives.classification_loss(logits, labels, self.ft_cfg)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        # in the parameters' layout, whatever the optimiser state's (train_state.plan_state)
-        grads = sharding.constrain_tree(grads, self.param_axes)
         state, update = train_state.apply_gradients(
             state, grads, tx, optim.schedule(self.optim_cfg)
         )

@@ -7,12 +7,11 @@ then the teacher moves toward the updated student by the annealed EMA decay.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import config_lib, objectives, optim, platforms, sharding, train_state
+from asda_jax import config_lib, objectives, optim, platforms, train_state
 from asda_jax import model as model_lib
 from asda_jax.data import pipeline
 
@@ -31,8 +30,6 @@ class PretrainTask:
         self.encoder = model_lib.Encoder(self.model_cfg, run=self.run)
         self.decoder = model_lib.Decoder(self.model_cfg, run=self.run)
         self.grid = objectives.grid_shape(self.data_cfg.target_frames, self.model_cfg)
-        # logical axes of the parameters (traced here, outside any mesh)
-        self.param_axes = nn.get_partition_spec(jax.eval_shape(self.init_params, jax.random.key(0)))
 
     def init_params(self, rng: jax.Array):
         """Boxed (logically named) student parameters."""
@@ -56,20 +53,14 @@ class PretrainTask:
     def step(self, state: train_state.TrainState, batch: dict, tx):
         spec, _ = pipeline.spectrograms(batch, self.data_cfg, self.forms)
         key = jax.random.fold_in(state.rng, state.step)
-        # kept spread over the data axes (train_state.plan_state), the teacher is gathered
-        # to the parameters' layout for its forward
-        teacher = sharding.constrain_tree(state.teacher, self.param_axes["encoder"])
 
         def loss_fn(params):
             return objectives.pretraining_step_loss(
-                self.encoder, self.decoder, params, teacher, spec, key,
+                self.encoder, self.decoder, params, state.teacher, spec, key,
                 self.mask_cfg, self.pre_cfg,
             )  # fmt: skip
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        # in the parameters' layout: else the spread moments lead the partitioner to split
-        # the backward's activations by channel
-        grads = sharding.constrain_tree(grads, self.param_axes)
         state, update = train_state.apply_gradients(
             state, grads, tx, optim.schedule(self.optim_cfg)
         )

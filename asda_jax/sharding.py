@@ -91,28 +91,6 @@ def logical_shardings(boxed, mesh: Mesh):
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, LOGICAL_AXIS_RULES)
 
 
-def spread_over_data(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
-    """``sharding`` with the first (most major) dimension of ``shape`` that it leaves
-    whole and that the unused data-parallel axes divide split over those axes as well
-    (ZeRO-1: state that only the optimiser update reads, such as Adam's moments, need
-    not be whole on every device); ``sharding`` itself where no data axis is free or no
-    dimension divides. Axes of size 1 count as unused."""
-    mesh = sharding.mesh
-    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    axes_of = lambda entry: () if entry is None else (entry,) if isinstance(entry, str) else entry
-    split = lambda entry: math.prod(mesh.shape[a] for a in axes_of(entry)) > 1
-    used = {a for entry in spec if split(entry) for a in axes_of(entry)}
-    free = tuple(a for a in BATCH_AXES if a not in used and mesh.shape[a] > 1)
-    if not free:
-        return sharding
-    size = math.prod(mesh.shape[a] for a in free)
-    for i, (entry, n) in enumerate(zip(spec, shape, strict=True)):
-        if not split(entry) and n % size == 0:
-            spec[i] = free if len(free) > 1 else free[0]
-            return NamedSharding(mesh, P(*spec))
-    return sharding
-
-
 def first_local_device() -> jax.sharding.SingleDeviceSharding:
     """This process's first device: where the tools place what they restore."""
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -141,15 +119,6 @@ def activate(mesh: Mesh) -> Iterator[Mesh]:
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside ``activate``."""
     return nn.with_logical_constraint(x, tuple(logical_axes))
-
-
-def constrain_tree(tree, logical_specs):
-    """Each leaf of ``tree`` constrained by the logical PartitionSpec in its place in
-    ``logical_specs`` (``nn.get_partition_spec`` of the boxed variables)."""
-    return jax.tree.map(
-        lambda spec, x: constrain(x, tuple(spec)), logical_specs, tree,
-        is_leaf=lambda s: isinstance(s, P),
-    )  # fmt: skip
 
 
 def current_mesh_spec(logical_axes: Sequence[str | None]) -> P | None:

@@ -74,24 +74,16 @@ def plan_state(task, mesh, rng: jax.Array) -> StatePlan:
 
     abstract = jax.eval_shape(init, rng)
     replicated = sharding.replicated(mesh)
-    # What only the update reads (the moments, the EMA teacher) is spread over the data
-    # axes too, the step gathering the teacher for its forward; not across TPU slices,
-    # where the gathers would cross the data-centre network.
-    spread = param_shardings
-    if len({getattr(d, "slice_index", 0) for d in mesh.devices.flat}) == 1:
-        spread = jax.tree.map(
-            lambda s, x: sharding.spread_over_data(s, x.shape), param_shardings, abstract.params
-        )
     masked = lambda x: isinstance(x, optax.MaskedNode)
     opt_shardings = optax.tree_map_params(
         tx,
         lambda leaf, s: leaf if masked(leaf) else s,
         abstract.opt_state,
-        spread,
+        param_shardings,
         transform_non_params=lambda _: replicated,
         is_leaf=masked,
     )
-    teacher_shardings = None if abstract.teacher is None else spread["encoder"]
+    teacher_shardings = None if abstract.teacher is None else param_shardings["encoder"]
     shardings = TrainState(
         replicated, param_shardings, opt_shardings, teacher_shardings, replicated
     )

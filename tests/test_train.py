@@ -115,45 +115,28 @@ def test_collapse_stops_the_run_with_a_clear_message(data_dir, tmp_path):
     assert saved_steps(tmp_path) == [2]
 
 
-def _mu_of(opt_state, *path):
-    """Adam's first moment of the parameter at ``path``."""
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in keys]
-        if "mu" in names and names[-len(path) :] == list(path):
-            return leaf
-    raise KeyError(path)
-
-
-@pytest.mark.parametrize(
-    "mesh_shape", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8, "fsdp": 1, "tensor": 1}]
-)
-def test_three_steps_on_a_pod_mesh_equal_one_device(data_dir, mesh_shape):
+def test_three_steps_on_a_data_fsdp_tensor_mesh_equal_one_device(data_dir):
     task = train_lib.make_task(th.tiny_config(data_dir), "cpu")
     host_batches = list(
         zip(range(3), iter(pipeline.make_pipeline(task.data_cfg, train=True)), strict=False)
     )
     results = []
-    for mesh in (sharding.make_mesh(mesh_shape), sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+    for mesh in (
+        sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+        sharding.make_mesh((1, 1, 1), jax.devices()[:1]),
+    ):
         plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
         state = train_state.create_state(plan, mesh, jax.random.PRNGKey(0))
         step = train_state.jit_step(task, plan, mesh, donate=False)
         with sharding.activate(mesh):
             for _, batch in host_batches:
                 state, _ = step(state, pipeline.to_global(batch, mesh))
-        results.append(state)
+        results.append(jax.device_get(state))
     pod, single = results
-    qk_path = ("encoder", "blocks_0", "attn", "qk", "kernel")
     qk = pod.params["encoder"]["blocks_0"]["attn"]["qk"]["kernel"]
     assert int(pod.step) == 3 and qk.shape == (64, 4, 4, 16)
-    # ZeRO-1: the moments and the teacher are spread over the data axes, the parameters not
-    data = mesh_shape["data"]
-    for spread in (
-        _mu_of(pod.opt_state, *qk_path),
-        pod.teacher["blocks_0"]["attn"]["qk"]["kernel"],
-    ):
-        assert spread.addressable_shards[0].data.size == qk.addressable_shards[0].data.size // data
     for a, b in zip(jax.tree.leaves(pod), jax.tree.leaves(single), strict=True):
-        np.testing.assert_allclose(jax.device_get(a), jax.device_get(b), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_pretrain_as2m_runs_on_a_pod_style_mesh(tmp_path):
