@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asda_jax import attention as attn_lib
-from asda_jax import platforms, sharding
+from asda_jax import decoder_kernel, platforms, sharding
 
 ATTENTION_VARIANTS = ("asda", "diff", "plain")
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -38,7 +38,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DECODER_CONV_FORMS = ("xla", "per_device", "taps")
+GROUPED_CONV_FORMS = ("xla", "per_device", "taps")  # grouped_conv
+DECODER_CONV_FORMS = (*GROUPED_CONV_FORMS, "pallas")  # pallas: the whole block, decoder_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Execution:
     attention_impl: str = "auto"  # per call, by platform and length (choose_backend)
     attention_stack_heads: bool = False
     attention_interpret: bool = False  # run Pallas TPU kernels in interpret mode (tests)
-    decoder_conv_impl: str = "auto"  # "auto" | "xla" | "per_device" | "taps" (grouped_conv)
+    decoder_conv_impl: str = "auto"  # "auto" or one of DECODER_CONV_FORMS
 
     @property
     def compute_dtype(self):
@@ -142,6 +143,11 @@ class Execution:
             (
                 self.decoder_conv_impl == "auto" or self.decoder_conv_impl in DECODER_CONV_FORMS,
                 f"decoder_conv_impl must be 'auto' or one of {DECODER_CONV_FORMS}",
+            ),
+            (
+                self.decoder_conv != "pallas" or self.platform == "tpu" or self.attention_interpret,
+                "decoder_conv_impl 'pallas' is a TPU kernel: on other platforms only interpreted "
+                "(attention_interpret=True, tests)",
             ),
         ]
         for ok, message in checks:
@@ -566,8 +572,8 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, impl: str = "xla"
     group-batched matmuls whose products are shifted into place, because XLA CPU's
     kernel gradient of a grouped convolution is slow (BENCHMARKS.md).
     """
-    if impl not in DECODER_CONV_FORMS:
-        raise ValueError(f"grouped_conv impl must be one of {DECODER_CONV_FORMS}, got {impl!r}")
+    if impl not in GROUPED_CONV_FORMS:
+        raise ValueError(f"grouped_conv impl must be one of {GROUPED_CONV_FORMS}, got {impl!r}")
     if impl == "taps":
         return _grouped_conv_by_taps(x, kernel, groups)
     conv = functools.partial(
@@ -606,36 +612,50 @@ def _grouped_conv_by_taps(x: jax.Array, kernel: jax.Array, groups: int) -> jax.A
 
 
 class DecoderBlock(nn.Module):
-    """Grouped conv k×k → LayerNorm over channels (no affine, eps 1e-5) → GELU.
+    """Grouped conv k×k → LayerNorm over channels (no affine, eps 1e-5) → GELU, with a
+    residual around it when the widths match.
 
     Its parameters are the conv's ``kernel`` (k, k, Cin/G, Cout) and ``bias``, as the
-    release's ``decoder.blocks.N.0``.
+    release's ``decoder.blocks.N.0``. ``x`` is (B, H, W, Cin), except for the "pallas"
+    form, whose kernel (``decoder_kernel``) runs the whole block channels-major:
+    (B, Cin, H, W) -> (B, Cout, H, W).
     """
 
     cfg: ModelConfig
     run: Execution = Execution()
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, Cin) -> (B, H, W, Cout)
+    def __call__(self, x: jax.Array) -> jax.Array:
         c, run = self.cfg, self.run
-        k = c.decoder_kernel
-        init = torch_default_init(x.shape[-1] // c.decoder_groups * k * k)
+        channels_major = run.decoder_conv == "pallas"
+        k, channels = c.decoder_kernel, x.shape[1 if channels_major else -1]
+        init = torch_default_init(channels // c.decoder_groups * k * k)
         kernel = self.param(
             "kernel",
             named(init, ("conv_time", "conv_freq", "conv_in", "embed")),
-            (k, k, x.shape[-1] // c.decoder_groups, c.decoder_dim),
+            (k, k, channels // c.decoder_groups, c.decoder_dim),
         )
         bias = self.param("bias", named(init, ("embed",)), (c.decoder_dim,))
         x, kernel = x.astype(run.compute_dtype), kernel.astype(run.compute_dtype)
+        if channels_major:
+            batch, _, height, width = x.shape
+            flat = x.reshape(batch, channels, height * width)
+            y = decoder_kernel.conv_block(
+                flat, kernel, bias, (height, width), groups=c.decoder_groups,
+                interpret=run.attention_interpret,
+            )  # fmt: skip
+            return y.reshape(batch, c.decoder_dim, height, width)
         y = grouped_conv(x, kernel, c.decoder_groups, run.decoder_conv) + bias.astype(x.dtype)
-        return gelu(layer_norm(1e-5, run.compute_dtype, affine=False)(y))
+        y = gelu(layer_norm(1e-5, run.compute_dtype, affine=False)(y))
+        return y + x if y.shape == x.shape else y
 
 
 class Decoder(nn.Module):
     """The student's CNN decoder over the (time, freq) patch grid (release: Decoder2d):
-    ``decoder_layers`` blocks, each with a residual around it when the widths match,
-    then a Linear back to the encoder width. Blocks are rematerialised like the
-    encoder's (the decoder holds most of a pretraining step's activations).
+    ``decoder_layers`` blocks, then a Linear back to the encoder width. Blocks are
+    rematerialised like the encoder's (the decoder holds most of a pretraining step's
+    activations); the "pallas" form's kernel recomputes its own instead, and the
+    blocks pass their activations channels-major between them.
     """
 
     cfg: ModelConfig
@@ -644,13 +664,17 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, grid: jax.Array) -> jax.Array:  # (B, Nt, Nf, D) -> (B, Nt·Nf, D)
         c, run = self.cfg, self.run
+        channels_major = run.decoder_conv == "pallas"
         block = DecoderBlock
-        if run.remat_policy != "none":
+        if run.remat_policy != "none" and not channels_major:
             block = nn.remat(DecoderBlock, policy=REMAT_POLICIES[run.remat_policy])
         x = grid.astype(run.compute_dtype)
+        if channels_major:
+            x = x.transpose(0, 3, 1, 2)  # (B, D, Nt, Nf)
         for i in range(c.decoder_layers):
-            y = block(c, run, name=f"blocks_{i}")(x)
-            x = y + x if y.shape == x.shape else y
+            x = block(c, run, name=f"blocks_{i}")(x)
+        if channels_major:
+            x = x.transpose(0, 2, 3, 1)
         batch, time_patches, freq_patches, dim = x.shape
         x = x.reshape(batch, time_patches * freq_patches, dim)
         init = torch_default_init(c.decoder_dim)

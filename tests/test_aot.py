@@ -55,9 +55,9 @@ def test_the_pretraining_step_compiles_for_v5e_with_the_pallas_kernels(v5e_2x2):
     # the teacher's 129 tokens through splash attention, the student's 26 (below splash's
     # 128) through the short kernel
     assert step.attention_choices == ((26, "pallas_short"), (129, "pallas_splash"))
-    # Mosaic kernels: two blocks × two branches of the (forward-only) teacher, and the
-    # student's forward and backward kernels in both blocks
-    assert rep.custom_calls["tpu_custom_call"] == 4 + 4
+    # Mosaic kernels: two blocks × two branches of the (forward-only) teacher, the
+    # student's forward and backward kernels in both blocks, and the decoder's in both
+    assert rep.custom_calls["tpu_custom_call"] == 4 + 4 + 4
     assert rep.chips == 4 and rep.fits
     assert rep.memory.total > rep.memory.arguments > 0
     # the compiler counts at least the model's matmuls (and elementwise work on top)
@@ -89,7 +89,7 @@ def test_kernels_and_front_end_follow_the_mesh_devices_not_the_host(v5e_2x2):
     assert on_cpu.attention_choices == ((26, "xla"), (129, "xla"))
     assert on_tpu.task.forms == platforms.FORMS["tpu"]
     assert on_cpu.task.forms == platforms.FORMS["cpu"]
-    assert on_tpu.task.run.decoder_conv == "xla" and on_cpu.task.run.decoder_conv == "taps"
+    assert on_tpu.task.run.decoder_conv == "pallas" and on_cpu.task.run.decoder_conv == "taps"
     assert on_tpu.task.data_cfg.fbank_on == "device" and on_cpu.task.data_cfg.fbank_on == "host"
     tpu_text = on_tpu.lowered.as_text()
     assert "tpu_custom_call" in tpu_text and "tpu_custom_call" not in on_cpu.lowered.as_text()

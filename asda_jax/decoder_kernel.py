@@ -1,0 +1,317 @@
+"""The decoder's block (grouped k×k conv + bias → LayerNorm → GELU, plus the residual)
+as one Pallas TPU kernel per example, forward and backward.
+
+XLA runs the block as a grouped convolution in a batch-minor layout with the
+LayerNorm, GELU and residual in fusions around it and layout copies between them:
+compiled for v5e-8 the decoder alone accessed 19.7 GB per chip and step (8.3 GB of
+it in HBM by the HLO's estimate), where its inputs and outputs are 75 MB each per
+block. Here an example's whole (time × freq) grid is one block: HBM sees the block's
+input and output going forward, and the input, the output's gradient and the input's
+gradient coming back (the convolution and normalisation are recomputed, nothing is
+saved).
+
+Layout: channels-major (B, C, S), S = H·W the flattened grid, so each example's
+block is (C, S) with the channels on sublanes. A group's 48 channels are then a
+whole number of (16, 128) bfloat16 tiles (on lanes they would straddle tiles), and a
+tap (dy, dx) of the convolution is a roll of the lanes by dy·W + dx with the
+out-of-grid positions masked. Per group the taps are stacked into (k²·Cin/G, S)
+columns and multiplied by the group's (Cout/G, k²·Cin/G) weights: one matmul per
+group. The kernel's gradient and the bias's are summed over the examples in
+VMEM-resident accumulators (the grid axis is sequential), then over devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from asda_jax import sharding
+
+LN_EPSILON = 1e-5  # the release's LayerNorm over the decoder's channels (no affine)
+_LANES = 128
+
+
+def conv_block(x, kernel, bias, grid, *, groups, interpret=False):
+    """gelu(LN(conv(x) + bias)) [+ x when the widths match] of channels-major ``x``
+    (B, Cin, H·W) over a ``grid`` = (H, W) of patches; ``kernel`` (k, k, Cin/G, Cout)
+    in ``nn.Conv``'s layout, ``bias`` (Cout,): (B, Cout, H·W) in x's dtype."""
+    k, _, per_in, cout = kernel.shape
+    if x.shape[1] != per_in * groups or cout % groups:
+        raise ValueError(f"kernel {kernel.shape} does not take {x.shape[1]} channels in {groups}")
+    if x.shape[2] != math.prod(grid):
+        raise ValueError(f"{x.shape[2]} positions are not a {grid} grid")
+    # (k, k, i, G·o) -> (G, o, k²·i): row o of group g, column tap·i + channel
+    weights = kernel.reshape(k * k, per_in, groups, cout // groups).transpose(2, 3, 0, 1)
+    weights = weights.reshape(groups, cout // groups, k * k * per_in).astype(x.dtype)
+    shifts, masks = tap_shifts_and_masks(grid, k)
+    return _block(x, weights, bias.astype(jnp.float32)[:, None], masks, shifts, interpret)
+
+
+def tap_shifts_and_masks(grid: tuple[int, int], k: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """For each tap (dy, dx), row-major: the lane offset dy·W + dx of the position it
+    reads, and a (k², H·W) float32 mask, 1 where that position is inside the grid
+    (SAME zero padding)."""
+    height, width = grid
+    rows, cols = np.divmod(np.arange(height * width), width)
+    shifts, masks = [], []
+    for dy in range(-(k // 2), k // 2 + 1):
+        for dx in range(-(k // 2), k // 2 + 1):
+            shifts.append(dy * width + dx)
+            inside = (
+                (rows + dy >= 0) & (rows + dy < height) & (cols + dx >= 0) & (cols + dx < width)
+            )
+            masks.append(inside)
+    return tuple(shifts), np.stack(masks).astype(np.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _block(x, weights, bias, masks, shifts, interpret):
+    return _forward(x, weights, bias, masks, shifts, interpret)
+
+
+def _block_fwd(x, weights, bias, masks, shifts, interpret):
+    return _forward(x, weights, bias, masks, shifts, interpret), (x, weights, bias, masks)
+
+
+def _block_bwd(shifts, interpret, residuals, d_out):
+    x, weights, bias, masks = residuals
+    dx, d_weights, d_bias = _backward(x, weights, bias, masks, d_out, shifts, interpret)
+    return dx, d_weights.astype(weights.dtype), d_bias, None
+
+
+_block.defvjp(_block_fwd, _block_bwd)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _lane_chunks(size: int) -> list[slice]:
+    """Slices of 128 positions (one lane tile each) when they tile ``size``: the
+    LayerNorm, GELU and casts run a chunk at a time, so no (C, S) float32 temporary
+    outlives its chunk (v4's 16 MiB of VMEM)."""
+    if size % _LANES:
+        return [slice(0, size)]
+    return [slice(i, i + _LANES) for i in range(0, size, _LANES)]
+
+
+def _columns(rows, masks, shifts, dtype):  # (i, S) float32 -> (k²·i, S) in dtype
+    """A group's k² shifted, masked copies of its input channels, stacked."""
+    size = rows.shape[1]
+    taps = [
+        rows if s == 0 else pltpu.roll(rows, (-s) % size, 1) * masks[t : t + 1]
+        for t, s in enumerate(shifts)
+    ]
+    return jnp.concatenate(taps, axis=0).astype(dtype)
+
+
+def _widths(w_ref, shifts):  # (groups, Cout/G, Cin/G)
+    groups, per_out, width = w_ref.shape
+    return groups, per_out, width // len(shifts)
+
+
+def _load_float32(x_ref, x32_ref):
+    """x into float32 scratch, whose (8, 128) tiles slice at any group width that is
+    a multiple of 8 (bfloat16's at multiples of 16)."""
+    for c in _lane_chunks(x_ref.shape[1]):
+        x32_ref[:, c] = x_ref[:, c].astype(jnp.float32)
+
+
+def _convolve(x32_ref, w_ref, b_ref, masks, shifts, y_ref):
+    """y = conv(x) + b, a group at a time: each group's columns live only for its product."""
+    groups, per_out, per_in = _widths(w_ref, shifts)
+    for g in range(groups):
+        columns = _columns(x32_ref[g * per_in : (g + 1) * per_in, :], masks, shifts, w_ref.dtype)
+        outs = slice(g * per_out, (g + 1) * per_out)
+        y_ref[outs, :] = (
+            jnp.dot(w_ref[g], columns, preferred_element_type=jnp.float32) + b_ref[outs, :]
+        )
+
+
+def _normalised(y):  # (C, L) -> z = LN(y) over the channels, and 1/σ (1, L)
+    centred = y - jnp.mean(y, axis=0, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=0, keepdims=True) + LN_EPSILON)
+    return centred * inv_std, inv_std
+
+
+def _normal_cdf(z):  # Φ(z): the exact GELU is z·Φ(z) (Mosaic lowers erf, not erfc)
+    return 0.5 * (1.0 + jax.lax.erf(z * (1.0 / math.sqrt(2.0))))
+
+
+def _forward_kernel(x_ref, w_ref, b_ref, m_ref, out_ref, x32_ref, y_ref, *, shifts):
+    _load_float32(x_ref, x32_ref)
+    _convolve(x32_ref, w_ref, b_ref, m_ref[...], shifts, y_ref)
+    for c in _lane_chunks(y_ref.shape[1]):
+        z, _ = _normalised(y_ref[:, c])
+        out = z * _normal_cdf(z)
+        if out_ref.shape == x_ref.shape:  # the residual
+            out = out + x32_ref[:, c]
+        out_ref[:, c] = out.astype(out_ref.dtype)
+
+
+def _backward_kernel(
+    x_ref, w_ref, b_ref, m_ref, do_ref, dx_ref, dw_ref, db_ref, x32_ref, y_ref, *, shifts
+):
+    @pl.when(pl.program_id(0) == 0)
+    def _():
+        dw_ref[...] = jnp.zeros_like(dw_ref)
+        db_ref[...] = jnp.zeros_like(db_ref)
+
+    masks = m_ref[...]
+    _load_float32(x_ref, x32_ref)
+    _convolve(x32_ref, w_ref, b_ref, masks, shifts, y_ref)
+    for c in _lane_chunks(y_ref.shape[1]):  # y_ref: y, then dL/dy
+        z, inv_std = _normalised(y_ref[:, c])
+        # d gelu(z)/dz = Φ(z) + z·φ(z)
+        gelu_slope = _normal_cdf(z) + z * jnp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        dz = do_ref[:, c].astype(jnp.float32) * gelu_slope
+        # LayerNorm without affine: dy = (dz − mean(dz) − z·mean(dz·z)) / σ
+        mean_dz = jnp.mean(dz, axis=0, keepdims=True)
+        y_ref[:, c] = inv_std * (dz - mean_dz - z * jnp.mean(dz * z, axis=0, keepdims=True))
+        db_ref[...] += jnp.sum(y_ref[:, c], axis=1, keepdims=True)
+    groups, per_out, per_in = _widths(w_ref, shifts)
+    size = y_ref.shape[1]
+    for g in range(groups):
+        ins = slice(g * per_in, (g + 1) * per_in)
+        dy = y_ref[g * per_out : (g + 1) * per_out, :].astype(w_ref.dtype)  # (o, S)
+        columns = _columns(x32_ref[ins, :], masks, shifts, w_ref.dtype)  # recomputed
+        dw_ref[g] += jax.lax.dot_general(
+            dy, columns, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )  # (o, k²·i)
+        d_columns = jax.lax.dot_general(
+            w_ref[g], dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )  # (k²·i, S)
+        dx = 0.0
+        for t, s in enumerate(shifts):  # each tap's gradient back to the position it read
+            d_tap = d_columns[t * per_in : (t + 1) * per_in]
+            dx = dx + (d_tap if s == 0 else pltpu.roll(d_tap * masks[t : t + 1], s % size, 1))
+        x32_ref[ins, :] = dx  # only this group read these channels: x32_ref becomes dL/dx
+    for c in _lane_chunks(size):
+        dx = x32_ref[:, c]
+        if dx_ref.shape == do_ref.shape:  # the residual
+            dx = dx + do_ref[:, c].astype(jnp.float32)
+        dx_ref[:, c] = dx.astype(dx_ref.dtype)
+
+
+def _example(channels, size):  # one example's (C, S) block of a (B, C, S) array
+    return pl.BlockSpec((None, channels, size), lambda b: (b, 0, 0))
+
+
+def _whole(shape):  # the same block at every step: weights, masks, accumulators
+    return pl.BlockSpec(shape, lambda b: (0,) * len(shape))
+
+
+def _per_device(run, batched_in: int, outputs: int, batched_out: int):
+    """``run`` under a mesh, shard_mapped over the batch axes (a Pallas call cannot be
+    auto-partitioned): its first ``batched_in`` arguments and first ``batched_out`` of
+    its ``outputs`` are split by example; the other arguments are replicated, and the
+    other outputs, sums over a device's examples, are summed over the devices."""
+    spec = sharding.current_mesh_spec(("batch",))
+    if spec is None:
+        return run
+    axes = spec[0]
+    by_example, whole = jax.sharding.PartitionSpec(axes, None, None), jax.sharding.PartitionSpec()
+
+    def body(*args):
+        outs = run(*args)
+        return (*outs[:batched_out], *(jax.lax.psum(o, axes) for o in outs[batched_out:]))
+
+    def call(*args):
+        in_specs = (by_example,) * batched_in + (whole,) * (len(args) - batched_in)
+        out_specs = (by_example,) * batched_out + (whole,) * (outputs - batched_out)
+        return jax.shard_map(body, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+    return call
+
+
+def _pallas(kernel, x, weights, out_shape, in_specs, out_specs, cost, semantics, interpret):
+    """One pass of ``kernel`` over the examples of this device's (B, C, S) arrays, with
+    float32 scratch for an example's input and its convolution (C, S) each."""
+    _, channels, size = x.shape
+    cout = weights.shape[0] * weights.shape[1]
+    return pl.pallas_call(
+        kernel,
+        grid=(x.shape[0],),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[
+            pltpu.VMEM((channels, size), jnp.float32),
+            pltpu.VMEM((cout, size), jnp.float32),
+        ],
+        cost_estimate=cost,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=(semantics,)),
+        interpret=pltpu.InterpretParams() if interpret else False,
+    )
+
+
+def _conv_flops(x, weights) -> int:  # one pass of the grouped convolution over x's examples
+    groups, per_out, width = weights.shape
+    return 2 * x.shape[0] * x.shape[2] * groups * per_out * width
+
+
+def _forward(x, weights, bias, masks, shifts, interpret):  # -> (B, Cout, S)
+    cout = weights.shape[0] * weights.shape[1]
+
+    def run(x, weights, bias, masks):
+        batch, channels, size = x.shape
+        out = jax.ShapeDtypeStruct((batch, cout, size), x.dtype)
+        cost = pl.CostEstimate(
+            flops=_conv_flops(x, weights),
+            transcendentals=out.size,
+            bytes_accessed=x.nbytes + out.size * out.dtype.itemsize + weights.nbytes,
+        )
+        call = _pallas(
+            functools.partial(_forward_kernel, shifts=shifts),
+            x,
+            weights,
+            [out],
+            [_example(channels, size), *(_whole(a.shape) for a in (weights, bias, masks))],
+            [_example(cout, size)],
+            cost,
+            "parallel",
+            interpret,
+        )
+        return call(x, weights, bias, masks)
+
+    (out,) = _per_device(run, batched_in=1, outputs=1, batched_out=1)(x, weights, bias, masks)
+    return out
+
+
+def _backward(x, weights, bias, masks, d_out, shifts, interpret):  # -> dx, dW, db (float32)
+    def run(x, d_out, weights, bias, masks):
+        _, channels, size = x.shape
+        out_shape = [
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct(weights.shape, jnp.float32),
+            jax.ShapeDtypeStruct(bias.shape, jnp.float32),
+        ]
+        cost = pl.CostEstimate(
+            flops=3 * _conv_flops(x, weights),  # the recomputed forward, dW and dx
+            transcendentals=2 * d_out.size,
+            bytes_accessed=2 * x.nbytes + d_out.nbytes + weights.nbytes,
+        )
+        call = _pallas(
+            functools.partial(_backward_kernel, shifts=shifts),
+            x,
+            weights,
+            out_shape,
+            [
+                _example(channels, size),
+                *(_whole(a.shape) for a in (weights, bias, masks)),
+                _example(d_out.shape[1], size),
+            ],
+            [_example(channels, size), _whole(weights.shape), _whole(bias.shape)],
+            cost,
+            "arbitrary",  # the dW and db accumulators are carried from example to example
+            interpret,
+        )
+        return call(x, weights, bias, masks, d_out)
+
+    per_device = _per_device(run, batched_in=2, outputs=3, batched_out=1)
+    return per_device(x, d_out, weights, bias, masks)
