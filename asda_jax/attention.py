@@ -115,7 +115,18 @@ def differential_attention(
     (B, H, T, T) float32; that always runs the ``reference`` backend.
     """
     backend = _backend_for(implementation, platform, q1, v, bias, return_maps, interpret, 2)
-    lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (q1.shape[2],))  # (H,)
+    return _differential(
+        backend, q1, k1, q2, k2, v, _per_head(lam, q1.shape[2]), mask, bias, stack_heads,
+        interpret, return_maps,
+    )  # fmt: skip
+
+
+def _per_head(lam: jax.Array | float, heads: int) -> jax.Array:  # (H,) float32
+    return jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (heads,))
+
+
+def _differential(backend, q1, k1, q2, k2, v, lam, mask, bias, stack_heads, interpret, return_maps):
+    """``differential_attention`` by the ``backend`` already chosen, λ per head."""
     if backend == "pallas_short":
         return short_attention.differential_attention(
             q1, k1, q2, k2, v, lam, mask, interpret=interpret
@@ -152,13 +163,10 @@ def fused_projection_attention(
     backend gets the parts."""
     q1, q2, k1, k2 = (qk[:, :, i] for i in range(4))
     backend = _backend_for(implementation, platform, q1, v, None, False, interpret, 2)
+    lam = _per_head(lam, qk.shape[3])
     if backend == "pallas_short":
-        lam = jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (qk.shape[3],))  # (H,)
         return short_attention.fused_projection_attention(qk, v, lam, mask, interpret=interpret)
-    return differential_attention(
-        q1, k1, q2, k2, v, lam, mask=mask, implementation=backend, platform=platform,
-        stack_heads=stack_heads, interpret=interpret,
-    )  # fmt: skip
+    return _differential(backend, q1, k1, q2, k2, v, lam, mask, None, stack_heads, interpret, False)
 
 
 def dot_product_attention(
