@@ -55,6 +55,7 @@ class MeshPreset:
     processes: int | None
     topology: str | None = None  # "v5e:2x4": chip and chip grid; GPUs as "h100:1x1x8"
     dcn: dict | None = None
+    execution: dict | None = None  # the chips' overrides of the platform's forms
 
     @property
     def chips(self) -> int | None:
@@ -72,12 +73,14 @@ class MeshPreset:
         return -(-recipe_batch // step) * step
 
 
+# v4's 16 MiB of VMEM cannot hold the MLP kernel's weights and their gradients.
+V4 = types.MappingProxyType({"mlp_impl": "xla"})
 MESH_PRESETS = {
     "cpu": MeshPreset(sharding.DATA_PARALLEL, 1),
     "gpu": MeshPreset(sharding.DATA_PARALLEL, 1),  # 1–8 GPUs in one box
     "gpu_fsdp": MeshPreset({"data": 1, "fsdp": -1, "tensor": 1}, 1),
-    "v4-8": MeshPreset(sharding.DATA_PARALLEL, 1, "v4:2x2x1"),  # 4 chips, 1 host
-    "v4-32": MeshPreset(sharding.DATA_PARALLEL, 4, "v4:2x2x4"),  # 16 chips, 4 hosts
+    "v4-8": MeshPreset(sharding.DATA_PARALLEL, 1, "v4:2x2x1", execution=V4),  # 4 chips, 1 host
+    "v4-32": MeshPreset(sharding.DATA_PARALLEL, 4, "v4:2x2x4", execution=V4),  # 16 chips, 4 hosts
     "v5e-8": MeshPreset(sharding.DATA_PARALLEL, 1, "v5e:2x4"),
     "v5e-32": MeshPreset(sharding.DATA_PARALLEL, 8, "v5e:4x8"),
     "v5e-256": MeshPreset(sharding.DATA_PARALLEL, 64, "v5e:16x16"),
@@ -153,6 +156,7 @@ def run_config(
     config.task = task
     config.model = model_block(model)
     config.execution = block(model_lib.Execution, exclude=("platform",))
+    config.execution.update(dict(preset.execution or {}))
     if task == "pretrain":
         config.mask = block(masking.MaskConfig)
         config.pretrain = block(objectives.PretrainConfig)

@@ -206,29 +206,6 @@ def _whole(shape):  # the same block at every step: weights, masks, accumulators
     return pl.BlockSpec(shape, lambda b: (0,) * len(shape))
 
 
-def _per_device(run, batched_in: int, outputs: int, batched_out: int):
-    """``run`` under a mesh, shard_mapped over the batch axes (a Pallas call cannot be
-    auto-partitioned): its first ``batched_in`` arguments and first ``batched_out`` of
-    its ``outputs`` are split by example; the other arguments are replicated, and the
-    other outputs, sums over a device's examples, are summed over the devices."""
-    spec = sharding.current_mesh_spec(("batch",))
-    if spec is None:
-        return run
-    axes = spec[0]
-    by_example, whole = jax.sharding.PartitionSpec(axes, None, None), jax.sharding.PartitionSpec()
-
-    def body(*args):
-        outs = run(*args)
-        return (*outs[:batched_out], *(jax.lax.psum(o, axes) for o in outs[batched_out:]))
-
-    def call(*args):
-        in_specs = (by_example,) * batched_in + (whole,) * (len(args) - batched_in)
-        out_specs = (by_example,) * batched_out + (whole,) * (outputs - batched_out)
-        return jax.shard_map(body, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
-
-    return call
-
-
 def _pallas(kernel, x, weights, out_shape, in_specs, out_specs, cost, semantics, interpret):
     """One pass of ``kernel`` over the examples of this device's (B, C, S) arrays, with
     float32 scratch for an example's input and its convolution (C, S) each."""
@@ -279,7 +256,9 @@ def _forward(x, weights, bias, masks, shifts, interpret):  # -> (B, Cout, S)
         )
         return call(x, weights, bias, masks)
 
-    (out,) = _per_device(run, batched_in=1, outputs=1, batched_out=1)(x, weights, bias, masks)
+    (out,) = sharding.split_by_example(run, batched_in=1, outputs=1, batched_out=1)(
+        x, weights, bias, masks
+    )
     return out
 
 
@@ -313,5 +292,5 @@ def _backward(x, weights, bias, masks, d_out, shifts, interpret):  # -> dx, dW, 
         )
         return call(x, weights, bias, masks, d_out)
 
-    per_device = _per_device(run, batched_in=2, outputs=3, batched_out=1)
+    per_device = sharding.split_by_example(run, batched_in=2, outputs=3, batched_out=1)
     return per_device(x, d_out, weights, bias, masks)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asda_jax import attention as attn_lib
-from asda_jax import decoder_kernel, platforms, sharding
+from asda_jax import decoder_kernel, mlp_kernel, platforms, sharding
 
 ATTENTION_VARIANTS = ("asda", "diff", "plain")
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -40,6 +40,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 GROUPED_CONV_FORMS = ("xla", "per_device", "taps")  # grouped_conv
 DECODER_CONV_FORMS = (*GROUPED_CONV_FORMS, "pallas")  # pallas: the whole block, decoder_kernel
+MLP_FORMS = ("xla", "pallas")  # pallas: fc1, GELU and fc2 in one kernel, mlp_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +113,16 @@ class Execution:
     attention_stack_heads: bool = False
     attention_interpret: bool = False  # run Pallas TPU kernels in interpret mode (tests)
     decoder_conv_impl: str = "auto"  # "auto" or one of DECODER_CONV_FORMS
+    mlp_impl: str = "auto"  # "auto" or one of MLP_FORMS
 
     @property
     def compute_dtype(self):
         dtype = platforms.forms(self.platform).compute_dtype if self.dtype == "auto" else self.dtype
         return DTYPES[dtype]
+
+    @property
+    def mlp(self) -> str:
+        return platforms.forms(self.platform).mlp if self.mlp_impl == "auto" else self.mlp_impl
 
     @property
     def decoder_conv(self) -> str:
@@ -143,6 +149,15 @@ class Execution:
             (
                 self.decoder_conv_impl == "auto" or self.decoder_conv_impl in DECODER_CONV_FORMS,
                 f"decoder_conv_impl must be 'auto' or one of {DECODER_CONV_FORMS}",
+            ),
+            (
+                self.mlp_impl == "auto" or self.mlp_impl in MLP_FORMS,
+                f"mlp_impl must be 'auto' or one of {MLP_FORMS}",
+            ),
+            (
+                self.mlp != "pallas" or self.platform == "tpu" or self.attention_interpret,
+                "mlp_impl 'pallas' is a TPU kernel: on other platforms only interpreted "
+                "(attention_interpret=True, tests)",
             ),
             (
                 self.decoder_conv != "pallas" or self.platform == "tpu" or self.attention_interpret,
@@ -214,11 +229,18 @@ class Linear(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, weights_only: bool = False):
+        """x · W + b, or with ``weights_only`` (W, b) for x, for a kernel that does the
+        product itself."""
         in_shape = x.shape[x.ndim - self.contract :]
         kernel = self.param(
             "kernel", named(self.kernel_init, self.axes), (*in_shape, *self.features)
         )
+        if weights_only:
+            bias = self.param(
+                "bias", named(self.bias_init, self.axes[self.contract :]), self.features
+            )
+            return kernel, bias
         y = jnp.tensordot(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
@@ -469,10 +491,17 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c, dtype = self.cfg, self.run.compute_dtype
-        h = Linear((c.mlp_dim,), ("embed", "mlp"), dtype=dtype, name="fc1")(x)
-        h = sharding.constrain(gelu(h), ("batch", "length", "mlp"))
-        return Linear((c.embed_dim,), ("mlp", "embed"), dtype=dtype, name="fc2")(h)
+        c, run, dtype = self.cfg, self.run, self.run.compute_dtype
+        fc1 = Linear((c.mlp_dim,), ("embed", "mlp"), dtype=dtype, name="fc1")
+        fc2 = Linear((c.embed_dim,), ("mlp", "embed"), dtype=dtype, name="fc2")
+        if run.mlp == "pallas":  # (mlp_kernel: the hidden layer only in VMEM)
+            w1, b1 = fc1(x, weights_only=True)
+            w2, b2 = fc2(jnp.zeros((c.mlp_dim,), dtype), weights_only=True)
+            return mlp_kernel.mlp(
+                x.astype(dtype), w1, b1, w2, b2, interpret=run.attention_interpret
+            )  # fmt: skip
+        h = sharding.constrain(gelu(fc1(x)), ("batch", "length", "mlp"))
+        return fc2(h)
 
 
 class Block(nn.Module):

@@ -27,6 +27,7 @@ class Forms:
     mel: str  # front end's mel energies: "dense" (one product) | "bands" (of the sparse bank)
     frames_per_pass: int | None  # device front end: frames a pass transforms (None: all)
     decoder_conv: str  # decoder's block: "xla" | "per_device" | "taps" (k² matmuls) | "pallas"
+    mlp: str  # the encoder blocks' MLP: "xla" | "pallas" (one kernel, the hidden layer in VMEM)
     windows_per_call: int  # the tools' windows of long audio encoded per call
 
 
@@ -37,6 +38,7 @@ PLAIN = Forms(
     mel="dense",
     frames_per_pass=None,
     decoder_conv="xla",
+    mlp="xla",
     windows_per_call=32,
 )
 FORMS = {
@@ -50,13 +52,16 @@ FORMS = {
         mel="bands",
         frames_per_pass=4096,
         decoder_conv="taps",
+        mlp="xla",
         windows_per_call=1,
     ),
     # The GPU partitioner all-gathers the batch around a grouped convolution (model.grouped_conv).
     "gpu": dataclasses.replace(PLAIN, decoder_conv="per_device"),
     # The decoder's blocks as one Pallas kernel each (decoder_kernel): compiled for v5e-8
     # the decoder accessed 3.8 GB per chip and step instead of XLA's 19.7.
-    "tpu": dataclasses.replace(PLAIN, decoder_conv="pallas"),
+    # And the encoder blocks' MLPs (mlp_kernel), whose weights it holds whole in VMEM:
+    # the v4 mesh presets, 16 MiB of VMEM, keep XLA's (config_lib.MESH_PRESETS).
+    "tpu": dataclasses.replace(PLAIN, decoder_conv="pallas", mlp="pallas"),
 }
 HOST = FORMS["cpu"]  # the input pipeline's NumPy front end runs on the host's CPU
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -126,6 +126,30 @@ def current_mesh_spec(logical_axes: Sequence[str | None]) -> P | None:
     if jax.sharding.get_abstract_mesh().empty:
         return None
     return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+
+
+def split_by_example(fn: Callable, batched_in: int, outputs: int, batched_out: int) -> Callable:
+    """``fn`` under the active mesh, shard_mapped over the batch axes (a Pallas call
+    cannot be auto-partitioned): its first ``batched_in`` arguments and the first
+    ``batched_out`` of its ``outputs`` are split by example (leading axis); the other
+    arguments are replicated, and the other outputs, sums over one device's examples
+    (weight gradients), are summed over the devices. Without a mesh: ``fn`` itself."""
+    spec = current_mesh_spec(("batch",))
+    if spec is None:
+        return fn
+    axes = spec[0]
+    by_example, whole = P(axes), P()
+
+    def body(*args):
+        outs = fn(*args)
+        return (*outs[:batched_out], *(jax.lax.psum(o, axes) for o in outs[batched_out:]))
+
+    def call(*args):
+        in_specs = (by_example,) * batched_in + (whole,) * (len(args) - batched_in)
+        out_specs = (by_example,) * batched_out + (whole,) * (outputs - batched_out)
+        return jax.shard_map(body, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+    return call
 
 
 def to_host(x: jax.Array) -> np.ndarray:

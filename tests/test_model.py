@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from asda_jax import config_lib, mlp_kernel, release_weights, sharding
 from asda_jax import model as model_lib
-from asda_jax import release_weights, sharding
 from tests import torch_reference as ref
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4, max_time_patches=64)
@@ -216,10 +216,50 @@ def test_the_pallas_decoder_kernel_equals_xla_where_the_first_block_changes_widt
         np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4 * np.abs(exp).max())
 
 
-def test_the_pallas_decoder_form_is_refused_off_tpu_unless_interpreted():
-    with pytest.raises(ValueError, match="pallas"):
-        model_lib.Execution(platform="gpu", decoder_conv_impl="pallas").validate()
-    assert model_lib.Execution(platform="tpu").validate().decoder_conv == "pallas"
+@pytest.mark.parametrize("max_rows", [None, 16])  # one block per example; 16 + 10 rows
+def test_the_pallas_mlp_kernel_equals_xla_with_gradients(max_rows, monkeypatch):
+    """fc1, GELU and fc2 in one interpreted Pallas TPU kernel against the XLA MLP,
+    forward and backward, under an 8-device mesh with two examples per device (the
+    weight gradients summed over examples and devices). In blocks of 16 rows the last
+    block of the 26 runs past the sequence, where interpretation leaves garbage."""
+    if max_rows:
+        monkeypatch.setattr(mlp_kernel, "MAX_ROWS", max_rows)
+    cfg = model_lib.preset("tiny")
+    x = jax.random.normal(jax.random.key(0), (16, 26, cfg.embed_dim))
+    weights = jax.random.normal(jax.random.key(1), (16, 26, cfg.embed_dim))
+    xla = model_lib.Execution(mlp_impl="xla")
+    params = model_lib.Mlp(cfg, xla).init(jax.random.key(2), x)["params"]
+    params = jax.tree.map(lambda p: 3.0 * p, params)  # GELU far from linear
+
+    def value_and_grads(run):
+        mlp = model_lib.Mlp(cfg, run)
+        loss = lambda p, x: jnp.sum(mlp.apply({"params": p}, x) * weights)
+        with sharding.activate(sharding.make_mesh(sharding.DATA_PARALLEL)):
+            return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    pallas = model_lib.Execution(mlp_impl="pallas", attention_interpret=True)
+    (value, grads), (value_xla, grads_xla) = map(value_and_grads, (pallas, xla))
+    assert float(value) == pytest.approx(float(value_xla), rel=1e-5)
+    for got, exp in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla), strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-5 * np.abs(exp).max())
+
+
+def test_mlp_kernel_blocks_of_rows_cover_the_sequence_in_whole_tiles():
+    for length, rows in [(103, 103), (512, 512), (513, 264), (6145, 480)]:
+        assert mlp_kernel.rows_per_block(length) == rows
+        blocks = -(-length // rows)
+        assert rows <= mlp_kernel.MAX_ROWS and (blocks - 1) * rows < length <= blocks * rows
+
+
+def test_the_pallas_forms_are_tpu_only_and_v4_keeps_the_xla_mlp():
+    for field in ("decoder_conv_impl", "mlp_impl"):
+        with pytest.raises(ValueError, match="pallas"):
+            model_lib.Execution(platform="gpu", **{field: "pallas"}).validate()
+    tpu = model_lib.Execution(platform="tpu").validate()
+    assert (tpu.decoder_conv, tpu.mlp) == ("pallas", "pallas")
+    # v4's 16 MiB of VMEM cannot hold the MLP kernel's weights: its presets keep XLA's
+    v4 = config_lib.execution(config_lib.run_config("pretrain", mesh="v4-8"), "tpu")
+    assert (v4.decoder_conv, v4.mlp) == ("pallas", "xla")
 
 
 def test_padded_batch_equals_each_clip_alone():
