@@ -7,7 +7,10 @@ of its own layer or of lower ones, at module level and in functions alike
 
 LAYERS = (
     ("foundations", ("platforms", "sharding", "metrics", "launch_env")),
-    ("kernels and front end", ("short_attention", "attention", "audio", "windows")),
+    (
+        "kernels and front end",
+        ("short_attention", "decoder_kernel", "mlp_kernel", "attention", "audio", "windows"),
+    ),
     (
         "model and data",
         (
