@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from asda_jax import sharding
+from asda_jax.mlp_kernel import gelu_slope, normal_cdf
 
 LN_EPSILON = 1e-5  # the release's LayerNorm over the decoder's channels (no affine)
 _LANES = 128
@@ -139,16 +140,12 @@ def _normalised(y):  # (C, L) -> z = LN(y) over the channels, and 1/σ (1, L)
     return centred * inv_std, inv_std
 
 
-def _normal_cdf(z):  # Φ(z): the exact GELU is z·Φ(z) (Mosaic lowers erf, not erfc)
-    return 0.5 * (1.0 + jax.lax.erf(z * (1.0 / math.sqrt(2.0))))
-
-
 def _forward_kernel(x_ref, w_ref, b_ref, m_ref, out_ref, x32_ref, y_ref, *, shifts):
     _load_float32(x_ref, x32_ref)
     _convolve(x32_ref, w_ref, b_ref, m_ref[...], shifts, y_ref)
     for c in _lane_chunks(y_ref.shape[1]):
         z, _ = _normalised(y_ref[:, c])
-        out = z * _normal_cdf(z)
+        out = z * normal_cdf(z)
         if out_ref.shape == x_ref.shape:  # the residual
             out = out + x32_ref[:, c]
         out_ref[:, c] = out.astype(out_ref.dtype)
@@ -167,9 +164,7 @@ def _backward_kernel(
     _convolve(x32_ref, w_ref, b_ref, masks, shifts, y_ref)
     for c in _lane_chunks(y_ref.shape[1]):  # y_ref: y, then dL/dy
         z, inv_std = _normalised(y_ref[:, c])
-        # d gelu(z)/dz = Φ(z) + z·φ(z)
-        gelu_slope = _normal_cdf(z) + z * jnp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-        dz = do_ref[:, c].astype(jnp.float32) * gelu_slope
+        dz = do_ref[:, c].astype(jnp.float32) * gelu_slope(z, normal_cdf(z))
         # LayerNorm without affine: dy = (dz − mean(dz) − z·mean(dz·z)) / σ
         mean_dz = jnp.mean(dz, axis=0, keepdims=True)
         y_ref[:, c] = inv_std * (dz - mean_dz - z * jnp.mean(dz * z, axis=0, keepdims=True))

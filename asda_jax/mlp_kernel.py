@@ -59,8 +59,12 @@ _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 # ----------------------------------------------------------------------------- kernels
 
 
-def _normal_cdf(a):  # Φ(a): the exact GELU is a·Φ(a) (Mosaic lowers erf, not erfc)
-    return 0.5 * (1.0 + jax.lax.erf(a * (1.0 / math.sqrt(2.0))))
+def normal_cdf(z):  # Φ(z): the exact GELU is z·Φ(z) (Mosaic lowers erf, not erfc)
+    return 0.5 * (1.0 + jax.lax.erf(z * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_slope(z, cdf):  # d gelu(z)/dz = Φ(z) + z·φ(z), given Φ(z)
+    return cdf + z * jnp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
 
 
 def _product(a, b, contract):  # a·b over dims ``contract`` = (of a, of b), float32
@@ -69,7 +73,7 @@ def _product(a, b, contract):  # a·b over dims ``contract`` = (of a, of b), flo
 
 def _forward_kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, out_ref):
     a = jnp.dot(x_ref[...], w1_ref[...], preferred_element_type=jnp.float32) + b1_ref[...]
-    h = (a * _normal_cdf(a)).astype(w2_ref.dtype)  # (T, F)
+    h = (a * normal_cdf(a)).astype(w2_ref.dtype)  # (T, F)
     out = jnp.dot(h, w2_ref[...], preferred_element_type=jnp.float32) + b2_ref[...]
     out_ref[...] = out.astype(out_ref.dtype)
 
@@ -91,13 +95,12 @@ def _backward_kernel(
     x = jnp.where(inside, x_ref[...], jnp.zeros_like(x_ref[...]))
     d_out = jnp.where(inside, do_ref[...], jnp.zeros_like(do_ref[...]))
     a = jnp.dot(x, w1_ref[...], preferred_element_type=jnp.float32) + b1_ref[...]
-    cdf = _normal_cdf(a)
+    cdf = normal_cdf(a)
     h = (a * cdf).astype(w2_ref.dtype)
     dw2_ref[...] += _product(h, d_out, ((0,), (0,)))  # (F, D)
     db2_ref[...] += jnp.sum(d_out.astype(jnp.float32), axis=0, keepdims=True)
     dh = _product(d_out, w2_ref[...], ((1,), (1,)))  # (T, F)
-    # d gelu(a)/da = Φ(a) + a·φ(a)
-    da = dh * (cdf + a * jnp.exp(-0.5 * a * a) * (1.0 / math.sqrt(2.0 * math.pi)))
+    da = dh * gelu_slope(a, cdf)
     db1_ref[...] += jnp.sum(da, axis=0, keepdims=True)
     da = da.astype(w1_ref.dtype)
     dw1_ref[...] += _product(x, da, ((0,), (0,)))  # (D, F)

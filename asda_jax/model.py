@@ -230,28 +230,25 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, weights_only: bool = False):
-        """x · W + b, or with ``weights_only`` (W, b) for x, for a kernel that does the
-        product itself."""
+        """x · W + b, or with ``weights_only`` (W, b) for x (b None without a bias), for a
+        kernel that does the product itself."""
         in_shape = x.shape[x.ndim - self.contract :]
         kernel = self.param(
             "kernel", named(self.kernel_init, self.axes), (*in_shape, *self.features)
         )
-        if weights_only:
+        bias = None
+        if self.use_bias:
             bias = self.param(
                 "bias", named(self.bias_init, self.axes[self.contract :]), self.features
             )
+        if weights_only:
             return kernel, bias
         y = jnp.tensordot(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
             axes=(tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))),
         )
-        if self.use_bias:
-            bias = self.param(
-                "bias", named(self.bias_init, self.axes[self.contract :]), self.features
-            )
-            y = y + bias.astype(self.dtype)
-        return y
+        return y if bias is None else y + bias.astype(self.dtype)
 
 
 def layer_norm(
