@@ -1,12 +1,15 @@
 # Two entry points for a fresh machine; each creates its own virtualenv.
 #   make demo   pretrain the demo model on the synthetic dataset (CPU, minutes)
-#   make test   formatter + linter check, then the test suite
+#   make test   formatter + linter check, then the whole test suite (what CI runs)
+#   make test-fast   the same without the slow tiers (subprocess runs, compiles, notebook)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test lint format
+FAST := not subprocess and not compile and not notebook
+
+.PHONY: demo test test-fast lint format
 
 $(BIN)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +36,6 @@ format: $(BIN)/.dev
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+test-fast: lint
+	$(BIN)/python -m pytest -q --durations=10 -m "$(FAST)" tests

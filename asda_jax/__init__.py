@@ -1,19 +1,32 @@
 """asda-jax: ASDA (audio spectrogram differential attention) in JAX/Flax.
 
 ``LAYERS`` is the package's layer order, lowest first: a module imports only modules
-of its own layer or of lower ones, at module level and in functions alike
-(tests/test_layers.py holds the package to it; the README draws the same map).
+of its own layer or of lower ones, at module level and in functions alike, and no
+import cycle closes within a layer (tests/test_layers.py holds the package to it; the
+README draws the same map). A subpackage's ``__init__`` is a module of its own
+(``model``: the model's public names).
 """
 
 LAYERS = (
-    ("foundations", ("platforms", "sharding", "metrics", "launch_env")),
+    ("foundations", ("sharding", "hardware", "metrics", "launch_env")),
     (
         "kernels and front end",
-        ("short_attention", "decoder_kernel", "mlp_kernel", "attention", "audio", "windows"),
+        (
+            "kernels.mlp",
+            "kernels.decoder",
+            "kernels.short_attention",
+            "attention",
+            "audio",
+            "windows",
+        ),
     ),
     (
         "model and data",
         (
+            "model.config",
+            "model.layers",
+            "model.encoder",
+            "model.decoder",
             "model",
             "masking",
             "data.synthetic",

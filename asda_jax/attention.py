@@ -3,10 +3,11 @@
     out = softmax(s·q1 k1ᵀ) v − λ · softmax(s·q2 k2ᵀ) v,      s = 1/√d_qk
 
 Both forms of ASDA's attention share this core; they differ only in how q/k/v and λ
-are produced and how the heads are normalised afterwards (see ``model.py``).
+are produced and how the heads are normalised afterwards (``asda_jax/model/encoder.py``).
 
-Backends (one signature; ``implementation="auto"`` picks by the platform of the devices
-the program is for, passed as ``platform``, and the sequence):
+Backends (one signature). ``implementation="auto"`` takes the rule of the chip the
+program is for (``hardware.Chip.attention``, passed as ``chip``) and the call's length,
+dtype and head width; an explicit backend that cannot run a call raises:
 
 =============== ============================================================== ==========
 name            what runs                                                      where
@@ -15,21 +16,19 @@ reference       the formula as written, differentiated by JAX: both softmax    e
                 maps, then A·V with A = A1 − λA2; the tests' oracle, and the
                 only backend that returns maps
 xla             the same maps and one A·V, mixed in one pass from the          everywhere
-                unnormalised exponentials, with a hand-written backward (the
-                CPU's choice)
-dot_product     two ``jax.nn.dot_product_attention`` calls sharing V (XLA)     everywhere
-cudnn           the same two calls through cuDNN flash attention (odd lengths  GPU, bf16/fp16
-                padded by one masked token: see ``_cudnn_attention``)
-pallas_flash    two Pallas TPU flash-attention calls                           TPU (CPU: interpret)
-pallas_splash   two Pallas TPU splash-attention calls (no additive bias)       TPU (CPU: interpret)
-pallas_short    differential attention only, ≤ 128 tokens, no bias: both       TPU (CPU: interpret)
-                branches in one Pallas kernel per (example, head), the maps
-                only in VMEM, recomputed in the backward (``short_attention``)
+                unnormalised exponentials, with a hand-written backward
+cudnn           two ``jax.nn.dot_product_attention`` calls through cuDNN       GPU, bf16/fp16
+                sharing V (odd lengths padded by one masked token:
+                ``_cudnn_attention``)
+pallas_splash   two Pallas TPU splash-attention calls sharing V               TPU (CPU: interpret)
+pallas_short    differential attention only, at most one lane-width of        TPU (CPU: interpret)
+                tokens: both branches in one Pallas kernel per (example,
+                head), the maps only in VMEM, recomputed in the backward
+                (``kernels/short_attention.py``)
 =============== ============================================================== ==========
 
 Because (A1 − λA2)v = A1·v − λ·(A2·v), the fused backends never materialise a T×T
-map. ``stack_heads=True`` makes them one call over 2H heads with V repeated per pair
-instead of two calls over H heads.
+map. ``interpret=True`` runs the Pallas kernels in interpret mode (tests on CPU).
 
 Layout: q, k, v are (B, T, H, D) as in ``jax.nn.dot_product_attention``. Padding is a
 boolean key mask (B, T), True for real tokens. Padding must be trailing (as produced by
@@ -42,28 +41,16 @@ import contextlib
 import contextvars
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from asda_jax import sharding, short_attention
+from asda_jax import hardware, sharding
+from asda_jax.kernels import short_attention
 
-BACKENDS = (
-    "reference",
-    "xla",
-    "dot_product",
-    "cudnn",
-    "pallas_flash",
-    "pallas_splash",
-    "pallas_short",
-)
-PALLAS_BLOCK = 128  # Pallas TPU kernels work on sequence blocks of 128
-# From this many tokens the TPU takes splash; below, differential attention takes the
-# short kernel (the whole sequence one block) and plain attention XLA.
-PALLAS_MIN_LENGTH = 128
-CUDNN_MAX_HEAD_DIM = 256  # Hopper and later (128 before)
+BACKENDS = ("reference", "xla", "cudnn", "pallas_splash", "pallas_short")
 CUDNN_HEAD_DIM_MULTIPLE = 8
 CUDNN_LENGTH_MULTIPLE = 2  # differentiated calls (see _cudnn_attention)
 HALF_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -72,9 +59,7 @@ HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 def _softmax_factors(
     q: jax.Array,  # (B, H, Tq, D)
     k: jax.Array,  # (B, H, Tk, D)
-    *,
     mask: jax.Array | None,  # (B, Tk) bool
-    bias: jax.Array | None,  # broadcastable to (B, H, Tq, Tk)
 ) -> tuple[jax.Array, jax.Array]:  # (B, H, Tq, Tk), (B, H, Tq, 1) float32
     """softmax(q kᵀ / √D) in float32 left unnormalised: exp(logits − row max) and 1 / its
     row sum, with padded keys given zero weight.
@@ -84,8 +69,6 @@ def _softmax_factors(
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
@@ -102,10 +85,8 @@ def differential_attention(
     lam: jax.Array | float,  # scalar or (H,)
     *,
     mask: jax.Array | None = None,  # (B, T) bool, True = real token
-    bias: jax.Array | None = None,  # broadcastable to (B, H, T, T)
     implementation: str = "auto",
-    platform: str = "cpu",
-    stack_heads: bool = False,
+    chip: hardware.Chip = hardware.HOST,
     interpret: bool = False,
     return_maps: bool = False,
 ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -114,18 +95,12 @@ def differential_attention(
     With ``return_maps`` also returns the two softmax maps (A1, A2), each
     (B, H, T, T) float32; that always runs the ``reference`` backend.
     """
-    backend = _backend_for(implementation, platform, q1, v, bias, return_maps, interpret, 2)
-    return _differential(
-        backend, q1, k1, q2, k2, v, _per_head(lam, q1.shape[2]), mask, bias, stack_heads,
-        interpret, return_maps,
-    )  # fmt: skip
+    backend = _backend_for(implementation, chip, q1, v, return_maps, interpret, branches=2)
+    lam = _per_head(lam, q1.shape[2])
+    return _differential(backend, q1, k1, q2, k2, v, lam, mask, interpret, return_maps)
 
 
-def _per_head(lam: jax.Array | float, heads: int) -> jax.Array:  # (H,) float32
-    return jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (heads,))
-
-
-def _differential(backend, q1, k1, q2, k2, v, lam, mask, bias, stack_heads, interpret, return_maps):
+def _differential(backend, q1, k1, q2, k2, v, lam, mask, interpret, return_maps=False):
     """``differential_attention`` by the ``backend`` already chosen, λ per head."""
     if backend == "pallas_short":
         return short_attention.differential_attention(
@@ -134,17 +109,14 @@ def _differential(backend, q1, k1, q2, k2, v, lam, mask, bias, stack_heads, inte
     if backend in ("reference", "xla"):
         coeffs = jnp.stack([jnp.ones_like(lam), -lam])  # (2, H)
         qs, ks = (_heads_first(q1), _heads_first(q2)), (_heads_first(k1), _heads_first(k2))
-        return _materialised(backend, qs, ks, v, coeffs, mask, bias, return_maps)
-
-    attend = functools.partial(_fused_attention, backend, mask=mask, bias=bias, interpret=interpret)
-    if stack_heads:
-        o = attend(
-            jnp.concatenate([q1, q2], 2), jnp.concatenate([k1, k2], 2), jnp.tile(v, (1, 1, 2, 1))
-        )
-        o1, o2 = jnp.split(o, 2, axis=2)
-    else:
-        o1, o2 = attend(q1, k1, v), attend(q2, k2, v)
+        return _materialised(backend, qs, ks, v, coeffs, mask, return_maps)
+    attend = functools.partial(_fused_attention, backend, mask=mask, interpret=interpret)
+    o1, o2 = attend(q1, k1, v), attend(q2, k2, v)
     return (o1 - lam[:, None] * o2).astype(v.dtype)
+
+
+def _per_head(lam: jax.Array | float, heads: int) -> jax.Array:  # (H,) float32
+    return jnp.broadcast_to(jnp.asarray(lam, jnp.float32), (heads,))
 
 
 def fused_projection_attention(
@@ -154,19 +126,18 @@ def fused_projection_attention(
     *,
     mask: jax.Array | None = None,
     implementation: str = "auto",
-    platform: str = "cpu",
-    stack_heads: bool = False,
+    chip: hardware.Chip = hardware.HOST,
     interpret: bool = False,
 ) -> jax.Array:
     """``differential_attention`` of the four parts of one projection: the short kernel
-    reads ``qk`` whole (splitting it cost a copy of every part each way); every other
+    reads ``qk`` whole (splitting it would copy every part each way); every other
     backend gets the parts."""
     q1, q2, k1, k2 = (qk[:, :, i] for i in range(4))
-    backend = _backend_for(implementation, platform, q1, v, None, False, interpret, 2)
+    backend = _backend_for(implementation, chip, q1, v, False, interpret, branches=2)
     lam = _per_head(lam, qk.shape[3])
     if backend == "pallas_short":
         return short_attention.fused_projection_attention(qk, v, lam, mask, interpret=interpret)
-    return _differential(backend, q1, k1, q2, k2, v, lam, mask, None, stack_heads, interpret, False)
+    return _differential(backend, q1, k1, q2, k2, v, lam, mask, interpret)
 
 
 def dot_product_attention(
@@ -175,21 +146,20 @@ def dot_product_attention(
     v: jax.Array,  # (B, T, H, Dv)
     *,
     mask: jax.Array | None = None,
-    bias: jax.Array | None = None,
     implementation: str = "auto",
-    platform: str = "cpu",
+    chip: hardware.Chip = hardware.HOST,
     interpret: bool = False,
     return_maps: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Plain softmax attention behind the same backends: (B, T, H, Dv); with
     ``return_maps`` also its (B, H, T, T) map."""
-    backend = _backend_for(implementation, platform, q, v, bias, return_maps, interpret, 1)
+    backend = _backend_for(implementation, chip, q, v, return_maps, interpret, branches=1)
     if backend in ("reference", "xla"):
         out = _materialised(
-            backend, (_heads_first(q),), (_heads_first(k),), v, None, mask, bias, return_maps
+            backend, (_heads_first(q),), (_heads_first(k),), v, None, mask, return_maps
         )
         return (out[0], out[1][0]) if return_maps else out
-    return _fused_attention(backend, q, k, v, mask=mask, bias=bias, interpret=interpret)
+    return _fused_attention(backend, q, k, v, mask=mask, interpret=interpret)
 
 
 _CHOICES: contextvars.ContextVar[list | None] = contextvars.ContextVar("choices", default=None)
@@ -207,14 +177,13 @@ def recorded_choices() -> Iterator[list[tuple[int, str]]]:
         _CHOICES.reset(token)
 
 
-def _backend_for(implementation, platform, q, v, bias, return_maps, interpret, branches) -> str:
+def _backend_for(implementation, chip, q, v, return_maps, interpret, branches) -> str:
     backend = choose_backend(
         implementation,
-        platform=platform,
+        chip=chip,
         dtype=q.dtype,
         head_dim=max(q.shape[-1], v.shape[-1]),
         length=q.shape[1],
-        has_bias=bias is not None,
         need_maps=return_maps,
         interpret=interpret,
         branches=branches,
@@ -222,6 +191,74 @@ def _backend_for(implementation, platform, q, v, bias, return_maps, interpret, b
     if (choices := _CHOICES.get()) is not None:
         choices.append((q.shape[1], backend))
     return backend
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+def choose_backend(
+    implementation: str,
+    *,
+    chip: hardware.Chip,
+    dtype,
+    head_dim: int,
+    length: int,
+    need_maps: bool = False,
+    interpret: bool = False,
+    branches: int = 2,
+) -> str:
+    """The backend of a call of ``branches`` softmaxes (2: differential, 1: plain) on
+    ``chip``: an explicit ``implementation`` if it can run the call (else ValueError
+    saying why), or for ``"auto"`` the chip's rule (``hardware.AttentionRule``), giving
+    way to ``xla`` where the rule's backend cannot run the call. Maps need
+    ``reference``."""
+    if implementation != "auto" and implementation not in BACKENDS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; one of {BACKENDS}")
+    if need_maps:
+        return "reference"
+    call = (chip, dtype, head_dim, length, branches, interpret)
+    if implementation != "auto":
+        reason = why_not(implementation, *call)
+        if reason is not None:
+            raise ValueError(f"attention_impl {implementation!r} cannot run here: {reason}")
+        return implementation
+    rule = chip.attention
+    short = rule.short if branches == 2 else "xla"
+    wanted = rule.long if length >= rule.long_from else short
+    chosen = wanted if why_not(wanted, *call) is None else "xla"
+    _log_choice(chip.name, length, branches, chosen)
+    return chosen
+
+
+def why_not(backend, chip, dtype, head_dim, length, branches, interpret) -> str | None:
+    """Why ``backend`` cannot run a call on ``chip``, or None where it can."""
+    if backend == "cudnn":
+        if chip.platform != "gpu":
+            return f"cuDNN needs a GPU, this is {chip.description}"
+        half = jnp.dtype(dtype) in [jnp.dtype(d) for d in HALF_DTYPES]
+        widest = chip.attention.max_head_dim or 0
+        if not half or head_dim > widest or head_dim % CUDNN_HEAD_DIM_MULTIPLE:
+            return (
+                f"cuDNN on {chip.description} needs bf16/fp16 and a head dim <= {widest}, "
+                f"a multiple of {CUDNN_HEAD_DIM_MULTIPLE} (got {jnp.dtype(dtype).name}, "
+                f"{head_dim})"
+            )
+    if backend.startswith("pallas") and chip.platform != "tpu" and not interpret:
+        return f"Pallas TPU kernels need a TPU (or interpret=True), this is {chip.description}"
+    if backend == "pallas_short" and (length > short_attention.MAX_LENGTH or branches != 2):
+        return (
+            f"the short kernel takes differential attention over at most "
+            f"{short_attention.MAX_LENGTH} tokens (got {length} tokens, {branches} branches)"
+        )
+    return None
+
+
+@functools.cache
+def _log_choice(chip: str, length: int, branches: int, backend: str) -> None:
+    kind = "differential" if branches == 2 else "plain"
+    logging.info(
+        "attention on %s: %s attention over %d tokens runs %r", chip, kind, length, backend
+    )
 
 
 # ----------------------------------------------------------------------------- the XLA forms
@@ -232,29 +269,26 @@ def _heads_first(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3)
 
 
-def _materialised(backend, qs, ks, v, coeffs, mask, bias, return_maps):
+def _materialised(backend, qs, ks, v, coeffs, mask, return_maps):
     """The ``reference`` or ``xla`` backend on (B, H, T, D) queries and keys and a
     (B, T, H, D) V: (B, T, H, Dv), and with ``return_maps`` the softmax maps."""
     v = _heads_first(v)
     if backend == "xla":
-        return _heads_first(_softmax_mixture(qs, ks, v, coeffs, mask, bias))
-    out, maps = _reference_mixture(qs, ks, v, coeffs, mask, bias)
+        return _heads_first(_softmax_mixture(qs, ks, v, coeffs, mask))
+    out, maps = _reference_mixture(qs, ks, v, coeffs, mask)
     return (_heads_first(out), maps) if return_maps else _heads_first(out)
 
 
-def _reference_mixture(qs, ks, v, coeffs, mask, bias):
-    """o = Σ_j c_j softmax(q_j k_jᵀ/√D + bias) v as the formula reads (B, H, T, D), and
-    the maps (float32); ``coeffs=None`` is one branch with coefficient 1."""
-    maps = tuple(
-        _normalised(*_softmax_factors(q, k, mask=mask, bias=bias))
-        for q, k in zip(qs, ks, strict=True)
-    )
+def _reference_mixture(qs, ks, v, coeffs, mask):
+    """o = Σ_j c_j softmax(q_j k_jᵀ/√D) v as the formula reads (B, H, T, D), and the maps
+    (float32); ``coeffs=None`` is one branch with coefficient 1."""
+    maps = tuple(_normalised(*_softmax_factors(q, k, mask)) for q, k in zip(qs, ks, strict=True))
     weights = [1.0] if coeffs is None else [c[:, None, None] for c in coeffs]
     mixed = sum(w * a for w, a in zip(weights, maps, strict=True))
     return jnp.einsum("bhqk,bhkd->bhqd", mixed.astype(v.dtype), v), maps
 
 
-def _mixture_forward(qs, ks, v, coeffs, mask, bias):
+def _mixture_forward(qs, ks, v, coeffs, mask):
     """The ``xla`` backend's forward: o = A·v with A = Σ_j c_j softmax(q_j k_jᵀ/√D), in
     (B, H, T, D) layout.
 
@@ -263,7 +297,7 @@ def _mixture_forward(qs, ks, v, coeffs, mask, bias):
     branch with coefficient 1. Two branches are mixed straight from the unnormalised
     exponentials, A = Σ_j (c_j r_j) e_j: one pass over the maps instead of three.
     """
-    factors = [_softmax_factors(q, k, mask=mask, bias=bias) for q, k in zip(qs, ks, strict=True)]
+    factors = [_softmax_factors(q, k, mask) for q, k in zip(qs, ks, strict=True)]
     if coeffs is None:
         ((exps, inv_sums),) = factors
         mixed = exps * inv_sums
@@ -280,7 +314,7 @@ def _normalised(exps: jax.Array, inv_sums: jax.Array | None) -> jax.Array:
 
 
 @jax.custom_vjp
-def _softmax_mixture(qs, ks, v, coeffs, mask, bias):
+def _softmax_mixture(qs, ks, v, coeffs, mask):
     """The ``xla`` backend: softmax maps mixed per head with coefficients, times V.
 
     One branch with ``coeffs=None`` is plain attention; two with (1, −λ) differential
@@ -289,22 +323,22 @@ def _softmax_mixture(qs, ks, v, coeffs, mask, bias):
     (T, T) maps: XLA CPU would materialise such a broadcast as a T×T buffer. The tests
     hold it to ``reference``'s autodiff.
     """
-    return _mixture_forward(qs, ks, v, coeffs, mask, bias)[0]
+    return _mixture_forward(qs, ks, v, coeffs, mask)[0]
 
 
-def _softmax_mixture_fwd(qs, ks, v, coeffs, mask, bias):
-    out, probs, mixed = _mixture_forward(qs, ks, v, coeffs, mask, bias)
+def _softmax_mixture_fwd(qs, ks, v, coeffs, mask):
+    out, probs, mixed = _mixture_forward(qs, ks, v, coeffs, mask)
     # Padding lives on as zeros in the maps; the mixed map is kept for dV.
-    return out, (qs, ks, v, coeffs, bias, probs, mixed)
+    return out, (qs, ks, v, coeffs, probs, mixed)
 
 
 def _softmax_mixture_bwd(residuals, d_out):  # d_out (B, H, T, Dv)
-    qs, ks, v, coeffs, bias, probs, mixed = residuals
+    qs, ks, v, coeffs, probs, mixed = residuals
     scale = 1.0 / math.sqrt(qs[0].shape[-1])
     g = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)  # dL/dA
     d_v = jnp.einsum("bhqk,bhqd->bhkd", mixed.astype(d_out.dtype), d_out)
     factors = [None] * len(probs) if coeffs is None else list(coeffs)
-    d_qs, d_ks, d_coeffs, d_logits = [], [], [], []
+    d_qs, d_ks, d_coeffs = [], [], []
     for c, (exps, inv_sums), q, k in zip(factors, probs, qs, ks, strict=True):
         a = _normalised(exps, inv_sums)  # recomputed inside the fused passes below
         rowsum = jnp.sum(g * a, axis=-1, keepdims=True)  # (B, H, T, 1)
@@ -314,105 +348,14 @@ def _softmax_mixture_bwd(residuals, d_out):  # d_out (B, H, T, Dv)
         d_ks.append((jnp.einsum("bhqk,bhqd->bhkd", u.astype(q.dtype), q) * factor).astype(k.dtype))
         if c is not None:
             d_coeffs.append(jnp.sum(rowsum, axis=(0, 2, 3)))  # (H,)
-        if bias is not None:
-            d_logits.append(u if c is None else c[:, None, None] * u)
     d_coeffs = None if coeffs is None else jnp.stack(d_coeffs)
-    d_bias = None if bias is None else _sum_to_shape(sum(d_logits), bias.shape).astype(bias.dtype)
-    return tuple(d_qs), tuple(d_ks), d_v.astype(v.dtype), d_coeffs, None, d_bias
+    return tuple(d_qs), tuple(d_ks), d_v.astype(v.dtype), d_coeffs, None
 
 
 _softmax_mixture.defvjp(_softmax_mixture_fwd, _softmax_mixture_bwd)
 
 
-def _sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sums ``x`` over the axes along which ``shape`` was broadcast to x.shape."""
-    lead = x.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1
-    )
-    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape)
-
-
-def choose_backend(
-    implementation: str,
-    *,
-    dtype,
-    head_dim: int,
-    length: int,
-    has_bias: bool,
-    need_maps: bool,
-    platform: str,
-    interpret: bool = False,
-    branches: int = 2,
-) -> str:
-    """The backend to run on devices of ``platform`` for attention of ``branches``
-    softmaxes (2: differential, 1: plain): the requested one if it can run there, else
-    the best fallback.
-
-    ``auto``: TPU → Pallas splash (flash with a bias) from 128 tokens, below that the
-    short kernel for differential attention without a bias, else XLA;
-    GPU → cuDNN for bf16/fp16, XLA otherwise; CPU → XLA. A requested backend that
-    cannot run there falls back to ``xla`` with a warning. Maps need ``reference``.
-    """
-    if implementation != "auto" and implementation not in BACKENDS:
-        raise ValueError(f"unknown attention implementation {implementation!r}; one of {BACKENDS}")
-    if need_maps:
-        return "reference"
-    if implementation == "auto":
-        if platform == "tpu" and length >= PALLAS_MIN_LENGTH:
-            return "pallas_flash" if has_bias else "pallas_splash"
-        if platform == "tpu" and _short_can_run(length, has_bias, branches):
-            return "pallas_short"
-        if platform == "gpu" and _cudnn_can_run(dtype, head_dim):
-            return "cudnn"
-        return "xla"
-    reason = _why_not_available(
-        implementation, platform, dtype, head_dim, has_bias, interpret, length, branches
-    )
-    if reason is None:
-        return implementation
-    _warn_fallback(implementation, reason)
-    return "xla"
-
-
-def _cudnn_can_run(dtype, head_dim: int) -> bool:
-    """cuDNN flash attention's limits on Hopper (jax's ``check_is_flash_attention``):
-    half precision, heads at most 256 wide and a multiple of 8; any length (odd ones are
-    padded to even)."""
-    half = jnp.dtype(dtype) in [jnp.dtype(d) for d in HALF_DTYPES]
-    return half and head_dim <= CUDNN_MAX_HEAD_DIM and head_dim % CUDNN_HEAD_DIM_MULTIPLE == 0
-
-
-def _short_can_run(length: int, has_bias: bool, branches: int) -> bool:
-    return length <= short_attention.MAX_LENGTH and not has_bias and branches == 2
-
-
-def _why_not_available(
-    implementation, platform, dtype, head_dim, has_bias, interpret, length, branches
-) -> str | None:
-    if implementation == "cudnn":
-        if platform != "gpu":
-            return f"cuDNN needs a GPU, this is {platform}"
-        if not _cudnn_can_run(dtype, head_dim):
-            return (
-                f"cuDNN needs bf16/fp16 and a head dim <= {CUDNN_MAX_HEAD_DIM}, a multiple "
-                f"of {CUDNN_HEAD_DIM_MULTIPLE}"
-            )
-    if implementation.startswith("pallas") and platform != "tpu" and not interpret:
-        return f"Pallas TPU kernels need a TPU (or interpret=True), this is {platform}"
-    if implementation == "pallas_splash" and has_bias:
-        return "splash attention takes no additive bias"
-    if implementation == "pallas_short" and not _short_can_run(length, has_bias, branches):
-        return (
-            f"the short kernel takes differential attention over at most "
-            f"{short_attention.MAX_LENGTH} tokens without a bias"
-        )
-    return None
-
-
-@functools.cache
-def _warn_fallback(implementation: str, reason: str) -> None:
-    logging.warning("attention %r unavailable (%s); using 'xla'", implementation, reason)
+# ----------------------------------------------------------------------------- fused kernels
 
 
 def _fused_attention(
@@ -422,19 +365,14 @@ def _fused_attention(
     v: jax.Array,  # (B, T, H, Dv)
     *,
     mask: jax.Array | None,
-    bias: jax.Array | None,
     interpret: bool,
 ) -> jax.Array:  # (B, T, H, Dv)
     """One softmax attention through a fused kernel, heads of q/k padded to V's width."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     q, k = _pad_last(q, v.shape[-1]), _pad_last(k, v.shape[-1])  # zeros leave q·k unchanged
     if backend == "cudnn":
-        return _cudnn_attention(q, k, v, mask, bias, scale)
-    if backend == "dot_product":
-        dense_mask = None if mask is None else mask[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=dense_mask, scale=scale)
-    kernel = _pallas_flash if backend == "pallas_flash" else _pallas_splash
-    return _pallas_attention(kernel, q, k, v, mask, bias, scale, interpret)
+        return _cudnn_attention(q, k, v, mask, scale)
+    return _splash_attention(q, k, v, mask, scale, interpret)
 
 
 def _pad_last(x: jax.Array, width: int) -> jax.Array:
@@ -444,7 +382,7 @@ def _pad_last(x: jax.Array, width: int) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) if pad else x
 
 
-def _cudnn_attention(q, k, v, mask, bias, scale, implementation: str | None = "cudnn"):
+def _cudnn_attention(q, k, v, mask, scale, implementation: str | None = "cudnn"):
     """cuDNN's fused attention, the key mask passed as sequence lengths.
 
     Differentiated, cuDNN takes even lengths only: jax.nn hands its backward a bias
@@ -458,82 +396,41 @@ def _cudnn_attention(q, k, v, mask, bias, scale, implementation: str | None = "c
     pad = -length % CUDNN_LENGTH_MULTIPLE
     if pad:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        if bias is not None:
-            bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, pad), (0, pad)])
     out = jax.nn.dot_product_attention(
-        q, k, v, bias=bias, scale=scale, key_value_seq_lengths=lengths.astype(jnp.int32),
+        q, k, v, scale=scale, key_value_seq_lengths=lengths.astype(jnp.int32),
         implementation=implementation,
     )  # fmt: skip
     return out[:, :length]
 
 
-def _pallas_attention(kernel: Callable, q, k, v, mask, bias, scale, interpret) -> jax.Array:
-    """Runs a Pallas kernel in its (B, H, T, D) layout on 128-aligned sequences.
+def _splash_attention(q, k, v, mask, scale, interpret) -> jax.Array:
+    """Pallas TPU splash attention in its (B, H, T, D) layout on lane-aligned sequences.
 
     Padding (the caller's and the alignment's) becomes segment id 0, real tokens 1, so a
-    real query never attends a padded key. Under a mesh the kernel is shard_mapped
-    over the batch and head axes, since a Pallas call cannot be auto-partitioned.
+    real query never attends a padded key. Each device runs the kernel on its own
+    examples and heads (a Pallas call cannot be auto-partitioned).
     """
     batch, length = q.shape[:2]
-    padded = -(-length // PALLAS_BLOCK) * PALLAS_BLOCK
+    block = hardware.LANES
+    padded = -(-length // block) * block
     valid = jnp.ones((batch, length), bool) if mask is None else mask
     segments = jnp.pad(valid, ((0, 0), (0, padded - length))).astype(jnp.int32)  # (B, Tp)
 
     def to_kernel_layout(x):  # (B, T, H, D) -> (B, H, Tp, D)
         return jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
-    args = [to_kernel_layout(x) for x in (q, k, v)] + [segments]
-    if bias is not None:
-        bias = jnp.broadcast_to(bias, (batch, q.shape[2], length, length)).astype(jnp.float32)
-        args.append(jnp.pad(bias, ((0, 0), (0, 0), (0, padded - length), (0, padded - length))))
-    run = functools.partial(kernel, scale=scale, interpret=interpret)
-    spec = sharding.current_mesh_spec(("batch", "heads", "length", "head_dim"))
-    if spec is not None:
-        seg_spec = jax.sharding.PartitionSpec(spec[0], None)
-        in_specs = (spec, spec, spec, seg_spec) + ((spec,) if bias is not None else ())
-        run = jax.shard_map(run, in_specs=in_specs, out_specs=spec, check_vma=False)
-    out = run(*args)  # (B, H, Tp, Dv)
+    heads = sharding.split("batch", "heads", "length", "head_dim")
+    run = sharding.per_device(
+        functools.partial(_splash, scale=scale, interpret=interpret),
+        (heads, heads, heads, sharding.split("batch", None)),
+        heads,
+        check_vma=False,
+    )
+    out = run(*(to_kernel_layout(x) for x in (q, k, v)), segments)  # (B, H, Tp, Dv)
     return out[:, :, :length].transpose(0, 2, 1, 3)
 
 
-def _in_tpu_interpret_mode(fn: Callable) -> Callable:
-    """``fn`` with its Pallas TPU calls traced in interpret mode, its backward pass too.
-
-    The kernel's backward is traced after ``fn`` returns, outside any context opened
-    inside it, so a custom VJP re-enters the context around the kernel's own VJP.
-    """
-    from jax.experimental.pallas import tpu as pltpu
-
-    @jax.custom_vjp
-    def wrapped(*args):
-        with pltpu.force_tpu_interpret_mode():
-            return fn(*args)
-
-    def forward(*args):
-        with pltpu.force_tpu_interpret_mode():
-            return jax.vjp(fn, *args)
-
-    def backward(kernel_vjp, cotangent):
-        with pltpu.force_tpu_interpret_mode():
-            return kernel_vjp(cotangent)
-
-    wrapped.defvjp(forward, backward)
-    return wrapped
-
-
-def _pallas_flash(q, k, v, segments, bias=None, *, scale, interpret):
-    from jax.experimental.pallas.ops.tpu import flash_attention as fa
-
-    def kernel(q, k, v, segments, bias):
-        # The kernel scales bias and logits together, softmax((q·kᵀ + ab)·sm_scale),
-        # so q is scaled first to keep the bias additive on the scaled logits.
-        segment_ids = fa.SegmentIds(q=segments, kv=segments)
-        return fa.flash_attention(q * scale, k, v, bias, segment_ids, sm_scale=1.0)
-
-    return (_in_tpu_interpret_mode(kernel) if interpret else kernel)(q, k, v, segments, bias)
-
-
-def _pallas_splash(q, k, v, segments, *, scale, interpret):
+def _splash(q, k, v, segments, *, scale, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 

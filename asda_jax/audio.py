@@ -1,14 +1,14 @@
 """Audio front end: reading and checking waveforms, Kaldi fbank, normalisation.
 
-The release's front end (``shared/asda-method.md``): mono, 16 kHz, clip mean removed →
+The release's front end (``docs/method.md``): mono, 16 kHz, clip mean removed →
 Kaldi log-mel fbank (128 bins, 25 ms Hanning windows every 10 ms, pre-emphasis 0.97,
 per-frame DC removal, no dither, no energy) → zero-pad at the end or crop to a fixed
 frame count → ``(x − mean) / (2·std)``.
 
 ``fbank`` is written against the array API shared by NumPy and ``jax.numpy``: the
 same code runs on the host (``xp=np``) or jitted on the devices (``xp=jnp``). Where a
-platform computes a step in a faster form (``preemphasis``, ``mel``, passes), the form
-is a parameter with the plain one as default; ``platforms.FORMS`` chooses.
+chip computes a step in a faster form (``preemphasis``, ``mel``, passes), the form
+is a parameter with the plain one as default; the chip's ``hardware.Forms`` chooses.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import scipy.fft
 import soundfile as sf
 import soxr
 
-from asda_jax import platforms, sharding
+from asda_jax import hardware, sharding
 
 SAMPLE_RATE = 16_000
 LOG_FLOOR = float(np.finfo(np.float32).eps)  # log(eps) ≈ −15.94, as torchaudio
@@ -367,7 +367,7 @@ def spectrogram(
     opts: FbankOptions = RELEASE_FBANK,
 ) -> tuple[np.ndarray, int]:
     """Host front end of one clip: (target_frames, M) normalised, and its real frame count."""
-    spec = fbank(wave, opts, mel=platforms.HOST.mel)
+    spec = fbank(wave, opts, mel=hardware.HOST.forms.mel)
     real = min(spec.shape[0] - start_frame, target_frames)
     return normalize(pad_or_crop(spec, target_frames, start_frame), *norm), real
 
@@ -387,7 +387,7 @@ def device_spectrogram(
     norm: tuple[float, float],
     opts: FbankOptions = RELEASE_FBANK,
     *,
-    forms: platforms.Forms,
+    forms: hardware.Forms,
     per_pass: int | None = None,
 ):
     """Jittable batch front end: (B, S) waveforms of ``opts.num_samples(T)`` samples,
@@ -397,16 +397,14 @@ def device_spectrogram(
     Under a mesh each device transforms its own rows (shard_map over the batch axes;
     left to itself XLA gathers the whole batch onto every device for the FFT). A device
     transforms ``per_pass`` of its clips at a time, the passes one after the other in a
-    ``lax.map`` (default: ``clips_per_pass`` of the platform's ``forms``).
+    ``lax.map`` (default: ``clips_per_pass`` of the chip's ``forms``).
     """
     run = functools.partial(
         _local_spectrogram, norm=norm, opts=opts, forms=forms, per_pass=per_pass
     )
-    by_clip = sharding.current_mesh_spec(("batch", None))  # (B, S) split over the batch axes
-    if by_clip is not None:
-        counts = jax.sharding.PartitionSpec(by_clip[0])  # (B,)
-        run = jax.shard_map(run, in_specs=(by_clip, counts), out_specs=(by_clip, counts))
-    return run(waves, num_samples)
+    by_clip = sharding.split("batch", None)  # (B, S) split over the batch axes
+    counts = sharding.split("batch")  # (B,)
+    return sharding.per_device(run, (by_clip, counts), (by_clip, counts))(waves, num_samples)
 
 
 def _local_spectrogram(waves, num_samples, norm, opts, forms, per_pass):

@@ -88,10 +88,21 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that is not where it is expected, or does not fit the model."""
 
 
-def export(directory: str | Path, params: dict, model_cfg, **description) -> Path:
+def export(
+    directory: str | Path,
+    params: dict,
+    model_cfg,
+    *,
+    kind: str,
+    target_frames: int,
+    norm: tuple[float, float],
+    **description,
+) -> Path:
     """Writes ``params`` ({"encoder": ..., and optionally "fc_norm"/"head", "decoder",
-    "teacher"}) and a JSON of the ModelConfig plus ``description`` (e.g. the head's
-    pooling and score function); refuses to write into a non-empty directory."""
+    "teacher"}) and a JSON of the ModelConfig, the run's ``kind`` (its task), the input
+    it was trained on (``target_frames``, fbank ``norm``) and ``description`` (a
+    classifier's ``pooling`` and ``scores``); refuses to write into a non-empty
+    directory."""
     directory = Path(directory).absolute()
     if "encoder" not in params:
         raise ValueError(f"an export needs an 'encoder' entry, got {sorted(params)}")
@@ -101,8 +112,9 @@ def export(directory: str | Path, params: dict, model_cfg, **description) -> Pat
     with ocp.StandardCheckpointer() as saver:
         saver.save(directory / "params", params)
     if jax.process_index() == 0:
-        config = {"model": dataclasses.asdict(model_cfg), **description}
-        (directory / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+        config = {"model": dataclasses.asdict(model_cfg), "kind": kind}
+        config |= {"target_frames": int(target_frames), "norm": [float(x) for x in norm]}
+        (directory / EXPORT_CONFIG).write_text(json.dumps(config | description, indent=2))
     return directory
 
 

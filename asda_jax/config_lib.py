@@ -1,4 +1,4 @@
-"""Run configs: building them from defaults, and turning them into typed, validated blocks.
+"""Run configs: built from the blocks' defaults, read once into a typed ``RunConfig``.
 
 A run's config (``configs/*.py``, each starting from ``run_config``) holds every field
 of the dataclass each block becomes, at its default unless the config says otherwise,
@@ -14,12 +14,15 @@ so any field can be overridden as ``--config.<block>.<field>=value``:
                      says otherwise
     mesh, mesh_dcn, num_processes   sizes of the (data, fsdp, tensor) axes (one may be
                      -1), sizes across slices (multi-slice TPU), hosts expected (None: any)
-    topology         the chips the mesh preset is for ("v5e:2x4"): launch/compile.py's default
+    topology         the chips a mesh preset is for: launch/compile.py's default
     and the loop's knobs: seed, num_train_steps, log_every, checkpoint_every, ...
 
-``model`` is the architecture: it travels with checkpoints and exports. ``execution``
-and ``data.fbank_on`` are how this run computes; their "auto" values are resolved here
-for the platform of the devices in use (``platforms.py``).
+``read`` turns it into a ``RunConfig`` for the chip of the devices in use, once: the
+tasks, the loop and the compiler take that. ``model`` is the architecture: it travels
+with checkpoints and exports. ``execution`` and ``data.fbank_on`` are how this run
+computes; their "auto" values are resolved for the chip (``hardware.Chip.forms``).
+Run configs and exports are not yet a stable format: one written by another version
+may be refused.
 """
 
 from __future__ import annotations
@@ -31,10 +34,9 @@ import typing
 from collections.abc import Sequence
 
 import ml_collections
-from absl import logging
 from ml_collections import config_dict
 
-from asda_jax import checkpoints, masking, objectives, optim, platforms, sharding
+from asda_jax import checkpoints, hardware, masking, objectives, optim, sharding
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline
 
@@ -46,54 +48,11 @@ class ConfigError(ValueError):
     """A config that cannot run as it is; raised before anything compiles."""
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshPreset:
-    """A deployment: its mesh within a slice and across slices, its hosts, and the
-    topology it is (``launch/compile.py`` compiles for it; None: any device count)."""
-
-    mesh: dict
-    processes: int | None
-    topology: str | None = None  # "v5e:2x4": chip and chip grid; GPUs as "h100:1x1x8"
-    dcn: dict | None = None
-    execution: dict | None = None  # the chips' overrides of the platform's forms
-
-    @property
-    def chips(self) -> int | None:
-        """Devices of the whole deployment (every slice), where the topology says."""
-        if self.topology is None:
-            return None
-        grid = self.topology.split(":", 1)[1]
-        slices = math.prod((self.dcn or {}).values()) if self.dcn else 1
-        return math.prod(int(n) for n in grid.split("x")) * slices
-
-    def batch_for(self, recipe_batch: int) -> int:
-        """The recipe's batch where it splits into whole clips over every chip and host,
-        else the next multiple of the chips (the rest of the recipe unchanged)."""
-        step = math.lcm(self.chips or 1, self.processes or 1)
-        return -(-recipe_batch // step) * step
-
-
-# v4's 16 MiB of VMEM cannot hold the MLP kernel's weights and their gradients.
-V4 = types.MappingProxyType({"mlp_impl": "xla"})
-MESH_PRESETS = {
-    "cpu": MeshPreset(sharding.DATA_PARALLEL, 1),
-    "gpu": MeshPreset(sharding.DATA_PARALLEL, 1),  # 1–8 GPUs in one box
-    "gpu_fsdp": MeshPreset({"data": 1, "fsdp": -1, "tensor": 1}, 1),
-    "v4-8": MeshPreset(sharding.DATA_PARALLEL, 1, "v4:2x2x1", execution=V4),  # 4 chips, 1 host
-    "v4-32": MeshPreset(sharding.DATA_PARALLEL, 4, "v4:2x2x4", execution=V4),  # 16 chips, 4 hosts
-    "v5e-8": MeshPreset(sharding.DATA_PARALLEL, 1, "v5e:2x4"),
-    "v5e-32": MeshPreset(sharding.DATA_PARALLEL, 8, "v5e:4x8"),
-    "v5e-256": MeshPreset(sharding.DATA_PARALLEL, 64, "v5e:16x16"),
-    "v5p-128": MeshPreset(sharding.DATA_PARALLEL, 16, "v5p:4x4x4"),  # 64 chips
-    "2x-v5e-256": MeshPreset(sharding.DATA_PARALLEL, 128, "v5e:16x16", dcn={"data": 2}),
-}
-GPU_TOPOLOGY = "h100:1x1x8"  # what launch/compile.py compiles the gpu presets for
-
-
-def mesh_preset(name: str) -> MeshPreset:
-    if name not in MESH_PRESETS:
-        raise ConfigError(f"unknown mesh preset {name!r}; one of {sorted(MESH_PRESETS)}")
-    return MESH_PRESETS[name]
+def mesh_preset(name: str) -> hardware.MeshPreset:
+    try:
+        return hardware.mesh_preset(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:
@@ -155,8 +114,7 @@ def run_config(
     config = ml_collections.ConfigDict()
     config.task = task
     config.model = model_block(model)
-    config.execution = block(model_lib.Execution, exclude=("platform",))
-    config.execution.update(dict(preset.execution or {}))
+    config.execution = block(model_lib.Execution, exclude=("chip",))
     if task == "pretrain":
         config.mask = block(masking.MaskConfig)
         config.pretrain = block(objectives.PretrainConfig)
@@ -168,18 +126,49 @@ def run_config(
     config.mesh = dict(preset.mesh)
     config.mesh_dcn = preset.dcn
     config.num_processes = preset.processes
-    config.topology = preset.topology or (GPU_TOPOLOGY if mesh.startswith("gpu") else None)
+    config.topology = preset.compile_topology
     config.seed = 0
     config.num_train_steps = 1000
     config.log_every = 100
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
-    config.profile_steps = 0
+    config.profile_steps = 0  # steps to trace with the JAX profiler (0: none)
+    config.profile_first_step = 10
     config.probe = None
     return config
 
 
 # ---------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A run's config read and validated for the chip of the devices in use."""
+
+    task: str
+    model: model_lib.ModelConfig
+    execution: model_lib.Execution
+    data: pipeline.InputConfig
+    eval_data: pipeline.InputConfig | None
+    optim: optim.OptimConfig
+    mask: masking.MaskConfig | None  # pretraining
+    pretrain: objectives.PretrainConfig | None  # pretraining
+    finetune: objectives.FinetuneConfig | None  # fine-tuning and linear probing
+    mesh: dict
+    mesh_dcn: dict | None
+    num_processes: int | None
+    seed: int
+    num_train_steps: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    profile_steps: int
+    profile_first_step: int
+    probe: dict | None  # {train_split, test_split}: a linear probe at the end
+
+    @property
+    def chip(self) -> hardware.Chip:
+        return self.execution.hardware
 
 
 def dataclass_fields(cls, values, *, exclude: Sequence[str] = ()) -> dict:
@@ -191,6 +180,16 @@ def dataclass_fields(cls, values, *, exclude: Sequence[str] = ()) -> dict:
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+
+
+def typed_block(cls, values, **resolved):
+    """``cls`` of a config block's values (and ``resolved`` fields), validated where it
+    says how; its ValueError as a ConfigError."""
+    try:
+        typed = cls(**dataclass_fields(cls, values or {}), **resolved)
+        return typed.validate() if hasattr(typed, "validate") else typed
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def architecture(fields: dict) -> model_lib.ModelConfig:
@@ -208,174 +207,134 @@ def architecture(fields: dict) -> model_lib.ModelConfig:
         raise ConfigError(str(e)) from e
 
 
-def without_execution(fields: dict, where: str) -> dict:
-    """A saved model description without the execution settings that versions before
-    their move kept in it: ignored, with a note (what loads it computes in its own
-    platform's defaults)."""
-    legacy = sorted(set(fields) & set(EXECUTION_FIELDS))
-    if legacy:
-        logging.info("%s: ignoring its execution settings %s", where, legacy)
-    return {k: v for k, v in fields.items() if k not in legacy}
-
-
-def saved_run_config(saved: dict, where: str) -> ml_collections.ConfigDict:
-    """A run's config as launch/train.py saved it (``config.json``), in today's layout."""
-    config = ml_collections.ConfigDict(saved)
-    config.model = without_execution(dict(config.model), where)
-    return config
-
-
-def model_config(config) -> model_lib.ModelConfig:
-    return architecture(dict(config.model))
-
-
-def execution(config, platform: str) -> model_lib.Execution:
-    """How this run's model computes on devices of ``platform`` (that of the devices in
+def execution(values, chip: hardware.Chip) -> model_lib.Execution:
+    """How a run's model computes on devices of ``chip`` (the chip of the devices in
     use: never a setting)."""
-    fields = dataclass_fields(model_lib.Execution, config.get("execution") or {})
-    if "platform" in fields:
-        raise ConfigError("execution.platform is the devices' platform, not a setting")
-    try:
-        return model_lib.Execution(platform=platform, **fields).validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    if "chip" in dict(values or {}):
+        raise ConfigError("execution.chip is the devices' chip, not a setting")
+    return typed_block(model_lib.Execution, values, chip=chip.name)
 
 
-def mask_config(config) -> masking.MaskConfig:
-    return masking.MaskConfig(**dataclass_fields(masking.MaskConfig, config.mask))
-
-
-def pretrain_config(config) -> objectives.PretrainConfig:
-    return objectives.PretrainConfig(**dataclass_fields(objectives.PretrainConfig, config.pretrain))
-
-
-def finetune_config(config) -> objectives.FinetuneConfig:
-    fields = dataclass_fields(objectives.FinetuneConfig, config.get("finetune") or {})
-    try:
-        return objectives.FinetuneConfig(**fields).validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-
-
-def input_config(config, block: str = "data", *, platform: str) -> pipeline.InputConfig:
-    """The InputConfig of ``config[block]``, its "auto" front end placed for ``platform``."""
-    cfg = pipeline.InputConfig(**dataclass_fields(pipeline.InputConfig, config[block]))
+def input_config(values, chip: hardware.Chip) -> pipeline.InputConfig:
+    """An InputConfig, its "auto" front end placed for ``chip``."""
+    cfg = pipeline.InputConfig(**dataclass_fields(pipeline.InputConfig, values))
     if cfg.fbank_on == "auto":
-        cfg = dataclasses.replace(cfg, fbank_on=platforms.forms(platform).fbank_on)
+        cfg = dataclasses.replace(cfg, fbank_on=chip.forms.fbank_on)
     return cfg
 
 
-def optim_config(config) -> optim.OptimConfig:
-    """The OptimConfig with its schedule length resolved: ``num_train_steps``, unless
-    ``optim.decay_steps`` sets another explicitly (not one that ends before the run)."""
-    fields = dataclass_fields(optim.OptimConfig, config.optim, exclude=("total_steps",))
-    steps = config.num_train_steps
-    legacy = config.optim.get("total_steps")
-    if legacy is not None and legacy != steps:
-        raise ConfigError(
-            f"optim.total_steps ({legacy}) disagrees with num_train_steps ({steps}): the "
-            "schedule now follows num_train_steps; drop optim.total_steps, or set "
-            "optim.decay_steps to decay over another length"
-        )
+def optim_config(values, steps: int) -> optim.OptimConfig:
+    """The OptimConfig with its schedule length resolved: ``steps`` (the run's), unless
+    ``decay_steps`` sets another explicitly (not one that ends before the run)."""
+    fields = dataclass_fields(optim.OptimConfig, values)
     if fields.get("decay_steps") is not None and fields["decay_steps"] < steps:
         raise ConfigError(
             f"optim.decay_steps ({fields['decay_steps']}) ends before the run's "
             f"num_train_steps ({steps}): its last steps would train at optim.min_lr; "
             "unset optim.decay_steps to decay over the run"
         )
-    cfg = optim.OptimConfig(**fields)
-    if cfg.decay_steps is None:
-        cfg = dataclasses.replace(cfg, decay_steps=steps)
-    try:
-        return cfg.validate()
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    fields["decay_steps"] = fields.get("decay_steps") or steps
+    return typed_block(optim.OptimConfig, fields)
+
+
+def read(config, chip: hardware.Chip) -> RunConfig:
+    """``config`` typed and validated for devices of ``chip``: every check that needs
+    neither the devices' count nor the files, each with a message naming the fix."""
+    if config.task not in TASKS:
+        raise ConfigError(f"task must be one of {TASKS}, got {config.task!r}")
+    pretraining = config.task == "pretrain"
+    eval_data = config.get("eval_data")
+    run = RunConfig(
+        task=config.task,
+        model=architecture(dict(config.model)),
+        execution=execution(config.get("execution"), chip),
+        data=input_config(config.data, chip),
+        eval_data=None if eval_data is None else input_config(eval_data, chip),
+        optim=optim_config(config.optim, config.num_train_steps),
+        mask=typed_block(masking.MaskConfig, config.mask) if pretraining else None,
+        pretrain=typed_block(objectives.PretrainConfig, config.pretrain) if pretraining else None,
+        finetune=None if pretraining else typed_block(objectives.FinetuneConfig, config.finetune),
+        mesh=dict(config.mesh),
+        mesh_dcn=dict(config.mesh_dcn) if config.get("mesh_dcn") else None,
+        num_processes=config.get("num_processes"),
+        seed=config.seed,
+        num_train_steps=config.num_train_steps,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        keep_checkpoints=config.keep_checkpoints,
+        profile_steps=config.profile_steps,
+        profile_first_step=config.profile_first_step,
+        probe=dict(config.probe) if config.get("probe") else None,
+    )
+    if run.data.target_frames % run.model.patch_size:
+        raise ConfigError(
+            f"data.target_frames {run.data.target_frames} is not a multiple of the patch size "
+            f"{run.model.patch_size}"
+        )
+    if pretraining and not 0 < run.pretrain.average_top_k_layers <= run.model.depth:
+        raise ConfigError(
+            f"pretrain.average_top_k_layers {run.pretrain.average_top_k_layers} must be in "
+            f"1..{run.model.depth}"
+        )
+    return run
 
 
 # ---------------------------------------------------------------------------- validating
 
 
 def validate(
-    config, *, device_count: int, process_count: int, platform: str, require_files: bool = True
-) -> None:
-    """Every check that can fail before compiling, each with a message naming the fix;
-    ``require_files=False`` leaves out the datasets and the checkpoint to start from
-    (compiling ahead of time needs neither)."""
-    if config.task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {config.task!r}")
-    expected = config.get("num_processes")
-    if expected is not None and expected != process_count:
+    config, *, chip: hardware.Chip, device_count: int, process_count: int, require_files=True
+) -> RunConfig:
+    """``read``, then the checks against the devices, hosts and files, each with a
+    message naming the fix; ``require_files=False`` leaves out the datasets and the
+    checkpoint to start from (compiling ahead of time needs neither)."""
+    run = read(config, chip)
+    if run.num_processes is not None and run.num_processes != process_count:
         raise ConfigError(
-            f"config expects {expected} processes but JAX sees {process_count}: on a multi-host "
-            "pod every host must run this command (jax.distributed.initialize joins them); "
-            "set --config.num_processes to match"
+            f"config expects {run.num_processes} processes but JAX sees {process_count}: on a "
+            "multi-host pod every host must run this command (jax.distributed.initialize joins "
+            "them); set --config.num_processes to match"
         )
-    model_cfg = model_config(config)
-    execution(config, platform)
-    optim_config(config)
-    data = input_config(config, platform=platform)
-    _validate_mesh(config, model_cfg, data, device_count, process_count)
-    if data.target_frames % model_cfg.patch_size:
-        raise ConfigError(
-            f"data.target_frames {data.target_frames} is not a multiple of the patch size "
-            f"{model_cfg.patch_size}"
-        )
-    for name in ("data", "eval_data"):
-        if require_files and config.get(name) is not None:
-            _require_dataset(input_config(config, name, platform=platform))
-    if config.task == "pretrain":
-        _validate_pretraining(config, model_cfg)
-    else:
-        _validate_finetuning(config, require_files)
+    _validate_mesh(run, device_count, process_count)
+    if require_files:
+        for data in filter(None, (run.data, run.eval_data)):
+            _require_dataset(data)
+        if run.finetune is not None and run.finetune.init_from:
+            try:
+                checkpoints.locate_params(run.finetune.init_from)
+            except checkpoints.CheckpointMismatch as e:
+                raise ConfigError(f"finetune.init_from: {e}") from e
+    return run
 
 
-def _validate_mesh(config, model_cfg, data, device_count: int, process_count: int) -> None:
+def _validate_mesh(run: RunConfig, device_count: int, process_count: int) -> None:
     """The mesh fits the devices, the batch splits over it, the model over its axes."""
-    dcn = dict(config.get("mesh_dcn") or {})
+    dcn = run.mesh_dcn or {}
     slices = math.prod(dcn.values()) if dcn else 1
     try:
-        data_size, fsdp, tensor = sharding.resolve_mesh_shape(
-            dict(config.mesh), device_count // slices
-        )
+        data_size, fsdp, tensor = sharding.resolve_mesh_shape(run.mesh, device_count // slices)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from e
     data_parallel = data_size * fsdp * dcn.get("data", 1) * dcn.get("fsdp", 1)
-    if data.batch_size % process_count or data.batch_size % data_parallel:
+    batch = run.data.batch_size
+    if batch % process_count or batch % data_parallel:
         raise ConfigError(
-            f"data.batch_size {data.batch_size} clips must divide over {process_count} hosts "
+            f"data.batch_size {batch} clips must divide over {process_count} hosts "
             f"and over the {data_parallel}-way data-parallel mesh (every device takes whole "
             f"clips); use a multiple of {math.lcm(process_count, data_parallel)}"
         )
     for what, size, axis, width in (
-        ("embed_dim", model_cfg.embed_dim, "fsdp", fsdp),
-        ("num_heads", model_cfg.num_heads, "tensor", tensor),
-        ("mlp width", model_cfg.mlp_dim, "tensor", tensor),
+        ("embed_dim", run.model.embed_dim, "fsdp", fsdp),
+        ("num_heads", run.model.num_heads, "tensor", tensor),
+        ("mlp width", run.model.mlp_dim, "tensor", tensor),
     ):
         if size % width:
             raise ConfigError(f"model {what} {size} does not split over mesh axis {axis}={width}")
 
 
-def _validate_pretraining(config, model_cfg: model_lib.ModelConfig) -> None:
-    top_k = pretrain_config(config).average_top_k_layers
-    if not 0 < top_k <= model_cfg.depth:
-        raise ConfigError(f"pretrain.average_top_k_layers {top_k} must be in 1..{model_cfg.depth}")
-
-
-def _validate_finetuning(config, require_files: bool) -> None:
-    cfg = finetune_config(config)
-    if require_files and cfg.init_from:
-        try:
-            checkpoints.locate_params(cfg.init_from)
-        except checkpoints.CheckpointMismatch as e:
-            raise ConfigError(f"finetune.init_from: {e}") from e
-
-
 def _require_dataset(data: pipeline.InputConfig) -> None:
     try:
         dataset = datasets.load(data.dataset, data.data_dir)
-    except datasets.DatasetNotFoundError as e:
-        raise ConfigError(str(e)) from e
-    try:
         dataset.source(data.split)
-    except ValueError as e:
+    except (datasets.DatasetNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e

@@ -1,7 +1,7 @@
 """Embeddings of audio of any length from a loaded encoder.
 
 A recording is cut into windows of the encoder's input length (``windows.py``) and
-encoded ``batch_size`` windows at a time (default: the platform's ``windows_per_call``;
+encoded ``batch_size`` windows at a time (default: the chip's ``windows_per_call``;
 ``windows.padded_rows``), each window padded
 to the batch's length with a padding mask, so a window gives the values it gives alone.
 From the outputs:
@@ -29,7 +29,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from asda_jax import audio, inference, platforms, windows
+from asda_jax import audio, inference, windows
 
 POOLINGS = ("mean", "concat")
 BUCKET_PATCHES = 8  # a batch's length is rounded up to this many time patches
@@ -45,19 +45,20 @@ class WindowOutput(NamedTuple):
 
 
 class Embedder:
-    """Windowed encoding of recordings with a loaded encoder."""
+    """Windowed encoding of recordings with a loaded encoder, its input normalised as
+    the encoder's training input was (``norm`` overrides that)."""
 
     def __init__(
         self,
         encoder: inference.LoadedEncoder,
-        norm: tuple[float, float] = audio.NORM_STATS["audioset"],
+        norm: tuple[float, float] | None = None,
         *,
         window_frames: int | None = None,
         hop_frames: int | None = None,
         batch_size: int | None = None,
     ):
         cfg = encoder.cfg
-        frames = window_frames or encoder.frames
+        frames = window_frames or encoder.input.target_frames
         table = cfg.max_time_patches * cfg.patch_size
         if frames % cfg.patch_size or not cfg.patch_size <= frames <= table:
             raise ValueError(
@@ -70,8 +71,8 @@ class Embedder:
                 f"hop of {hop} frames: it must be a multiple of {cfg.patch_size} frames "
                 "(one time step), so that overlapping windows' steps line up"
             )
-        self.encoder, self.norm = encoder, tuple(norm)
-        self.batch_size = batch_size or platforms.forms(encoder.run.platform).windows_per_call
+        self.encoder, self.norm = encoder, tuple(norm or encoder.input.norm)
+        self.batch_size = batch_size or encoder.run.hardware.forms.windows_per_call
         self.windowing = windows.Windowing(frames, hop)
 
     @property

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from asda_jax import finetuning, metrics, platforms, sharding
+from asda_jax import finetuning, hardware, metrics, sharding
 from asda_jax.data import pipeline
 
 
@@ -26,7 +26,7 @@ def over_split(
     forward: Callable[[Any, jax.Array], jax.Array],
     param_sets: Mapping[str, Any],
     data_cfg: pipeline.InputConfig,
-    forms: platforms.Forms,
+    forms: hardware.Forms,
     mesh,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``forward(params, spec)`` over every clip of ``data_cfg.split`` for each parameter

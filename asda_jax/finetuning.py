@@ -1,7 +1,7 @@
 """The fine-tuning task: encoder → pooled token → LayerNorm → Linear, the release's recipe.
 
-``task="finetune"`` trains everything with layer-wise lr decay (the recipe: shared/
-asda-method.md, release notes §7); ``task="linear_probe"`` freezes the encoder and
+``task="finetune"`` trains everything with layer-wise lr decay (the recipe:
+docs/method.md); ``task="linear_probe"`` freezes the encoder and
 trains ``fc_norm`` and ``head`` only. The step augments in the jitted program
 (``objectives.augment``) and minimises ``objectives.classification_loss``.
 """
@@ -14,28 +14,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import checkpoints, config_lib, objectives, optim, platforms, train_state
+from asda_jax import checkpoints, config_lib, objectives, optim, train_state
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline
 
 
 class FinetuneTask:
-    """Fine-tuning or linear probing of ``config``'s ``Classifier`` on ``platform``."""
+    """Fine-tuning or linear probing of a run's ``Classifier``, on the devices its
+    config was read for."""
 
-    def __init__(self, config, platform: str):
+    def __init__(self, config: config_lib.RunConfig):
+        self.config = config
         self.frozen = config.task == "linear_probe"
-        model_cfg = config_lib.model_config(config)
+        model_cfg = config.model
         self.model_cfg = dataclasses.replace(model_cfg, drop_path=0.0) if self.frozen else model_cfg
-        self.run = config_lib.execution(config, platform)
-        self.forms = platforms.forms(platform)
-        self.ft_cfg = config_lib.finetune_config(config)
-        self.data_cfg = config_lib.input_config(config, platform=platform)
-        self.eval_cfg = (
-            config_lib.input_config(config, "eval_data", platform=platform)
-            if config.get("eval_data")
-            else None
-        )
-        self.optim_cfg = config_lib.optim_config(config)
+        self.run = config.execution
+        self.forms = config.chip.forms
+        self.ft_cfg = config.finetune
+        self.data_cfg = config.data
+        self.eval_cfg = config.eval_data
+        self.optim_cfg = config.optim
         self.num_classes = datasets.class_count(self.data_cfg.dataset, self.data_cfg.data_dir)
         self.model = model_lib.Classifier(
             self.model_cfg, self.num_classes, self.ft_cfg.pooling, run=self.run

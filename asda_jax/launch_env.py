@@ -1,4 +1,6 @@
-"""The process settings ``launch/train.py`` re-executes itself with, once, at start.
+"""The process settings the launchers re-execute themselves with, once, at start, where
+the run's computation is on the host's CPU (no accelerator on the host, or
+``JAX_PLATFORMS=cpu``): both were measured on CPU runs only (docs/decisions.md).
 
 Both are read only when a process (or its library) starts, hence the re-execution:
 
@@ -13,18 +15,29 @@ Both are read only when a process (or its library) starts, hence the re-executio
   small mel-bank product only oversubscribe the cores, and after each call they spin
   for a while on the cores XLA's step runs on.
 
-The measurements behind both are in BENCHMARKS.md. ``benchmarks/train_step.py``
-re-executes the same way, to time what the launcher runs.
+``benchmarks/train_step.py`` re-executes the same way, to time what the launcher runs.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
 HUGETLB = "glibc.malloc.hugetlb=1"
 MALLOC_OPT_OUT = "ASDA_JAX_DEFAULT_MALLOC"
 BLAS_THREADS = "OPENBLAS_NUM_THREADS"
+# Device nodes of accelerators: TPUs (accel or vfio, by generation), NVIDIA and AMD GPUs.
+ACCELERATOR_NODES = ("accel[0-9]*", "vfio/[0-9]*", "nvidia[0-9]*", "kfd")
+
+
+def computes_on_cpu(environ: dict[str, str], dev: str = "/dev") -> bool:
+    """Whether a process started with ``environ`` on this host runs JAX on its CPU: JAX
+    is told so (``JAX_PLATFORMS=cpu``), or the host has no accelerator device."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(glob.glob(os.path.join(dev, node)) for node in ACCELERATOR_NODES)
 
 
 def glibc_supports_hugetlb() -> bool:
@@ -53,8 +66,11 @@ def with_one_blas_thread(environ: dict[str, str]) -> dict[str, str]:
     return environ if BLAS_THREADS in environ else {**environ, BLAS_THREADS: "1"}
 
 
-def launcher_environment(environ: dict[str, str]) -> dict[str, str] | None:
-    """The environment to re-execute with, or None where ``environ`` already is it."""
+def launcher_environment(environ: dict[str, str], dev: str = "/dev") -> dict[str, str] | None:
+    """The environment to re-execute with, or None where ``environ`` already is it or
+    the run is on an accelerator."""
+    if not computes_on_cpu(environ, dev):
+        return None
     wanted = with_one_blas_thread(with_hugetlb(environ))
     return None if wanted == environ else wanted
 

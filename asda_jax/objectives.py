@@ -16,7 +16,7 @@ rows (12 clips × 16 clones = 192) while the frame term is a mean, so the releas
 weighting is reproduced with R = 192 whatever the mesh (the loss stays independent
 of how many devices share the batch).
 
-Fine-tuning (release notes §7), in the jitted step:
+Fine-tuning (docs/method.md §5), in the jitted step:
 
     spectrogram ─▶ [SPC-2: noise + ±10-frame roll] ─▶ mixup (p 0.9, Beta(α, α), batch
     flipped) ─▶ SpecAugment (one frequency band ≈ U·128·r, one time span ≈ U·T·r, fill 0)

@@ -1,6 +1,6 @@
 """The pretraining task: student encoder + CNN decoder against an EMA teacher.
 
-One step (``shared/asda-method.md``): spectrograms of the batch (on the host, or here
+One step (``docs/method.md``): spectrograms of the batch (on the host, or here
 from waveforms), the release's objective (``objectives.pretraining_step_loss``), AdamW,
 then the teacher moves toward the updated student by the annealed EMA decay.
 """
@@ -11,22 +11,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import config_lib, objectives, optim, platforms, train_state
+from asda_jax import config_lib, objectives, optim, train_state
 from asda_jax import model as model_lib
 from asda_jax.data import pipeline
 
 
 class PretrainTask:
-    """Self-supervised pretraining of ``config`` on devices of ``platform``."""
+    """Self-supervised pretraining of a run's config, on the devices it was read for."""
 
-    def __init__(self, config, platform: str):
-        self.model_cfg = config_lib.model_config(config)
-        self.run = config_lib.execution(config, platform)
-        self.forms = platforms.forms(platform)
-        self.mask_cfg = config_lib.mask_config(config)
-        self.pre_cfg = config_lib.pretrain_config(config)
-        self.data_cfg = config_lib.input_config(config, platform=platform)
-        self.optim_cfg = config_lib.optim_config(config)
+    def __init__(self, config: config_lib.RunConfig):
+        self.config = config
+        self.model_cfg = config.model
+        self.run = config.execution
+        self.forms = config.chip.forms
+        self.mask_cfg = config.mask
+        self.pre_cfg = config.pretrain
+        self.data_cfg = config.data
+        self.optim_cfg = config.optim
         self.encoder = model_lib.Encoder(self.model_cfg, run=self.run)
         self.decoder = model_lib.Decoder(self.model_cfg, run=self.run)
         self.grid = objectives.grid_shape(self.data_cfg.target_frames, self.model_cfg)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asda_jax import evaluation, platforms
+from asda_jax import evaluation, hardware
 from asda_jax import model as model_lib
 from asda_jax.data import pipeline
 
@@ -25,7 +25,7 @@ def embed_split(
     encoder: model_lib.Encoder,
     param_sets: dict[str, Any],
     data_cfg: pipeline.InputConfig,
-    forms: platforms.Forms,
+    forms: hardware.Forms,
     mesh,
     split: str,
     pooling: str = "mean",
@@ -71,7 +71,7 @@ def compare_with_random_init(
     task, encoder_params, mesh, train_split: str, test_split: str, seed: int
 ) -> dict[str, float]:
     """Probe accuracy of ``encoder_params`` and of a randomly initialised encoder of the
-    same pretraining ``task`` (its encoder, data and platform forms)."""
+    same pretraining ``task`` (its encoder, data and chip forms)."""
     cfg = task.model_cfg
     shape = (1, task.data_cfg.target_frames, cfg.num_mel_bins)
     random_params = nn.meta.unbox(task.encoder.init(jax.random.PRNGKey(seed + 1), jnp.zeros(shape)))

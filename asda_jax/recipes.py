@@ -7,7 +7,7 @@
 | ESC-50 | 512    | 48    | 5e-5 | 4k (400)         | 0       | 0.4        | ce, smooth 0.1|
 | SPC-2  | 128    | 256   | 2e-4 | 80k (8k)         | 0.8     | 0.2        | bce           |
 
-Common (shared/asda-method.md): CLS pooling, layer decay 0.65 (embeddings at full lr),
+Common (docs/method.md): CLS pooling, layer decay 0.65 (embeddings at full lr),
 drop path 0.1, AdamW (0.9, 0.95), wd 0.05, min lr 1e-6, no clipping, roll-and-gain on
 every task. SPC-2 trains through the release's BCE branch, where its label smoothing
 has no effect, so it is 0 here; AS-2M draws each epoch by the per-clip weights.
@@ -51,22 +51,26 @@ def esc50_splits(fold: int) -> tuple[str, str]:
 
 
 AUDIOSET_LOSS = dict(loss="bce_per_label", mixup_alpha=0.8, mask_ratio=0.2)
+AUDIOSET = dict(dataset="audioset", eval_split="eval", target_frames=1024, norm="audioset")
 RECIPES = {
     "as20k": Recipe(
-        "audioset", "balanced_train", "eval", 1024, "audioset", 32, 5e-5, 60_000, 6_000,
-        AUDIOSET_LOSS,
+        **AUDIOSET, train_split="balanced_train", batch_size=32, lr=5e-5, steps=60_000,
+        warmup=6_000, finetune=AUDIOSET_LOSS,
     ),
     "as2m": Recipe(
-        "audioset", "balanced_train+unbalanced_train", "eval", 1024, "audioset", 48, 5e-5,
-        600_000, 60_000, AUDIOSET_LOSS, weighted_sampling=True,
+        **AUDIOSET, train_split="balanced_train+unbalanced_train", batch_size=48, lr=5e-5,
+        steps=600_000, warmup=60_000, finetune=AUDIOSET_LOSS, weighted_sampling=True,
     ),
     "esc50": Recipe(
-        "esc50", *esc50_splits(1), 512, "esc50", 48, 5e-5, 4_000, 400,
-        dict(loss="ce", label_smoothing=0.1, mask_ratio=0.4),
+        dataset="esc50", train_split=esc50_splits(1)[0], eval_split=esc50_splits(1)[1],
+        target_frames=512, norm="esc50", batch_size=48, lr=5e-5, steps=4_000, warmup=400,
+        finetune=dict(loss="ce", label_smoothing=0.1, mask_ratio=0.4),
     ),
     "spcv2": Recipe(
-        "speech_commands_v2", "train", "test", 128, "spcv2", 256, 2e-4, 80_000, 8_000,
-        dict(loss="bce", mixup_alpha=0.8, mask_ratio=0.2, spec_noise_and_roll=True), seed=42,
+        dataset="speech_commands_v2", train_split="train", eval_split="test",
+        target_frames=128, norm="spcv2", batch_size=256, lr=2e-4, steps=80_000, warmup=8_000,
+        finetune=dict(loss="bce", mixup_alpha=0.8, mask_ratio=0.2, spec_noise_and_roll=True),
+        seed=42,
     ),
 }  # fmt: skip
 

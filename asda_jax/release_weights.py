@@ -1,6 +1,6 @@
 """The authors' PyTorch release ↔ our parameters: names and layouts (NumPy only).
 
-A release state_dict (fairseq, names as in ``shared/asda-method.md``) maps onto our
+A release state_dict (fairseq, names as in ``docs/method.md``) maps onto our
 Flax parameter tree:
 
 ======================================================  =================================

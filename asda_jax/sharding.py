@@ -9,6 +9,7 @@ devices, a GPU box or a TPU pod by changing the mesh shape alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -128,28 +129,58 @@ def current_mesh_spec(logical_axes: Sequence[str | None]) -> P | None:
     return nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
 
 
-def split_by_example(fn: Callable, batched_in: int, outputs: int, batched_out: int) -> Callable:
-    """``fn`` under the active mesh, shard_mapped over the batch axes (a Pallas call
-    cannot be auto-partitioned): its first ``batched_in`` arguments and the first
-    ``batched_out`` of its ``outputs`` are split by example (leading axis); the other
-    arguments are replicated, and the other outputs, sums over one device's examples
-    (weight gradients), are summed over the devices. Without a mesh: ``fn`` itself."""
-    spec = current_mesh_spec(("batch",))
-    if spec is None:
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How one array of a per-device function lies over the mesh: split along the mesh
+    axes the active rules give its dims' logical ``names`` (none: whole on every
+    device), or, for an output, each device's partial sum over its own examples."""
+
+    names: tuple[str | None, ...] = ()
+    summed: bool = False
+
+
+WHOLE = Split()
+SUMMED = Split(summed=True)  # summed over the batch axes on the way out
+
+
+def split(*names: str | None) -> Split:
+    return Split(names)
+
+
+def _is_split(x) -> bool:
+    return isinstance(x, Split)
+
+
+def per_device(fn: Callable, in_splits, out_splits, *, check_vma: bool = True) -> Callable:
+    """``fn`` run by each device on its own part of its arguments under the active mesh
+    (``jax.shard_map``), each argument and output laid out as its ``Split`` says
+    (``in_splits`` a tuple, one per argument; ``out_splits`` the structure of fn's
+    output). Without a mesh: ``fn`` itself. A Pallas call cannot be auto-partitioned,
+    and left to itself the partitioner may gather a whole batch onto every device
+    around an op; running per device avoids both. Pallas calls need ``check_vma=False``
+    (they carry no rule for which mesh axes their results vary over)."""
+    if jax.sharding.get_abstract_mesh().empty:
         return fn
-    axes = spec[0]
-    by_example, whole = P(axes), P()
+    batch_axes = current_mesh_spec(("batch",))[0]
+
+    def spec(s: Split) -> P:
+        return P() if s.summed or not s.names else current_mesh_spec(s.names)
 
     def body(*args):
         outs = fn(*args)
-        return (*outs[:batched_out], *(jax.lax.psum(o, axes) for o in outs[batched_out:]))
+        return jax.tree.map(
+            lambda s, o: jax.lax.psum(o, batch_axes) if s.summed else o,
+            out_splits,
+            outs,
+            is_leaf=_is_split,
+        )
 
-    def call(*args):
-        in_specs = (by_example,) * batched_in + (whole,) * (len(args) - batched_in)
-        out_specs = (by_example,) * batched_out + (whole,) * (outputs - batched_out)
-        return jax.shard_map(body, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
-
-    return call
+    return jax.shard_map(
+        body,
+        in_specs=tuple(spec(s) for s in in_splits),
+        out_specs=jax.tree.map(spec, out_splits, is_leaf=_is_split),
+        check_vma=check_vma,
+    )
 
 
 def to_host(x: jax.Array) -> np.ndarray:

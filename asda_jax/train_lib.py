@@ -1,7 +1,8 @@
 """The training loop, the same for every task.
 
-``train`` validates the config, builds the mesh, the task (``pretraining`` or
-``finetuning``, for the platform of the mesh's devices) and the input pipeline,
+``train`` reads the config for the chip of the devices present (``config_lib.validate``,
+once), builds the mesh, the task (``pretraining`` or ``finetuning``) and the input
+pipeline,
 creates the state already sharded (or restores it with the input iterator's
 position), runs the jitted step with the state donated, and writes metrics (clu
 writers + ``metrics.jsonl``, with the clips skipped while reading), progress and
@@ -28,7 +29,7 @@ from asda_jax import (
     checkpoints,
     config_lib,
     finetuning,
-    platforms,
+    hardware,
     pretraining,
     sharding,
     train_state,
@@ -36,13 +37,10 @@ from asda_jax import (
 from asda_jax.data import pipeline
 
 
-def make_task(config, platform: str):
-    """The task of ``config`` (pretraining, or fine-tuning and linear probing) for devices
-    of ``platform``."""
-    if config.task not in config_lib.TASKS:
-        raise config_lib.ConfigError(f"task must be one of {config_lib.TASKS}, got {config.task!r}")
+def make_task(config: config_lib.RunConfig):
+    """The task of a run (pretraining, or fine-tuning and linear probing)."""
     task = pretraining.PretrainTask if config.task == "pretrain" else finetuning.FinetuneTask
-    return task(config, platform)
+    return task(config)
 
 
 def initial_state(task, mesh, seed: int, ckpt: checkpoints.Checkpoints, iterator):
@@ -79,15 +77,14 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def log_environment(config, platform: str) -> None:
+def log_environment(chip: hardware.Chip) -> None:
     logging.info(
-        "process %d of %d; %d local / %d global devices on %s; task %s",
+        "process %d of %d; %d local / %d global devices, %s",
         jax.process_index(),
         jax.process_count(),
         jax.local_device_count(),
         jax.device_count(),
-        platform,
-        config.task,
+        chip.description,
     )
 
 
@@ -129,7 +126,7 @@ def write_config(workdir: Path, config) -> None:
 
 class TrainResult(NamedTuple):
     state: train_state.TrainState  # the last step's state
-    task: object  # the PretrainTask or FinetuneTask that was trained
+    task: object  # the PretrainTask or FinetuneTask that was trained (its config: .config)
     mesh: jax.sharding.Mesh
 
 
@@ -138,14 +135,14 @@ def train(config, workdir: str | Path) -> TrainResult:
     or a SIGTERM; returns the final state with the task and mesh it ran on."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    task, mesh = validated_setup(config)
+    run_config, task, mesh = validated_setup(config)
     stats = pipeline.ReadStats()
     iterator = iter(pipeline.make_pipeline(task.data_cfg, train=True, stats=stats))
-    ckpt = checkpoints.Checkpoints(workdir, max_to_keep=config.keep_checkpoints)
-    state, plan, start = initial_state(task, mesh, config.seed, ckpt, iterator)
+    ckpt = checkpoints.Checkpoints(workdir, max_to_keep=run_config.keep_checkpoints)
+    state, plan, start = initial_state(task, mesh, run_config.seed, ckpt, iterator)
     write_config(workdir, config)
-    _warn_if_schedule_outlasts_run(task, config)
-    run = _Run(config, task, ckpt, MetricsLog(workdir), stats, StopRequest())
+    _warn_if_schedule_outlasts_run(run_config)
+    run = _Run(run_config, task, ckpt, MetricsLog(workdir), stats, StopRequest())
     batches = pipeline.DevicePrefetch(iterator, mesh)
     try:
         with sharding.activate(mesh):
@@ -158,31 +155,28 @@ def train(config, workdir: str | Path) -> TrainResult:
     logging.info(
         "stopped at step %d of %d; clips skipped while reading, all hosts: %s",
         int(state.step),
-        config.num_train_steps,
+        run_config.num_train_steps,
         skipped_so_far(stats),
     )
     return TrainResult(state, task, mesh)
 
 
-def validated_setup(config):
-    """(task, mesh) of a config checked against the devices present."""
-    platform = platforms.of_devices(jax.devices())
-    log_environment(config, platform)
-    config_lib.validate(
-        config,
-        device_count=jax.device_count(),
-        process_count=jax.process_count(),
-        platform=platform,
+def validated_setup(config) -> tuple[config_lib.RunConfig, Any, jax.sharding.Mesh]:
+    """(run config, task, mesh) of a config read for the devices present."""
+    chip = hardware.of_devices(jax.devices())
+    log_environment(chip)
+    run = config_lib.validate(
+        config, chip=chip, device_count=jax.device_count(), process_count=jax.process_count()
     )
-    mesh = sharding.make_mesh(dict(config.mesh), dcn_shape=config.get("mesh_dcn"))
-    return make_task(config, platforms.of_mesh(mesh)), mesh
+    mesh = sharding.make_mesh(run.mesh, dcn_shape=run.mesh_dcn)
+    return run, make_task(run), mesh
 
 
 @dataclasses.dataclass
 class _Run:
     """One process's run of the steps: checks, metrics, checkpoints, stop requests."""
 
-    config: Any
+    config: config_lib.RunConfig
     task: Any
     ckpt: checkpoints.Checkpoints
     log: MetricsLog
@@ -229,8 +223,8 @@ class _Run:
         self.log.close()
 
 
-def _warn_if_schedule_outlasts_run(task, config) -> None:
-    decay = task.optim_cfg.decay_steps
+def _warn_if_schedule_outlasts_run(config: config_lib.RunConfig) -> None:
+    decay = config.optim.decay_steps
     if decay != config.num_train_steps:
         logging.warning(
             "optim.decay_steps %d: the schedule decays over more steps than this run's %d",
@@ -239,11 +233,11 @@ def _warn_if_schedule_outlasts_run(task, config) -> None:
         )
 
 
-def _profiler(config, workdir: Path):
-    if not config.get("profile_steps"):
+def _profiler(config: config_lib.RunConfig, workdir: Path):
+    if not config.profile_steps:
         return None
     return periodic_actions.Profile(
         logdir=str(workdir / "profile"),
         num_profile_steps=config.profile_steps,
-        first_profile=config.get("profile_first_step", 10),
+        first_profile=config.profile_first_step,
     )

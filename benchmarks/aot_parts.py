@@ -7,7 +7,7 @@ measured against its previous form in one run.
         [--parts=block,decoder] [--variants="decoder_conv_impl=taps;attention_impl=xla"]
 
 Each row: the compiler's bytes accessed per chip, the HLO's op traffic split into HBM
-and on-chip memory spaces (``aot.traffic``), the compiler's FLOPs and the compile time;
+and on-chip memory spaces (``hlo.traffic``), the compiler's FLOPs and the compile time;
 the first row of each part is the config's own execution, each variant (``;``-separated
 ``model.Execution`` overrides, ``,`` within one) a row with its ratio of bytes to it.
 """
@@ -22,19 +22,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from asda_jax import aot, config_lib, platforms, sharding
+from asda_jax import aot, config_lib, hardware, sharding
 from asda_jax import model as model_lib
-from benchmarks import common
+from benchmarks import common, hlo
 from tests.train_helpers import load_config
 
 
-def step_shapes(config) -> dict[str, tuple[int, ...]]:
+def step_shapes(run: config_lib.RunConfig) -> dict[str, tuple[int, ...]]:
     """Global shapes of a student block's and the decoder's inputs in the step."""
-    model = config_lib.model_config(config)
-    mask = config_lib.mask_config(config)
-    frames = config.data.target_frames
+    model, mask = run.model, run.mask
+    frames = run.data.target_frames
     grid = (frames // model.patch_size, model.freq_patches)
-    rows = config.data.batch_size * mask.clone_batch
+    rows = run.data.batch_size * mask.clone_batch
     kept = mask.num_kept(grid[0] * grid[1])
     return {
         "block": (rows, kept + 1, model.embed_dim),  # kept patches and CLS
@@ -73,7 +72,7 @@ def compile_part(part: str, shape, model, run, mesh) -> dict:
         compiled = grad.lower(params, x).compile()
     seconds = time.perf_counter() - start
     cost = aot.cost_of(compiled) or {}
-    traffic = aot.traffic(compiled.as_text())
+    traffic = hlo.traffic(compiled.as_text())
     return {
         "bytes": cost.get("bytes accessed"),
         "hbm": sum(traffic["by_scope"].values()),
@@ -103,11 +102,10 @@ def main() -> None:
     if not topology:
         raise SystemExit(f"{args.config} names no topology: pick a TPU or GPU mesh preset")
     devices = aot.abstract_devices(topology)
-    platform = platforms.of_devices(devices)
-    mesh = sharding.make_mesh(dict(config.mesh), devices)
-    model = config_lib.model_config(config)
-    base = config_lib.execution(config, platform)
-    shapes = step_shapes(config)
+    run_config = config_lib.read(config, hardware.of_devices(devices))
+    mesh = sharding.make_mesh(run_config.mesh, devices)
+    model, base = run_config.model, run_config.execution
+    shapes = step_shapes(run_config)
     print(common.machine())
     print(common.versions(("jax", "jaxlib", "libtpu")))
     rows = []

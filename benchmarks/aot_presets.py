@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from asda_jax import aot
-from benchmarks import common
+from benchmarks import common, hlo
 
 TASKS = {
     "pretrain": "configs/pretrain_as2m.py",
@@ -59,11 +59,13 @@ def table_row(r: dict) -> list[str]:
     if "error" in r:
         return [r["preset"], r["task"], f"failed: {r['error'][-160:]}"] + [""] * 10
     rep = aot.report_from_counts(r)  # the figures by today's roofline, whoever compiled
+    text = hlo.from_counts(r)
     per_clip = lambda flops: flops * rep.chips / rep.clips / 1e12
     compiler = "n/a" if rep.compiler_flops is None else f"{per_clip(rep.compiler_flops):.3f}"
     collectives = ", ".join(
-        f"{c['kind']} ×{c['count']} {c['bytes'] / MiB:,.0f} MiB" for c in rep.collectives
+        f"{c['kind']} ×{c['count']} {c['bytes'] / MiB:,.0f} MiB" for c in text.collectives
     )
+
     roofline = rep.step_seconds is not None
     hours = EPOCHS * AS2M_CLIPS / (rep.clips_per_second_per_chip or 1) / 3600
     return [
@@ -74,7 +76,7 @@ def table_row(r: dict) -> list[str]:
         collectives or "none",
         f"{rep.step_seconds * 1e3:.0f}" if roofline else "n/a",
         f"{rep.mfu:.0%}" if roofline else "n/a",
-        f"{rep.hbm_traffic / 1e9:.1f} / {rep.hbm_mfu:.0%}",
+        f"{text.hbm_traffic / 1e9:.1f}",
         f"{rep.clips_per_second_per_chip:.1f}" if roofline else "n/a",
         f"{hours:,.0f}" if roofline and r["task"] == "pretrain" else "",
     ]  # fmt: skip
@@ -104,7 +106,7 @@ def main() -> None:
         [
             "preset", "task", "chips", "clips", "memory MiB (of HBM)",
             "TFLOP/clip compiler / analytic", "GB accessed/step", "collectives",
-            "roofline ms", "MFU", "HLO HBM GB / MFU (estimate)", "clips/s/chip",
+            "roofline ms (estimate)", "MFU (estimate)", "HLO HBM GB", "clips/s/chip (estimate)",
             f"chip-h, {EPOCHS} AS-2M epochs",
         ],
         [table_row(r) for r in rows],

@@ -19,24 +19,19 @@ import jax
 import jax.numpy as jnp
 
 from asda_jax import attention as attn_lib
+from asda_jax import hardware
 from asda_jax import model as model_lib
-from asda_jax import platforms
 from benchmarks import common
 
 HEADS, HEAD_DIM = 12, 64
 SHAPES = {"teacher 2×513": (2, 513), "student 16×103": (16, 103)}
-PLATFORM = platforms.of_devices(jax.devices())  # what the timed programs run on
+CHIP = hardware.of_devices(jax.devices())  # what the timed programs run on
+FUSED = {"gpu": ["cudnn"], "tpu": ["pallas_splash"]}  # the chip's fused backends of both forms
 
 
-def backends_here() -> list[tuple[str, bool]]:
-    """(backend, stack_heads) pairs that run natively on this platform."""
-    rows = [("xla", False), ("reference", False), ("dot_product", False), ("dot_product", True)]
-    platform = PLATFORM
-    if platform == "gpu":
-        rows += [("cudnn", False), ("cudnn", True)]
-    if platform == "tpu":
-        rows += [("pallas_flash", False), ("pallas_splash", False)]
-    return rows
+def backends_here() -> list[str]:
+    """The backends that run plain and differential attention natively on this chip."""
+    return ["xla", "reference", *FUSED.get(CHIP.platform, [])]
 
 
 def fwd_bwd(core, inputs):
@@ -54,19 +49,15 @@ def fwd_bwd(core, inputs):
     return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(inputs)))))
 
 
-def measure(batch, length, implementation, stack_heads, dtype, repeats):
+def measure(batch, length, implementation, dtype, repeats):
     """(seconds, peak bytes) of plain and differential fwd+bwd, timed in alternation."""
     keys = jax.random.split(jax.random.key(0), 5)
     qkv = [jax.random.normal(k, (batch, length, HEADS, HEAD_DIM), dtype) for k in keys]
     plain = functools.partial(
-        attn_lib.dot_product_attention, implementation=implementation, platform=PLATFORM
+        attn_lib.dot_product_attention, implementation=implementation, chip=CHIP
     )
     diff = functools.partial(
-        attn_lib.differential_attention,
-        lam=0.1,
-        implementation=implementation,
-        platform=PLATFORM,
-        stack_heads=stack_heads,
+        attn_lib.differential_attention, lam=0.1, implementation=implementation, chip=CHIP
     )
     calls = [(fwd_bwd(plain, qkv[:3]), qkv[:3]), (fwd_bwd(diff, qkv), qkv)]
     seconds = common.interleaved_medians(calls, repeats=repeats)
@@ -80,7 +71,7 @@ def measure_blocks(batch, length, dtype, repeats):
     calls = []
     for variant in ("plain", "asda"):
         cfg = model_lib.preset("base", attention=variant)
-        run = model_lib.Execution(platform=PLATFORM, dtype=jnp.dtype(dtype).name)
+        run = model_lib.Execution(chip=CHIP.name, dtype=jnp.dtype(dtype).name)
         block = model_lib.Block(cfg, layer_index=0, run=run)
         params = block.init(jax.random.key(1), spec, None, False)
 
@@ -103,21 +94,18 @@ def main():
     print(f"machine: {common.machine()}\nversions: {common.versions()}\ndtype: {args.dtype}")
     header = [
         "shape", "backend", "plain ms", "diff ms", "diff / plain (same backend)",
-        "diff / plain xla", "diff / plain jax.nn", "plain MiB", "diff MiB",
+        "diff / plain xla", "plain MiB", "diff MiB",
     ]  # fmt: skip
     rows = []
     for shape_name, (batch, length) in SHAPES.items():
         results = {
-            (impl, stack): measure(batch, length, impl, stack, dtype, args.repeats)
-            for impl, stack in backends_here()
+            impl: measure(batch, length, impl, dtype, args.repeats) for impl in backends_here()
         }
-        plain_xla = results["xla", False][0][0]
-        plain_jax_nn = results["dot_product", False][0][0]
-        for (impl, stack), ((plain_s, plain_b), (diff_s, diff_b)) in results.items():
+        plain_xla = results["xla"][0][0]
+        for impl, ((plain_s, plain_b), (diff_s, diff_b)) in results.items():
             rows.append([
-                shape_name, impl + (" (2H heads, one call)" if stack else ""),
-                f"{plain_s * 1e3:.2f}", f"{diff_s * 1e3:.2f}", f"{diff_s / plain_s:.2f}×",
-                f"{diff_s / plain_xla:.2f}×", f"{diff_s / plain_jax_nn:.2f}×",
+                shape_name, impl, f"{plain_s * 1e3:.2f}", f"{diff_s * 1e3:.2f}",
+                f"{diff_s / plain_s:.2f}×", f"{diff_s / plain_xla:.2f}×",
                 f"{plain_b / 2**20:.1f}", f"{diff_b / 2**20:.1f}",
             ])  # fmt: skip
     common.print_table(

@@ -60,11 +60,23 @@ def versions(packages: Sequence[str] = ("jax", "jaxlib", "flax", "numpy")) -> st
     return ", ".join(found)
 
 
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` gives it (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     devices = jax.devices()
     kind = devices[0].device_kind if devices else "?"
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{cpu_model()}, {os.cpu_count()} cores, "
         f"jax backend {jax.default_backend()} ({len(devices)}× {kind}), "
         f"Python {platform.python_version()}"
     )

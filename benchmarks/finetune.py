@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from asda_jax import finetuning, sharding, train_state
+from asda_jax import config_lib, finetuning, hardware, sharding, train_state
 from asda_jax.data import datasets
 from benchmarks import common
 from tests.train_helpers import load_config
@@ -41,7 +41,7 @@ def rates(preset: str, steps: int) -> tuple[float, float]:
     config = load_config("configs/finetune_demo.py", f"model={preset},init_from=")
     config.data.target_frames = frames
     config.data.batch_size = batch_size
-    task = finetuning.FinetuneTask(config, "cpu")
+    task = finetuning.FinetuneTask(config_lib.read(config, hardware.HOST))
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
     state = train_state.create_state(plan, mesh, jax.random.PRNGKey(0))

@@ -6,7 +6,7 @@ the demo's input pipeline against the rate its pretraining step consumes clips.
 Clips are 10 s at 16 kHz, stored as FLAC bytes as prepared datasets store them. All
 rates are clips per second on this machine, timed in this process; "decode + fbank"
 runs the two back to back on one thread, as one pipeline worker does. The jitted fbank
-runs in the CPU's forms (``platforms.FORMS["cpu"]``: passes of a few clips, the
+runs in the CPU's forms (``hardware.CPU_FORMS``: passes of a few clips, the
 two-tap pre-emphasis, the banded mel), and once more with the whole batch of 16 in one
 pass, to show what the passes buy; its "fbank" rows start
 from batches already padded and on the device (as the pipeline delivers them), its
@@ -32,7 +32,7 @@ import librosa
 import numpy as np
 import threadpoolctl
 
-from asda_jax import audio, platforms, sharding, train_lib, train_state
+from asda_jax import audio, config_lib, hardware, sharding, train_lib, train_state
 from asda_jax.data import datasets, pipeline
 from benchmarks import common
 from tests.train_helpers import load_config
@@ -88,7 +88,7 @@ def main():
     print(f"machine: {common.machine()}\nversions: {common.versions(('jax', 'numpy', 'librosa'))}")
     clips = make_clips(args.clips)
     waves = [audio.read_audio(c) for c in clips]
-    cpu = functools.partial(audio.device_spectrogram, norm=NORM, forms=platforms.FORMS["cpu"])
+    cpu = functools.partial(audio.device_spectrogram, norm=NORM, forms=hardware.CPU_FORMS)
     jitted = jax.jit(cpu)
     one_pass = jax.jit(functools.partial(cpu, per_pass=BATCH))
 
@@ -161,7 +161,7 @@ def demo_rates(batches: int) -> tuple[float, float]:
     """(clips/s the demo's pipeline delivers, clips/s its pretraining step consumes)."""
     config = load_config("configs/demo.py")
     datasets.prepare("synthetic", config.data.data_dir)
-    task = train_lib.make_task(config, "cpu")
+    task = train_lib.make_task(config_lib.read(config, hardware.HOST))
     stream = iter(pipeline.make_pipeline(task.data_cfg, train=True))
     batch = next(stream)  # threads started, first batch decoded
     start = time.perf_counter()

@@ -51,10 +51,11 @@ def write_exports(root: Path, cfg: model_lib.ModelConfig) -> tuple[Path, Path, P
     params = nn.meta.unbox(variables)["params"]
     norm = list(audio.NORM_STATS["audioset"])
     encoder = checkpoints.export(
-        root / "encoder", {"encoder": params["encoder"]}, cfg, target_frames=FRAMES
-    )
+        root / "encoder", {"encoder": params["encoder"]}, cfg, kind="pretrain",
+        target_frames=FRAMES, norm=norm,
+    )  # fmt: skip
     classifier = checkpoints.export(
-        root / "classifier", params, cfg, pooling="cls", scores="sigmoid",
+        root / "classifier", params, cfg, kind="finetune", pooling="cls", scores="sigmoid",
         target_frames=FRAMES, norm=norm,
     )  # fmt: skip
     labels = root / "labels.csv"

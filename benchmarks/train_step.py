@@ -34,7 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from asda_jax import flop_counts, launch_env, masking, sharding, train_lib, train_state
+from asda_jax import (
+    config_lib,
+    flop_counts,
+    hardware,
+    launch_env,
+    masking,
+    sharding,
+    train_lib,
+    train_state,
+)
 from asda_jax import model as model_lib
 from benchmarks import common
 from tests import torch_reference as ref
@@ -64,7 +73,7 @@ def jax_step(clips: int, remat: str):
     config = load_config("configs/pretrain_as2m.py", "mesh=cpu")
     config.execution.remat_policy = remat
     config.data.batch_size = clips
-    task = train_lib.make_task(config, "cpu")
+    task = train_lib.make_task(config_lib.read(config, hardware.HOST))
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
     state = train_state.create_state(plan, mesh, jax.random.PRNGKey(0))

@@ -6,7 +6,7 @@
 
 Arguments (after the colon): ``source`` (the folder: any depth, any of the formats
 read_audio takes, any length), ``data_dir`` (where the prepared dataset goes),
-``mesh`` (a preset of config_lib.MESH_PRESETS, default gpu), ``model`` (base, small,
+``mesh`` (a preset of hardware.MESH_PRESETS, default gpu), ``model`` (base, small,
 demo, tiny), ``steps`` (updates, default 100 000; the schedule follows).
 
 The first run prepares the ``unlabelled_folder`` dataset from ``source`` (each

@@ -10,9 +10,11 @@ Builds what launch/train.py would run (task, state shardings, the donated jitted
 the batch's shapes and shardings) on abstract devices of the preset's topology (or
 --topology; --num_slices for multi-slice TPU, default from the preset's mesh_dcn) and
 compiles it with the accelerator's compiler. Prints per-chip memory against HBM, the
-compiler's FLOPs and bytes next to the analytic count, the collectives, the attention
-backend per sequence length, and a roofline step time (asda_jax/aot.py has the chips'
-published figures and their sources). No data or checkpoint is read.
+compiler's FLOPs and bytes next to the analytic count, the attention backend per
+sequence length and a roofline step time (asda_jax/aot.py; the chips' published
+figures and their sources are in asda_jax/hardware.py), and from the program's HLO
+text its collectives, custom calls and op traffic (benchmarks/hlo.py). No data or
+checkpoint is read.
 
 Exit codes: 0 fits, 1 does not fit its chips' memory, 2 bad config, 5 the compiler for
 that platform is not installed.
@@ -28,12 +30,17 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no GPU driver h
 
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from asda_jax import aot, cli, config_lib
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the HLO readers
+from benchmarks import hlo
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
@@ -47,13 +54,14 @@ flags.mark_flags_as_required(["config"])
 MiB = 1024**2
 
 
-def report_rows(rep: aot.Report) -> list[tuple[str, str]]:
-    m = rep.memory
+def report_rows(rep: aot.Report, text: hlo.HloSummary) -> list[tuple[str, str]]:
+    m, chip = rep.memory, rep.chip
     flops = rep.compiler_flops
+    hbm_seconds = text.hbm_step_seconds(rep)
     rows = [
-        ("chips", f"{rep.chips} × {rep.chip.name}"),
+        ("chips", f"{rep.chips} × {chip.description}"),
         ("global batch", f"{rep.clips} clips ({rep.clips / rep.chips:g} per chip)"),
-        ("memory per chip", f"{m.total / MiB:,.0f} MiB of {rep.chip.hbm_bytes / MiB:,.0f} MiB "
+        ("memory per chip", f"{m.total / MiB:,.0f} MiB of {chip.hbm_bytes / MiB:,.0f} MiB "
          f"({1 - rep.headroom:.0%}; headroom {rep.headroom:.0%})"),
         ("  arguments / temporaries / outputs / aliased / code (MiB)",
          " / ".join(f"{b / MiB:,.0f}" for b in (m.arguments, m.temporaries, m.outputs,
@@ -62,18 +70,18 @@ def report_rows(rep: aot.Report) -> list[tuple[str, str]]:
         ("FLOPs per chip, analytic", f"{rep.analytic_flops / 1e12:.3f} T"),
         ("bytes accessed per chip", "n/a (GPU)" if rep.bytes_accessed is None
          else f"{rep.bytes_accessed / 1e9:.2f} GB"),
-        ("roofline step", "n/a (the GPU compiler counts no FLOPs or bytes)"
+        ("roofline step (estimate)", "n/a (the GPU compiler counts no FLOPs or bytes)"
          if rep.step_seconds is None else f"{rep.step_seconds * 1e3:.1f} ms; MFU {rep.mfu:.0%}; "
          f"{rep.clips_per_second_per_chip:.1f} clips/s per chip"),
-        ("HLO op traffic per chip (estimate)", f"{rep.hbm_traffic / 1e9:.2f} GB in HBM, "
-         f"{rep.on_chip_traffic / 1e9:.2f} GB in on-chip memory spaces"),
-        ("roofline, HBM traffic only", f"{rep.hbm_step_seconds * 1e3:.1f} ms; "
-         f"MFU {rep.hbm_mfu:.0%}"),
+        ("HLO op traffic per chip (estimate)", f"{text.hbm_traffic / 1e9:.2f} GB in HBM, "
+         f"{text.on_chip_traffic / 1e9:.2f} GB in on-chip memory spaces"),
+        ("roofline, HBM traffic only (estimate)", "n/a" if hbm_seconds is None
+         else f"{hbm_seconds * 1e3:.1f} ms; MFU {text.hbm_mfu(rep):.0%}"),
         ("attention", ", ".join(f"{n} tokens: {b}" for n, b in rep.attention) or "none"),
-        ("custom calls", ", ".join(f"{k} ×{v}" for k, v in sorted(rep.custom_calls.items()))
+        ("custom calls", ", ".join(f"{k} ×{v}" for k, v in sorted(text.custom_calls.items()))
          or "none"),
     ]  # fmt: skip
-    for c in rep.collectives:
+    for c in text.collectives:
         where = (
             ""
             if c["crosses_slices"] is None
@@ -85,7 +93,7 @@ def report_rows(rep: aot.Report) -> list[tuple[str, str]]:
 
 
 def print_traffic(traffic: dict, top: int) -> None:
-    """Where the bytes go (aot.traffic): the busiest op scopes and opcodes."""
+    """Where the bytes go (hlo.traffic): the busiest op scopes and opcodes."""
     total = sum(traffic["by_scope"].values())
     print(f"  traffic of the entry computation's ops: {total / 1e9:.2f} GB in the default memory "
           f"space, {traffic['other_memory'] / 1e9:.2f} GB in others")  # fmt: skip
@@ -116,21 +124,23 @@ def main(argv):
         logging.error("config cannot run on %s: %s", topology, e)
         return 2
     seconds = time.perf_counter() - started
-    rep = aot.report(step, aot.chip_of_topology(topology))
+    rep = aot.report(step)
+    program = step.compiled.as_text()
+    text = hlo.summary(program, list(step.mesh.devices.flat))
     print(f"{config.task} step for {topology} × {slices} slice(s), compiled in {seconds:.0f} s")
-    width = max(len(k) for k, _ in report_rows(rep))
-    for key, value in report_rows(rep):
+    rows = report_rows(rep, text)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
         print(f"  {key:<{width}}  {value}")
     if FLAGS.traffic:
-        print_traffic(rep.traffic, FLAGS.traffic)
+        print_traffic(text.traffic, FLAGS.traffic)
     if FLAGS.hlo:
         with open(FLAGS.hlo, "w") as f:
-            f.write(step.compiled.as_text())
+            f.write(program)
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
-            json.dump(
-                aot.counts_of(rep) | dict(topology=topology, compile_seconds=seconds), f, indent=2
-            )
+            saved = aot.counts_of(rep) | hlo.counts_of(text)
+            json.dump(saved | dict(topology=topology, compile_seconds=seconds), f, indent=2)
     if not rep.fits:
         logging.error(
             "does not fit: %.0f MiB per chip > %.0f MiB of HBM; lower data.batch_size, set "

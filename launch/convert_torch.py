@@ -26,7 +26,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "The release .pt file.")
 flags.DEFINE_string("output", None, "A new (or empty) directory for the export.")
 flags.DEFINE_integer("num_heads", None, "Attention heads (default: embed_dim / 64).")
-flags.DEFINE_integer("target_frames", 1024, "Input frames of a fine-tuned classifier.")
+flags.DEFINE_integer("target_frames", 1024, "Input frames the model was trained on.")
 flags.DEFINE_enum("norm", "audioset", list(audio.NORM_STATS), "Fbank normalisation stats.")
 flags.mark_flags_as_required(["checkpoint", "output"])
 
@@ -56,12 +56,12 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(report, indent=2))
-    description = {"source": FLAGS.checkpoint, "kind": report["kind"]}
+    description = dict(
+        source=FLAGS.checkpoint, kind=report["kind"], target_frames=FLAGS.target_frames,
+        norm=audio.NORM_STATS[FLAGS.norm],
+    )  # fmt: skip
     if report["kind"] == "finetuned":
-        norm = list(audio.NORM_STATS[FLAGS.norm])
-        description |= dict(
-            pooling="cls", scores="sigmoid", target_frames=FLAGS.target_frames, norm=norm
-        )
+        description |= dict(pooling="cls", scores="sigmoid")
     try:
         out = checkpoints.export(FLAGS.output, params, cfg, **description)
     except FileExistsError as e:

@@ -21,15 +21,17 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 from absl import app, flags
 
 from asda_jax import (
     checkpoints,
     cli,
+    config_lib,
     evaluation,
     finetuning,
+    hardware,
     inference,
-    platforms,
     sharding,
     train_state,
 )
@@ -45,9 +47,11 @@ flags.DEFINE_string("output", None, "JSON file (default: <workdir>/eval-<step>-<
 flags.mark_flags_as_required(["workdir"])
 
 
-def evaluation_config(config):
-    """The run's config, evaluated on this machine's devices with the flags' overrides."""
+def evaluation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run's config, evaluated on this machine's devices in their chip's forms (not
+    the run's execution settings), with the flags' overrides."""
     config = config.copy_and_resolve_references()
+    config.execution = ml_collections.ConfigDict()
     config.mesh = dict(sharding.DATA_PARALLEL)
     config.mesh_dcn = None
     config.num_processes = None
@@ -62,9 +66,10 @@ def main(argv):
     del argv
     cli.quiet_library_logs()
     try:
-        config = evaluation_config(inference.run_config(FLAGS.workdir))
+        saved = ml_collections.ConfigDict(inference.saved_config(FLAGS.workdir))
+        config = evaluation_config(saved)
         mesh = sharding.make_mesh(dict(config.mesh))
-        task = finetuning.FinetuneTask(config, platforms.of_mesh(mesh))
+        task = finetuning.FinetuneTask(config_lib.read(config, hardware.of_mesh(mesh)))
         eval_cfg = dataclasses.replace(
             task.eval_cfg, batch_size=_fit(task.eval_cfg.batch_size, mesh)
         )

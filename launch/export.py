@@ -29,18 +29,17 @@ flags.mark_flags_as_required(["workdir", "output"])
 
 def run_export(workdir: str, step: int | None):
     """(params, ModelConfig, description) of a run's checkpoint."""
-    config = inference.run_config(workdir)
+    described = inference.describe(workdir)
     item, prefix = checkpoints.locate_params(workdir, step)
     params = checkpoints.restore_item(item, prefix)
-    description = {"source": str(item.parent), "kind": config.task}
-    if config.task == "pretrain":
+    if described.kind == "pretrain":
         params["teacher"] = checkpoints.restore_item(item, ("teacher",))
-        cfg = inference.model_config_of(workdir)
-        description["target_frames"] = inference.input_frames(workdir, cfg)  # the windows
-    else:
-        _, head, inputs = inference.classifier_description(workdir)
-        description |= dict(head, target_frames=inputs.target_frames, norm=list(inputs.norm))
-    return params, inference.model_config_of(workdir), description
+    description = dict(
+        source=str(item.parent), kind=described.kind,
+        target_frames=described.input.target_frames, norm=described.input.norm,
+        **(described.head or {}),
+    )  # fmt: skip
+    return params, described.model, description
 
 
 def main(argv):

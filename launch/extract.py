@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from asda_jax import audio, checkpoints, cli, embeddings, inference, windows
+from asda_jax import checkpoints, cli, embeddings, inference, windows
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or an exported encoder.")
@@ -47,10 +47,18 @@ flags.DEFINE_string("audio", None, "An audio file or a folder of them.")
 flags.DEFINE_string("output", None, "Folder for the .npy files.")
 flags.DEFINE_float("hop", None, "Seconds between window starts (default: the window).")
 flags.DEFINE_enum("frames", "concat", embeddings.POOLINGS, "A time step's frequency patches.")
-flags.DEFINE_integer("batch_size", None, "Windows per call (default: the platform's).")
-flags.DEFINE_float("norm_mean", audio.NORM_STATS["audioset"][0], "Fbank normalisation mean.")
-flags.DEFINE_float("norm_std", audio.NORM_STATS["audioset"][1], "Fbank normalisation std.")
+flags.DEFINE_integer("batch_size", None, "Windows per call (default: the chip's).")
+flags.DEFINE_float("norm_mean", None, "Fbank normalisation mean (default: the model's).")
+flags.DEFINE_float("norm_std", None, "Fbank normalisation std (default: the model's).")
 flags.mark_flags_as_required(["checkpoint", "audio", "output"])
+
+
+def norm_override() -> tuple[float, float] | None:
+    """--norm_mean/--norm_std, given together, else None (the model's own)."""
+    given = (FLAGS.norm_mean, FLAGS.norm_std)
+    if given.count(None) == 1:
+        raise ValueError("pass both --norm_mean and --norm_std, or neither")
+    return None if None in given else given
 
 
 def main(argv):
@@ -59,7 +67,7 @@ def main(argv):
     try:
         embedder = embeddings.Embedder(
             inference.load_encoder(FLAGS.checkpoint, FLAGS.step),
-            (FLAGS.norm_mean, FLAGS.norm_std),
+            norm_override(),
             hop_frames=None if FLAGS.hop is None else windows.hop_frames(FLAGS.hop),
             batch_size=FLAGS.batch_size,
         )

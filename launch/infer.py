@@ -36,7 +36,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from asda_jax import checkpoints, cli, inference, platforms, timeline, windows
+from asda_jax import checkpoints, cli, inference, timeline, windows
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -50,12 +50,12 @@ flags.DEFINE_enum("pooling", "max", timeline.FILE_POOLINGS, "File scores over th
 flags.DEFINE_bool("events", False, "Merge consecutive windows into sound events.")
 flags.DEFINE_float("threshold", 0.5, "Lowest top score of a window in an event.")
 flags.DEFINE_float("silence_db", -60.0, "Windows quieter than this (dBFS RMS) are silence.")
-flags.DEFINE_integer("batch_size", None, "Windows per call (default: the platform's).")
+flags.DEFINE_integer("batch_size", None, "Windows per call (default: the chip's).")
 flags.DEFINE_string("output", None, "Write the results here: a .csv or .json file.")
 flags.mark_flags_as_required(["checkpoint", "audio"])
 
 
-def class_names(inputs: inference.ClassifierInput) -> list[str]:
+def class_names(inputs: inference.ModelInput) -> list[str]:
     if FLAGS.labels:
         names = inference.read_label_names(FLAGS.labels)
     elif inputs.dataset is not None:
@@ -67,7 +67,7 @@ def class_names(inputs: inference.ClassifierInput) -> list[str]:
     return names
 
 
-def windowing_of(inputs: inference.ClassifierInput) -> windows.Windowing:
+def windowing_of(inputs: inference.ModelInput) -> windows.Windowing:
     frames = inputs.target_frames
     hop = frames if FLAGS.hop is None else windows.hop_frames(FLAGS.hop)
     return windows.Windowing(frames, hop)
@@ -80,7 +80,7 @@ def shown(labels) -> str:
 def labelled(path: Path, classify, inputs, windowing, names) -> dict:
     """Everything known of one file: its windows' labels, its own, its events."""
     stream = windows.windows_of_file(path, windowing, inputs.norm)
-    batch = FLAGS.batch_size or platforms.forms(inference.here().platform).windows_per_call
+    batch = FLAGS.batch_size or inference.here().hardware.forms.windows_per_call
     rows = list(timeline.classify_windows(classify, stream, batch))
     result = {
         "file": str(path),

@@ -75,19 +75,20 @@ def prepare_dataset(config) -> None:
         multihost_utils.sync_global_devices("dataset ready")
 
 
-def report_probe(config, state, task, mesh, workdir: Path) -> None:
+def report_probe(state, task, mesh, workdir: Path) -> None:
+    splits = task.config.probe
     results = probe.compare_with_random_init(
         task,
         state.params["encoder"],
         mesh,
-        config.probe.train_split,
-        config.probe.test_split,
-        config.seed,
+        splits["train_split"],
+        splits["test_split"],
+        task.config.seed,
     )
     if jax.process_index() == 0:
         (workdir / "probe.json").write_text(json.dumps(results, indent=2))
         print(
-            f"linear-probe accuracy on {task.data_cfg.dataset}:{config.probe.test_split}: "
+            f"linear-probe accuracy on {task.data_cfg.dataset}:{splits['test_split']}: "
             f"pretrained {results['pretrained']:.1%}, random init {results['random_init']:.1%}"
         )
 
@@ -119,11 +120,11 @@ def main(argv):
         logging.error("%s", e)
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(3)
-    if int(state.step) != config.num_train_steps:
+    if int(state.step) != task.config.num_train_steps:
         return  # stopped early by SIGTERM: nothing final to report
-    if config.get("probe"):
-        report_probe(config, state, task, mesh, workdir)
-    if config.task != "pretrain" and task.eval_cfg is not None:
+    if task.config.probe:
+        report_probe(state, task, mesh, workdir)
+    if task.config.task != "pretrain" and task.eval_cfg is not None:
         report_evaluation(state, task, mesh, workdir)
 
 

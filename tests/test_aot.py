@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
 
-from asda_jax import aot, attention, config_lib, platforms, sharding, train_lib
+from asda_jax import aot, attention, config_lib, hardware, sharding, train_lib
+from benchmarks import hlo
 from tests.train_helpers import ROOT, load_config
 
 needs_libtpu = pytest.mark.skipif(
@@ -48,34 +49,45 @@ def v5e_2x2():
     return aot.abstract_devices("v5e:2x2")
 
 
+def program_of(step: aot.Step) -> hlo.HloSummary:
+    return hlo.summary(step.compiled.as_text(), list(step.mesh.devices.flat))
+
+
+@pytest.mark.compile
 @needs_libtpu
 def test_the_pretraining_step_compiles_for_v5e_with_the_pallas_kernels(v5e_2x2):
     step = aot.compile_step(tiny_run("configs/pretrain_as2m.py"), v5e_2x2)
-    rep = aot.report(step, "v5e")
+    rep, text = aot.report(step), step.compiled.as_text()
+    assert rep.chip == hardware.chip("v5e")
     # the teacher's 129 tokens through splash attention, the student's 26 (below splash's
     # 128) through the short kernel
     assert step.attention_choices == ((26, "pallas_short"), (129, "pallas_splash"))
-    # Mosaic kernels: two blocks × two branches of the (forward-only) teacher, the
-    # student's forward and backward kernels in both blocks, the decoder's in both, and
-    # the MLP's: forward and backward in the student's blocks, forward in the teacher's
-    assert rep.custom_calls["tpu_custom_call"] == 4 + 4 + 4 + (4 + 2)
+    # the kernels: splash in the (forward-only) teacher; the short attention, the MLP and
+    # the decoder block both ways
+    assert hlo.pallas_kernels(text) == {
+        ("splash", "forward"), ("attention", "forward"), ("attention", "backward"),
+        ("mlp", "forward"), ("mlp", "backward"), ("decoder", "forward"), ("decoder", "backward"),
+    }  # fmt: skip
     assert rep.chips == 4 and rep.fits
     assert rep.memory.total > rep.memory.arguments > 0
     # the compiler counts at least the model's matmuls (and elementwise work on top)
     assert rep.analytic_flops <= rep.compiler_flops < 3 * rep.analytic_flops
     assert rep.bytes_accessed > 0 and 0 < rep.mfu <= 1
-    # data parallelism: only all-reduces over all four chips
-    assert {(c["kind"], c["group_size"]) for c in rep.collectives} == {("all-reduce", 4)}
+    # data parallelism: no collective but all-reduces over all four chips
+    collectives = program_of(step).collectives
+    assert {(c["kind"], c["group_size"]) for c in collectives} == {("all-reduce", 4)}
 
 
+@pytest.mark.compile
 @needs_libtpu
 def test_the_finetuning_step_compiles_for_v5e_forward_and_backward_kernels(v5e_2x2):
     config = tiny_run("configs/finetune_as20k.py")
     step = aot.compile_step(config, v5e_2x2)
     assert step.attention_choices == ((129, "pallas_splash"),)
-    calls = aot.report(step, "v5e").custom_calls
-    # forward and backward kernels of both branches in both blocks
-    assert calls["tpu_custom_call"] >= 8
+    kernels = hlo.pallas_kernels(step.compiled.as_text())
+    assert {("splash", "forward"), ("splash", "backward")} <= kernels
+    assert {("mlp", "forward"), ("mlp", "backward")} <= kernels
+    assert not {k for k, _ in kernels} & {"decoder", "attention"}  # no decoder, no short kernel
     assert step.task.num_classes == 527  # AudioSet's, known without the prepared data
 
 
@@ -88,28 +100,29 @@ def test_kernels_and_front_end_follow_the_mesh_devices_not_the_host(v5e_2x2):
     assert jax.default_backend() == "cpu"  # the same process, the same call
     assert on_tpu.attention_choices == ((26, "pallas_short"), (129, "pallas_splash"))
     assert on_cpu.attention_choices == ((26, "xla"), (129, "xla"))
-    assert on_tpu.task.forms == platforms.FORMS["tpu"]
-    assert on_cpu.task.forms == platforms.FORMS["cpu"]
+    assert on_tpu.task.forms == hardware.chip("v5e").forms == hardware.TPU_FORMS
+    assert on_cpu.task.forms == hardware.CPU_FORMS
     assert on_tpu.task.run.decoder_conv == "pallas" and on_cpu.task.run.decoder_conv == "taps"
     assert on_tpu.task.data_cfg.fbank_on == "device" and on_cpu.task.data_cfg.fbank_on == "host"
     tpu_text = on_tpu.lowered.as_text()
     assert "tpu_custom_call" in tpu_text and "tpu_custom_call" not in on_cpu.lowered.as_text()
 
 
+@pytest.mark.compile
 @needs_libtpu
 def test_multi_slice_only_the_gradient_reduction_crosses_slices():
     devices = aot.abstract_devices("v5e:2x2", num_slices=2)
     assert sorted({d.slice_index for d in devices}) == [0, 1]
     config = tiny_run("configs/pretrain_as2m.py", clips=8)
     config.mesh_dcn = {"data": 2}
-    rep = aot.report(aot.compile_step(config, devices), "v5e")
-    crossing = [c for c in rep.collectives if c["crosses_slices"]]
+    collectives = program_of(aot.compile_step(config, devices)).collectives
+    crossing = [c for c in collectives if c["crosses_slices"]]
     # over the data-centre network: the multi-slice runtime's all-reduces (sums), only
     assert [c["kind"] for c in crossing] == ["dcn-all-reduce"]
     # no more than the float32 gradients (and the metrics), reduced within slices first
     grads = sum(x.size * 4 for x in jax.tree.leaves(rep_params(config)))
     assert grads / 8 < crossing[0]["bytes"] <= grads
-    inside = [c for c in rep.collectives if not c["crosses_slices"]]
+    inside = [c for c in collectives if not c["crosses_slices"]]
     assert {c["kind"] for c in inside} >= {"reduce-scatter", "all-gather"}
     assert all(c["crosses_slices"] is False for c in inside if c["group_size"])
     assert {c["group_size"] for c in inside if c["group_size"]} == {4}
@@ -117,7 +130,7 @@ def test_multi_slice_only_the_gradient_reduction_crosses_slices():
 
 def rep_params(config):
     """The student's parameters of ``config`` (shapes only)."""
-    task = train_lib.make_task(config, "tpu")
+    task = train_lib.make_task(config_lib.read(config, hardware.chip("v5e")))
     return jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
 
 
@@ -128,21 +141,21 @@ PRESET_CONFIGS = [
     ("configs/finetune_esc50.py", ""),
     ("configs/finetune_spcv2.py", ""),
 ]
-TPU_PRESETS = [name for name, p in config_lib.MESH_PRESETS.items() if p.topology]
+TPU_PRESETS = [name for name, p in hardware.MESH_PRESETS.items() if p.topology]
 
 
 @pytest.mark.parametrize("preset", TPU_PRESETS)
 @pytest.mark.parametrize("path,arg", PRESET_CONFIGS)
 def test_every_preset_batch_splits_into_whole_clips_over_its_chips(preset, path, arg):
     config = load_config(path, ",".join(filter(None, [f"mesh={preset}", arg])))
-    spec = config_lib.MESH_PRESETS[preset]
+    spec = hardware.MESH_PRESETS[preset]
     assert config.data.batch_size % spec.chips == 0
     assert config.data.batch_size % spec.processes == 0
     config_lib.validate(
         config,
+        chip=hardware.of_topology(spec.topology),
         device_count=spec.chips,
         process_count=spec.processes,
-        platform="tpu",
         require_files=False,
     )
 
@@ -151,7 +164,7 @@ def test_every_preset_batch_splits_into_whole_clips_over_its_chips(preset, path,
 def test_every_tpu_preset_compiles_for_one_device_per_chip():
     """As a TPU VM's JAX shows them: v4's two TensorCores per chip are one device."""
     for preset in TPU_PRESETS:
-        spec = config_lib.MESH_PRESETS[preset]
+        spec = hardware.MESH_PRESETS[preset]
         slices = math.prod(spec.dcn.values()) if spec.dcn else 1
         assert len(aot.abstract_devices(spec.topology, slices)) == spec.chips, preset
 
@@ -161,7 +174,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused():
     config.data.batch_size = 48  # the recipe's, over 32 chips: 1.5 clips each
     with pytest.raises(config_lib.ConfigError, match="multiple of 32"):
         config_lib.validate(
-            config, device_count=32, process_count=8, platform="tpu", require_files=False
+            config, chip=hardware.chip("v5e"), device_count=32, process_count=8, require_files=False
         )
 
 
@@ -176,6 +189,7 @@ def run_compile(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 @needs_libtpu
 def test_compile_refuses_what_cannot_run_before_compiling():
     split = run_compile(
@@ -199,14 +213,14 @@ def test_a_gpu_topology_without_the_cuda_plugin_says_what_to_install():
 
 def test_the_chooser_holds_cudnn_to_its_limits():
     choose = lambda **kw: attention.choose_backend(
-        "auto", **{"dtype": jnp.bfloat16, "head_dim": 128, "length": 103, "has_bias": False,
-                   "need_maps": False, "platform": "gpu"} | kw,
+        "auto", **{"dtype": jnp.bfloat16, "head_dim": 128, "length": 103,
+                   "chip": hardware.chip("h100")} | kw,
     )  # fmt: skip
     assert choose() == "cudnn"  # odd lengths too: padded to even
     assert choose(dtype=jnp.float32) == "xla"
     assert choose(head_dim=264) == "xla"  # wider than 256
     assert choose(head_dim=100) == "xla"  # not a multiple of 8
-    assert choose(platform="cpu") == "xla"
+    assert choose(chip=hardware.HOST) == "xla"
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -235,7 +249,7 @@ def test_the_cudnn_padding_leaves_attention_and_its_gradients_unchanged(length):
     scale = 0.25
 
     def padded(q, k, v):
-        return attention._cudnn_attention(q, k, v, mask, None, scale, implementation=None)
+        return attention._cudnn_attention(q, k, v, mask, scale, implementation=None)
 
     def plain(q, k, v):
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
@@ -250,6 +264,7 @@ def test_the_cudnn_padding_leaves_attention_and_its_gradients_unchanged(length):
         np.testing.assert_allclose(g, w, atol=2e-5)
 
 
+@pytest.mark.compile
 @needs_cuda_plugin
 def test_the_pretraining_step_compiles_for_h100s_with_cudnn_attention():
     config = tiny_run(
@@ -258,69 +273,35 @@ def test_the_pretraining_step_compiles_for_h100s_with_cudnn_attention():
     config.mesh = dict(sharding.DATA_PARALLEL)
     step = aot.compile_step(config, aot.abstract_devices("h100:1x1x8"))
     assert step.attention_choices == ((103, "cudnn"), (513, "cudnn"))
-    calls = aot.report(step, "h100").custom_calls
+    assert aot.report(step).chip == hardware.chip("h100")
+    calls = hlo.custom_calls(step.compiled.as_text())
     assert calls["__cudnn$fmhaSoftmax"] > 0 and calls["__cudnn$fmhaSoftmaxBackward"] > 0
 
 
-# ---------------------------------------------------------------------------- reading HLO
-
-
-def test_replica_groups_of_every_form():
-    mesh_form = "replica_groups=mesh['axis_0'=2,'axis_1'=3] {'axis_0'}, use_global_device_ids"
-    assert aot.replica_groups(mesh_form) == [[0, 3], [1, 4], [2, 5]]
-    both = "replica_groups=mesh['axis_0'=2,'axis_1'=3] {'axis_0','axis_1'}"
-    assert aot.replica_groups(both) == [[0, 1, 2, 3, 4, 5]]
-    assert aot.replica_groups("replica_groups=[2,4]<=[8], x") == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert aot.replica_groups("replica_groups=[4,2]<=[2,4]T(1,0)") == [
-        [0, 4], [1, 5], [2, 6], [3, 7]
-    ]  # fmt: skip
-    assert aot.replica_groups("replica_groups={{0,2},{1,3}}") == [[0, 2], [1, 3]]
-
-
-def test_array_bytes_of_hlo_shapes():
-    assert aot.array_bytes("bf16[4,128]{1,0:T(8,128)(2,1)}") == 4 * 128 * 2
-    assert aot.array_bytes("(f32[3]{0}, /*index=1*/s32[], pred[2,2])") == 12 + 4 + 4
-
-
-def test_traffic_counts_each_op_once_and_splits_memory_spaces():
-    op_name = "jit(<lambda>)/transpose(jvp(Encoder.contextualize))/blocks_3/mlp/fc1/add"
-    hlo = f"""HloModule m
-
-ENTRY %main (p: f32[256]) -> f32[256] {{
-  %p = f32[256]{{0}} parameter(0)
-  %s = ((f32[256]{{0}}), f32[128]{{0:S(1)}}, s32[]{{:S(2)}}) slice-start(%p), slice={{[0:128]}}
-  %d = f32[128]{{0:S(1)}} slice-done(%s)
-  %f = f32[256]{{0}} fusion(%p, %d), kind=kLoop, calls=%c, metadata={{op_name="{op_name}"}}
-  ROOT %g = f32[256]{{0}} copy(%f)
-}}
-"""
-    got = aot.traffic(hlo)
-    # the fusion reads p (1 KiB) and d (on-chip), writes 1 KiB; the copy 1 KiB each way
-    assert got["by_opcode"] == {"fusion": 2048, "copy": 2048, "slice-start": 0}
-    assert got["other_memory"] == 2 * 512 + 512  # the slice moved, and read by the fusion
-    assert got["by_scope"]["backward Encoder.contextualize/mlp/fc1"] == 2048
+# ---------------------------------------------------------------------------- roofline
 
 
 def test_the_roofline_counts_at_least_the_model_flops():
     """Pallas kernels are custom calls the compiler's cost analysis does not count: the
     compute time never drops below the model's FLOPs at peak, so MFU stays ≤ 1."""
-    v5e = aot.CHIPS["v5e"]
+    v5e = hardware.chip("v5e")
     report = functools.partial(
-        aot.Report, chip=v5e, chips=8, clips=48, memory=aot.Memory(0, 0, 0, 0, 0),
-        collectives=[], attention=(), custom_calls={},
-        traffic={"by_scope": {"x": 0.1 * v5e.hbm_bandwidth}, "other_memory": 0},
-    )  # fmt: skip
+        aot.Report, chip=v5e, chips=8, clips=48, memory=aot.Memory(0, 0, 0, 0, 0), attention=()
+    )
+    text = hlo.HloSummary(
+        [], {}, {"by_scope": {"x": 0.1 * v5e.hbm_bandwidth}, "other_memory": 0}
+    )  # an HLO estimate of 0.1 s of HBM traffic
     hidden = report(compiler_flops=0.5 * v5e.peak_flops, analytic_flops=1.0 * v5e.peak_flops,
                     bytes_accessed=0.2 * v5e.hbm_bandwidth)  # fmt: skip
-    assert hidden.step_seconds == hidden.hbm_step_seconds == pytest.approx(1.0)
-    assert hidden.mfu == hidden.hbm_mfu == pytest.approx(1.0)
+    assert hidden.step_seconds == text.hbm_step_seconds(hidden) == pytest.approx(1.0)
+    assert hidden.mfu == text.hbm_mfu(hidden) == pytest.approx(1.0)
     memory_bound = report(compiler_flops=1.2 * v5e.peak_flops, analytic_flops=v5e.peak_flops,
                           bytes_accessed=3.0 * v5e.hbm_bandwidth)  # fmt: skip
     assert memory_bound.step_seconds == pytest.approx(3.0)
     assert memory_bound.mfu == pytest.approx(1 / 3)
-    assert memory_bound.hbm_step_seconds == pytest.approx(1.2)  # the compiler's extra FLOPs
+    assert text.hbm_step_seconds(memory_bound) == pytest.approx(1.2)  # the compiler's FLOPs
     # a JSON report reads back as the same report, its figures recomputed
     saved = json.loads(json.dumps(aot.counts_of(memory_bound) | {"step_seconds": 99.0}))
     assert aot.report_from_counts(saved) == memory_bound
-    with pytest.raises(ValueError, match="a report of chip 'TPU v9'; this version knows"):
-        aot.report_from_counts(saved | {"chip": "TPU v9"})
+    with pytest.raises(ValueError, match="a report of chip 'v9': unknown chip"):
+        aot.report_from_counts(saved | {"chip": "v9"})

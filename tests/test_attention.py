@@ -1,7 +1,6 @@
 """Differential attention: NumPy oracles for both forms, and every backend vs the reference."""
 
 import functools
-import logging
 import math
 
 import jax
@@ -10,8 +9,8 @@ import numpy as np
 import pytest
 
 from asda_jax import attention as attn_lib
+from asda_jax import hardware, sharding
 from asda_jax import model as model_lib
-from asda_jax import sharding
 
 RNG = np.random.default_rng(0)
 
@@ -24,18 +23,16 @@ def np_softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def np_softmax_map(q, k, mask=None, bias=None):  # (B,T,H,D) -> (B,H,T,T), float64
+def np_softmax_map(q, k, mask=None):  # (B,T,H,D) -> (B,H,T,T), float64
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        logits = logits + bias
     if mask is not None:
         logits = np.where(mask[:, None, None, :], logits, -np.inf)
     return np_softmax(logits)
 
 
-def np_differential_core(q1, k1, q2, k2, v, lam, mask=None, bias=None):
+def np_differential_core(q1, k1, q2, k2, v, lam, mask=None):
     lam = np.broadcast_to(lam, (q1.shape[2],))[None, :, None, None]
-    a = np_softmax_map(q1, k1, mask, bias) - lam * np_softmax_map(q2, k2, mask, bias)
+    a = np_softmax_map(q1, k1, mask) - lam * np_softmax_map(q2, k2, mask)
     return np.einsum("bhqk,bkhd->bqhd", a, v)
 
 
@@ -155,25 +152,22 @@ def test_lambda_init_per_layer_is_the_published_schedule():
     np.testing.assert_allclose(ours, published, atol=5e-5)
 
 
-def test_core_matches_numpy_with_per_head_lambda_mask_and_bias():
+def test_core_matches_numpy_with_per_head_lambda_and_mask():
     b, t, h, dk, dv = 2, 11, 3, 8, 16
     q1, k1, q2, k2 = (randn(b, t, h, dk) for _ in range(4))
     v = randn(b, t, h, dv)
     lam = np.array([0.1, 0.5, -0.2], np.float32)
-    bias = randn(1, h, t, t, scale=0.5)
     mask = trailing_mask((11, 6), t)
-    out = attn_lib.differential_attention(q1, k1, q2, k2, v, lam, mask=jnp.asarray(mask), bias=bias)
-    expected = np_differential_core(
-        *(a.astype(np.float64) for a in (q1, k1, q2, k2, v)), lam, mask, bias
-    )
+    out = attn_lib.differential_attention(q1, k1, q2, k2, v, lam, mask=jnp.asarray(mask))
+    expected = np_differential_core(*(a.astype(np.float64) for a in (q1, k1, q2, k2, v)), lam, mask)
     np.testing.assert_allclose(np.asarray(out)[mask], expected[mask], atol=1e-5, rtol=0)
 
 
-def _autodiff_formula(q1, k1, q2, k2, v, lam, bias, mask):
+def _autodiff_formula(q1, k1, q2, k2, v, lam, mask):
     """The core written directly in jnp, differentiated by JAX's autodiff."""
 
     def softmax_map(q, k):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1]) + bias
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
         return jax.nn.softmax(jnp.where(mask[:, None, None, :], logits, -1e30), axis=-1)
 
     a = softmax_map(q1, k1) - lam[None, :, None, None] * softmax_map(q2, k2)
@@ -183,20 +177,20 @@ def _autodiff_formula(q1, k1, q2, k2, v, lam, bias, mask):
 def test_reference_backward_equals_autodiff_for_every_input():
     b, t, h, dk, dv = 2, 13, 3, 8, 16
     args = [jnp.asarray(randn(b, t, h, dk)) for _ in range(4)] + [jnp.asarray(randn(b, t, h, dv))]
-    args += [jnp.array([0.1, 0.4, -0.3]), jnp.asarray(randn(1, h, t, t, scale=0.5))]
+    args += [jnp.array([0.1, 0.4, -0.3])]
     mask = jnp.asarray(trailing_mask((13, 8), t))
     weights = jax.random.normal(jax.random.key(2), (b, t, h, dv)) * mask[:, :, None, None]
 
-    def ours(q1, k1, q2, k2, v, lam, bias):
-        out = attn_lib.differential_attention(q1, k1, q2, k2, v, lam, mask=mask, bias=bias)
+    def ours(q1, k1, q2, k2, v, lam):
+        out = attn_lib.differential_attention(q1, k1, q2, k2, v, lam, mask=mask)
         return jnp.sum(out * weights)
 
     def direct(*a):
         return jnp.sum(_autodiff_formula(*a, mask) * weights)
 
-    expected = jax.grad(direct, argnums=range(7))(*args)
-    got = jax.grad(ours, argnums=range(7))(*args)
-    for name, g, e in zip(["q1", "k1", "q2", "k2", "v", "lam", "bias"], got, expected, strict=True):
+    expected = jax.grad(direct, argnums=range(6))(*args)
+    got = jax.grad(ours, argnums=range(6))(*args)
+    for name, g, e in zip(["q1", "k1", "q2", "k2", "v", "lam"], got, expected, strict=True):
         np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
@@ -216,20 +210,23 @@ def test_returned_maps_are_row_stochastic_and_ignore_padding():
 # --------------------------------------------------------------------- backends vs reference
 
 
-def _inputs(dk=16, dv=16, t=40, h=2, b=2):
-    arrays = [randn(b, t, h, dk) for _ in range(4)] + [randn(b, t, h, dv)]
-    return [jnp.asarray(a) for a in arrays], jnp.asarray(trailing_mask((t, t - 13), t))
+def _inputs(dk=16, dv=16, t=40, h=2, b=2, seed=0):
+    """q1, k1, q2, k2, v and a key mask, drawn from their own seed: a test's inputs do
+    not depend on which tests ran before it."""
+    rng = np.random.default_rng(seed)
+    shapes = [(b, t, h, dk)] * 4 + [(b, t, h, dv)]
+    arrays = [jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in shapes]
+    return arrays, jnp.asarray(trailing_mask((t, t - 13), t))
 
 
-def _forward_and_grads(implementation, arrays, mask, bias=None, stack_heads=False):
+def _forward_and_grads(implementation, arrays, mask):
     weights = jax.random.normal(jax.random.key(1), arrays[4].shape)  # the same for every call
     valid_rows = mask[:, :, None, None]
 
     def loss(q1, k1, q2, k2, v, lam):
         out = attn_lib.differential_attention(
-            q1, k1, q2, k2, v, lam, mask=mask, bias=bias,
-            implementation=implementation, stack_heads=stack_heads, interpret=True,
-        )  # fmt: skip
+            q1, k1, q2, k2, v, lam, mask=mask, implementation=implementation, interpret=True
+        )
         return jnp.sum(jnp.where(valid_rows, out * weights, 0.0)), out
 
     (_, out), grads = jax.value_and_grad(loss, argnums=range(6), has_aux=True)(
@@ -238,22 +235,11 @@ def _forward_and_grads(implementation, arrays, mask, bias=None, stack_heads=Fals
     return jnp.where(valid_rows, out, 0.0), grads
 
 
-BACKEND_CASES = [
-    ("xla", False),
-    ("dot_product", False),
-    ("dot_product", True),
-    ("pallas_flash", False),
-    ("pallas_flash", True),
-    ("pallas_splash", False),
-    ("pallas_short", False),
-]
-
-
-@pytest.mark.parametrize(("implementation", "stack_heads"), BACKEND_CASES)
-def test_backend_matches_reference_forward_and_gradients(implementation, stack_heads):
+@pytest.mark.parametrize("implementation", ["xla", "pallas_splash", "pallas_short"])
+def test_backend_matches_reference_forward_and_gradients(implementation):
     arrays, mask = _inputs()
     ref_out, ref_grads = _forward_and_grads("reference", arrays, mask)
-    out, grads = _forward_and_grads(implementation, arrays, mask, stack_heads=stack_heads)
+    out, grads = _forward_and_grads(implementation, arrays, mask)
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
@@ -279,12 +265,11 @@ def test_hand_written_backward_in_bfloat16_is_as_accurate_as_autodiff(implementa
     assert error(ours) <= 1.5 * error(autodiff)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "dot_product", "pallas_flash"])
-def test_backend_with_bias_and_wider_values_matches_reference(implementation):
+@pytest.mark.parametrize("implementation", ["xla", "pallas_splash"])
+def test_backend_with_wider_values_matches_reference(implementation):
     arrays, mask = _inputs(dk=8, dv=16, t=24)  # DIFF form: v heads twice as wide as q/k
-    bias = jnp.asarray(randn(1, 2, 24, 24, scale=0.5))
-    ref_out, ref_grads = _forward_and_grads("reference", arrays, mask, bias)
-    out, grads = _forward_and_grads(implementation, arrays, mask, bias)
+    ref_out, ref_grads = _forward_and_grads("reference", arrays, mask)
+    out, grads = _forward_and_grads(implementation, arrays, mask)
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=0)
@@ -328,7 +313,7 @@ def test_the_release_attention_hands_its_fused_projection_to_the_short_kernel_wh
     mask = jnp.asarray(trailing_mask((26, 9), 26))
 
     def layer(implementation):
-        run = model_lib.Execution(attention_impl=implementation, attention_interpret=True)
+        run = model_lib.Execution(attention_impl=implementation, interpret_kernels=True)
         return model_lib.AsdaAttention(cfg, run)
 
     params = layer("reference").init(jax.random.key(0), x, mask)["params"]
@@ -347,7 +332,7 @@ def test_the_release_attention_hands_its_fused_projection_to_the_short_kernel_wh
 def test_plain_attention_backends_agree():
     (q, k, _, _, v), mask = _inputs()
     ref = attn_lib.dot_product_attention(q, k, v, mask=mask, implementation="reference")
-    for implementation in ("xla", "dot_product", "pallas_flash"):
+    for implementation in ("xla", "pallas_splash"):
         out = attn_lib.dot_product_attention(
             q, k, v, mask=mask, implementation=implementation, interpret=True
         )
@@ -358,67 +343,55 @@ def test_plain_attention_backends_agree():
 
 # --------------------------------------------------------------------- the chooser
 
+CPU, H100, A100, V5E = (hardware.chip(n) for n in ("cpu", "h100", "a100", "v5e"))
+
 
 def _choose(implementation, **kw):
-    args = dict(dtype=jnp.float32, head_dim=64, length=513, has_bias=False, need_maps=False)
+    args = dict(chip=CPU, dtype=jnp.float32, head_dim=64, length=513, need_maps=False)
     return attn_lib.choose_backend(implementation, **{**args, **kw})
 
 
-def fallback_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+def test_auto_takes_the_rule_of_the_chip():
+    assert _choose("auto") == "xla"
+    assert _choose("auto", chip=H100, dtype=jnp.bfloat16) == "cudnn"
+    assert _choose("auto", chip=H100, dtype=jnp.float32) == "xla"  # cuDNN: half precision
+    assert _choose("auto", chip=H100, dtype=jnp.bfloat16, head_dim=256) == "cudnn"
+    assert _choose("auto", chip=A100, dtype=jnp.bfloat16, head_dim=256) == "xla"  # ≤ 128 there
+    assert _choose("auto", chip=hardware.chip("gpu"), dtype=jnp.bfloat16) == "cudnn"
+    assert _choose("auto", chip=V5E) == "pallas_splash"
+    assert _choose("auto", chip=V5E, length=103) == "pallas_short"  # student tokens
+    assert _choose("auto", chip=V5E, length=103, branches=1) == "xla"  # plain attention
+    assert _choose("auto", chip=V5E, need_maps=True) == "reference"
 
 
-def test_auto_picks_the_platform_kernel():
-    assert _choose("auto", platform="cpu") == "xla"
-    assert _choose("auto", platform="gpu", dtype=jnp.bfloat16) == "cudnn"
-    assert _choose("auto", platform="gpu", dtype=jnp.float32) == "xla"
-    assert _choose("auto", platform="tpu") == "pallas_splash"
-    assert _choose("auto", platform="tpu", has_bias=True) == "pallas_flash"
-    assert _choose("auto", platform="tpu", length=103) == "pallas_short"  # student tokens
-    assert _choose("auto", platform="tpu", length=103, has_bias=True) == "xla"
-    assert _choose("auto", platform="tpu", length=103, branches=1) == "xla"  # plain attention
-    assert _choose("auto", platform="tpu", need_maps=True) == "reference"
-
-
-def test_unavailable_kernels_fall_back_to_xla_with_a_warning_and_still_compute(caplog):
-    attn_lib._warn_fallback.cache_clear()  # the warning is given once per process and reason
-    with caplog.at_level(logging.WARNING):
-        assert _choose("cudnn", platform="cpu") == "xla"
-        assert _choose("cudnn", platform="gpu", dtype=jnp.float32) == "xla"
-        assert _choose("pallas_flash", platform="cpu") == "xla"
-        assert _choose("pallas_splash", platform="tpu", has_bias=True) == "xla"
-        assert _choose("pallas_short", platform="tpu", length=513) == "xla"
-    assert fallback_warnings(caplog) == [
-        "attention 'cudnn' unavailable (cuDNN needs a GPU, this is cpu); using 'xla'",
-        "attention 'cudnn' unavailable (cuDNN needs bf16/fp16 and a head dim <= 256, a "
-        "multiple of 8); using 'xla'",
-        "attention 'pallas_flash' unavailable (Pallas TPU kernels need a TPU (or interpret=True),"
-        " this is cpu); using 'xla'",
-        "attention 'pallas_splash' unavailable (splash attention takes no additive bias); "
-        "using 'xla'",
-        "attention 'pallas_short' unavailable (the short kernel takes differential attention "
-        "over at most 128 tokens without a bias); using 'xla'",
+def test_an_explicit_backend_that_cannot_run_is_refused_with_the_reason():
+    refused = [
+        (dict(implementation="cudnn"), "cuDNN needs a GPU, this is cpu"),
+        (dict(implementation="cudnn", chip=H100), "needs bf16/fp16 and a head dim <= 256"),
+        (dict(implementation="pallas_splash"), "Pallas TPU kernels need a TPU"),
+        (dict(implementation="pallas_short", chip=V5E), "at most 128 tokens"),
+        (dict(implementation="pallas_short", chip=V5E, length=20, branches=1), "1 branches"),
     ]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):  # kernels that can run are taken without a word
-        assert _choose("pallas_flash", platform="cpu", interpret=True) == "pallas_flash"
-        assert _choose("dot_product", platform="cpu") == "dot_product"
-        assert _choose("reference", platform="tpu") == "reference"
-    assert fallback_warnings(caplog) == []
+    for call, reason in refused:
+        with pytest.raises(ValueError, match=reason):
+            _choose(**call)
+    # what can run is taken as asked
+    assert _choose("pallas_splash", interpret=True) == "pallas_splash"
+    assert _choose("reference", chip=V5E) == "reference"
+    assert _choose("cudnn", chip=H100, dtype=jnp.bfloat16) == "cudnn"
     arrays, mask = _inputs(t=12)
-    ref = attn_lib.differential_attention(*arrays, 0.1, mask=mask, implementation="xla")
-    out = attn_lib.differential_attention(*arrays, 0.1, mask=mask, implementation="cudnn")
-    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match="cuDNN needs a GPU"):
+        attn_lib.differential_attention(*arrays, 0.1, mask=mask, implementation="cudnn")
 
 
-def test_the_chooser_follows_the_platform_it_is_given_not_the_host():
-    """In one CPU process, the same call picks each platform's kernels by its argument."""
-    picks = {p: _choose("auto", platform=p, dtype=jnp.bfloat16) for p in ("cpu", "gpu", "tpu")}
-    assert picks == {"cpu": "xla", "gpu": "cudnn", "tpu": "pallas_splash"}
+def test_the_chooser_follows_the_chip_it_is_given_not_the_host():
+    """In one CPU process, the same call picks each chip's kernels by its argument."""
+    picks = {c.name: _choose("auto", chip=c, dtype=jnp.bfloat16) for c in (CPU, H100, V5E)}
+    assert picks == {"cpu": "xla", "h100": "cudnn", "v5e": "pallas_splash"}
     cfg = model_lib.preset("tiny", embed_dim=256, num_heads=2)  # 128-wide heads
-    tokens = jnp.ones((1, 130, 256))  # at least PALLAS_MIN_LENGTH tokens
-    for platform, backend in (("cpu", "xla"), ("tpu", "pallas_splash")):
-        run = model_lib.Execution(platform=platform, dtype="float32", attention_interpret=True)
+    tokens = jnp.ones((1, 130, 256))  # at least one lane-width of tokens
+    for chip, backend in (("cpu", "xla"), ("v5e", "pallas_splash")):
+        run = model_lib.Execution(chip=chip, dtype="float32", interpret_kernels=True)
         seen = []
         real = attn_lib._fused_attention
 
@@ -430,9 +403,9 @@ def test_the_chooser_follows_the_platform_it_is_given_not_the_host():
             patch.setattr(attn_lib, "_fused_attention", spy)
             module = model_lib.AsdaAttention(cfg, run)
             module.init(jax.random.key(0), tokens, None)
-        assert seen == ([] if backend == "xla" else [backend, backend]), platform
+        assert seen == ([] if backend == "xla" else [backend, backend]), chip
 
 
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown attention implementation"):
-        _choose("flash3", platform="cpu")
+        _choose("flash3")

@@ -10,10 +10,10 @@ import pytest
 import scipy.signal
 import soundfile as sf
 
-from asda_jax import audio, platforms
+from asda_jax import audio, hardware
 
 SR = 16_000
-CPU = platforms.FORMS["cpu"]
+CPU = hardware.CPU_FORMS
 
 
 def tone(seconds=2.0):
@@ -83,7 +83,7 @@ def test_fbank_matches_kaldi_native_fbank(signal, setting, record_property):
     opts = PARITY_OPTIONS[setting]
     wave = SIGNALS[signal]()[:31_900]  # 140 samples past the last 25 ms frame go unused
     expected = knf_fbank(wave, opts)
-    ours = audio.fbank(wave, opts, mel=platforms.HOST.mel)
+    ours = audio.fbank(wave, opts, mel=hardware.HOST.forms.mel)
     forms = {"jit": {}, "jit_cpu": dict(preemphasis=CPU.preemphasis, mel=CPU.mel)}
     jitted = {
         name: np.asarray(jax.jit(lambda w, f=f: audio.fbank(w, opts, xp=jnp, **f))(wave))
@@ -223,7 +223,7 @@ def test_device_spectrogram_is_the_same_however_the_batch_is_split_into_passes()
 
 def test_cpu_passes_fit_the_frame_budget_and_divide_the_batch():
     budget = CPU.frames_per_pass
-    assert budget == 4096 and platforms.FORMS["tpu"].frames_per_pass is None
+    assert budget == 4096 and hardware.TPU_FORMS.frames_per_pass is None
     assert audio.clips_per_pass(16, 1024, None) == 16  # accelerators: one pass
     assert audio.clips_per_pass(16, 1024, budget) == 4
     assert audio.clips_per_pass(12, 1024, budget) == 4

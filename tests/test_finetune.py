@@ -15,7 +15,7 @@ from asda_jax import (
     checkpoints,
     config_lib,
     evaluation,
-    finetuning,
+    hardware,
     inference,
     metrics,
     sharding,
@@ -136,7 +136,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_mismatches(
         train_lib.train(config, tmp_path)
     missing = configured("configs/finetune_demo.py", f"data_dir={sources},init_from={tmp_path}/x")
     with pytest.raises(config_lib.ConfigError, match="neither an export"):
-        config_lib.validate(missing, device_count=8, process_count=1, platform="cpu")
+        config_lib.validate(missing, chip=hardware.HOST, device_count=8, process_count=1)
 
 
 def test_linear_probe_trains_the_head_only(sources, pretrained, tmp_path):
@@ -150,11 +150,12 @@ def test_linear_probe_trains_the_head_only(sources, pretrained, tmp_path):
     )
     for a, b in zip(jax.tree.leaves(state.params["encoder"]), jax.tree.leaves(start), strict=True):
         np.testing.assert_array_equal(a, b)
-    initial = finetuning.FinetuneTask(config, "cpu").init_params(jax.random.PRNGKey(config.seed))
+    initial = th.task_on_cpu(config).init_params(jax.random.PRNGKey(config.seed))
     head = np.asarray(nn.meta.unbox(initial)["head"]["kernel"])
     assert np.abs(np.asarray(state.params["head"]["kernel"]) - head).max() > 1e-4
 
 
+@pytest.mark.subprocess
 def test_esc50_runner_reports_every_fold_and_their_mean(sources, tmp_path):
     flags = [f"--config.{k}={v}" for k, v in TINY.items() if not k.startswith("eval_data.")]
     command = [
@@ -194,6 +195,7 @@ def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=th.ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_extract_writes_the_encoder_outputs_and_skips_bad_files(finetuned, tmp_path):
     clips = tmp_path / "clips"
     fx.write_tone(clips / "a.wav", 440, seconds=1.3)
@@ -206,8 +208,9 @@ def test_extract_writes_the_encoder_outputs_and_skips_bad_files(finetuned, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 of 4 files done, 2 skipped" in done.stdout
     assert "broken.wav" in done.stderr and "empty.ogg" in done.stderr
-    encode, cfg, _, frames = inference.load_encoder(finetuned)
-    assert frames == 64  # the run's input length: the windows
+    encode, cfg, _, inputs = inference.load_encoder(finetuned)
+    assert inputs.target_frames == 64  # the run's input length: the windows
+    assert inputs.norm == audio.NORM_STATS["audioset"]  # and its normalisation
     for stem, seconds in (("a", 1.3), ("sub/b", 0.7)):  # 128 and 68 frames: two windows
         utterance = np.load(tmp_path / "out" / f"{stem}.utterance.npy")
         steps = np.load(tmp_path / "out" / f"{stem}.frames.npy")
@@ -235,6 +238,7 @@ def test_extract_writes_the_encoder_outputs_and_skips_bad_files(finetuned, tmp_p
     )
 
 
+@pytest.mark.subprocess
 def test_infer_prints_top_labels_with_display_names(finetuned, sources, tmp_path):
     path = fx.write_tone(tmp_path / "tone.wav", 440, seconds=0.6)  # fits one 64-frame window
     names = datasets.load("synthetic", sources).class_names
@@ -258,6 +262,7 @@ def test_infer_prints_top_labels_with_display_names(finetuned, sources, tmp_path
     assert done.returncode == 1 and "skipped" in done.stderr
 
 
+@pytest.mark.subprocess
 def test_eval_tool_recomputes_the_final_metrics(finetuned, tmp_path):
     done = run_tool("eval", f"--workdir={finetuned}", f"--output={tmp_path}/m.json")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""The launch scripts' re-execution with the huge-page malloc and one OpenBLAS thread."""
+"""The launch scripts' re-execution with the huge-page malloc and one OpenBLAS thread,
+on hosts whose run computes on the CPU."""
 
 import os
 import subprocess
@@ -33,19 +34,34 @@ def test_blas_is_held_to_one_thread_unless_the_user_chose():
     }
 
 
+def test_the_settings_are_for_runs_on_the_cpu_only(tmp_path):
+    dev = tmp_path / "dev"
+    (dev / "vfio").mkdir(parents=True)
+    (dev / "vfio" / "vfio").touch()  # the control node: no device bound
+    assert launch_env.computes_on_cpu({}, str(dev))
+    for node in ("accel0", "nvidia0", "kfd", "vfio/0"):
+        (dev / node).touch()
+        assert not launch_env.computes_on_cpu({}, str(dev)), node
+        assert launch_env.launcher_environment(CLEAN, str(dev)) is None  # nothing to change
+        assert launch_env.computes_on_cpu({"JAX_PLATFORMS": "cpu"}, str(dev))  # told so
+        (dev / node).unlink()
+    assert not launch_env.computes_on_cpu({"JAX_PLATFORMS": "tpu,cpu"}, str(dev))
+
+
 @needs_glibc
-def test_the_launcher_environment_is_both_or_none_when_already_there():
-    wanted = launch_env.launcher_environment(CLEAN)
+def test_the_launcher_environment_is_both_or_none_when_already_there(tmp_path):
+    wanted = launch_env.launcher_environment(CLEAN, str(tmp_path))
     assert wanted == {
         **CLEAN,
         "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
         "OPENBLAS_NUM_THREADS": "1",
     }
-    assert launch_env.launcher_environment(wanted) is None  # so it re-executes only once
+    assert launch_env.launcher_environment(wanted, str(tmp_path)) is None  # re-executes once
     opted_out = {**CLEAN, launch_env.MALLOC_OPT_OUT: "1", "OPENBLAS_NUM_THREADS": "2"}
-    assert launch_env.launcher_environment(opted_out) is None
+    assert launch_env.launcher_environment(opted_out, str(tmp_path)) is None
 
 
+@pytest.mark.subprocess
 @needs_glibc
 def test_reexec_keeps_the_process_and_its_arguments():
     code = (

@@ -1,50 +1,71 @@
-"""The package's imports run one way: down the layers of ``asda_jax.LAYERS``."""
+"""The package's imports run one way, down the layers of ``asda_jax.LAYERS``, with no
+cycle; and every fact about hardware lives in ``asda_jax/hardware.py``."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 import asda_jax
+from asda_jax import hardware
 from tests import train_helpers as th
 
 PACKAGE = th.ROOT / "asda_jax"
 LAYER_OF = {module: i for i, (_, modules) in enumerate(asda_jax.LAYERS) for module in modules}
 
 
-def module_name(path: Path) -> str:
-    return ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    """``model/encoder.py`` → "model.encoder"; a subpackage's ``__init__.py`` → its name."""
+    parts = path.relative_to(package).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def package_modules() -> list[str]:
-    return sorted(module_name(p) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+    """Every module of the package; a subpackage's ``__init__`` counts where it imports
+    anything of the package (``model``: its public names)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "__init__.py":
+            continue
+        if path.name == "__init__.py" and not imports_of(module_name(path)):
+            continue
+        found.append(module_name(path))
+    return sorted(found)
 
 
-def imported_modules(node: ast.AST) -> list[str]:
-    """The asda_jax modules an import statement names, relative to the package."""
+def imported_modules(node: ast.AST, known) -> list[str]:
+    """The asda_jax modules an import statement names, relative to the package:
+    ``from asda_jax.model import config`` names the module model.config, and
+    ``from asda_jax import model`` the package model."""
     if isinstance(node, ast.Import):
         names = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom) and node.module:
-        names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        names = [
+            f"{node.module}.{a.name}" if f"{node.module}.{a.name}"[9:] in known else node.module
+            for a in node.names
+        ]
     else:
         return []
-    found = []
-    for name in names:
-        parts = name.split(".")
-        if parts[0] == "asda_jax" and ".".join(parts[1:]) in LAYER_OF:
-            found.append(".".join(parts[1:]))
-    return found
+    return [name[9:] for name in names if name.startswith("asda_jax.") and name[9:] in known]
+
+
+def source_of(module: str, package: Path = PACKAGE) -> Path:
+    path = package / (module.replace(".", "/") + ".py")
+    return path if path.exists() else package / module.replace(".", "/") / "__init__.py"
 
 
 def imports_of(module: str, package: Path = PACKAGE) -> list[tuple[str, bool, int]]:
     """(imported module, inside a function?, line) of every asda_jax import in ``module``."""
-    tree = ast.parse((package / (module.replace(".", "/") + ".py")).read_text())
+    tree = ast.parse(source_of(module, package).read_text())
+    known = set(LAYER_OF) | {module}
     found = []
 
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
             nested = in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
-            found.extend((name, in_function, child.lineno) for name in imported_modules(child))
+            names = imported_modules(child, known)
+            found.extend((name, in_function, child.lineno) for name in names if name != module)
             visit(child, nested)
 
     visit(tree, False)
@@ -71,6 +92,31 @@ def test_imports_run_down_the_layers(module):
     assert not local, f"{module} imports package modules inside functions: {local}"
 
 
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of a module graph (each once, from its first module found)."""
+    found, done = [], set()
+
+    def walk(module, path):
+        if module in path:
+            found.append([*path[path.index(module) :], module])
+            return
+        if module in done:
+            return
+        for target in sorted(edges.get(module, ())):
+            walk(target, [*path, module])
+        done.add(module)
+
+    for module in sorted(edges):
+        walk(module, [])
+    return found
+
+
+def test_no_import_cycle_closes():
+    edges = {m: {name for name, _, _ in imports_of(m)} for m in package_modules()}
+    assert cycles(edges) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
 def test_an_upward_or_local_import_is_caught(tmp_path):
     """The checks above see both kinds of import they forbid."""
     (tmp_path / "sharding.py").write_text(
@@ -86,3 +132,76 @@ def test_the_readme_draws_the_same_layer_map():
     positions = [readme.find(line) for line in lines]
     assert -1 not in positions, [line for line, at in zip(lines, positions, strict=True) if at < 0]
     assert positions == sorted(positions)  # top of the map first, as imports flow
+
+
+# ---------------------------------------------------------------------------- hardware
+
+
+def chip_names() -> re.Pattern:
+    """Any chip's short name or device kind, as a word (case-insensitive)."""
+    names = {c.name for c in hardware.CHIPS.values() if c.device_kinds and c.platform != "cpu"}
+    kinds = {k for c in hardware.CHIPS.values() for k in c.device_kinds if k != "cpu"}
+    words = sorted(names | kinds | {"megacore", "TensorCore"}, key=len, reverse=True)
+    return re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, words)) + r")(?![\w])", re.I)
+
+
+def chip_figures() -> set[float]:
+    """Every published figure of the table (peaks, HBM, bandwidths, VMEM), and the lanes."""
+    fields = ("peak_flops", "hbm_bytes", "hbm_bandwidth", "vmem_bytes", "kernel_vmem_bytes")
+    figures = {getattr(c, f) for c in hardware.CHIPS.values() for f in fields}
+    return {float(x) for x in figures if x} | {float(hardware.LANES)}
+
+
+def constant_values(tree: ast.AST) -> list[tuple[float, int]]:
+    """(value, line) of every number in the source, and of every arithmetic expression of
+    numbers only (``16 * 1024**2``), where the number is not a lone small count."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp | ast.Constant):
+            try:
+                value = eval(compile(ast.Expression(node), "<figure>", "eval"), {})
+            except Exception:
+                continue
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found.append((float(value), node.lineno))
+    return found
+
+
+FIGURE_NAMES = re.compile(r"\b[A-Z_]*(LANES|VMEM|HBM|PEAK|TFLOPS|BANDWIDTH)[A-Z_]*\s*=")
+
+
+def hardware_facts_in(source: str, figures: set[float], names: re.Pattern) -> list[str]:
+    """Where a module's source names a chip, defines a constant named for a chip's figure,
+    or holds a figure of the table (the lane width counts only where it is named so)."""
+    found = [f"line {n}: {m.group(0)!r}" for n, m in _matches(names, source)]
+    found += [f"line {n}: {m.group(0)!r}" for n, m in _matches(FIGURE_NAMES, source)]
+    large = {f for f in figures if f >= 2**20}
+    tree = ast.parse(source)
+    found += [f"line {line}: {value:g}" for value, line in constant_values(tree) if value in large]
+    return found
+
+
+def _matches(pattern: re.Pattern, source: str):
+    for number, line in enumerate(source.splitlines(), 1):
+        for match in pattern.finditer(line):
+            yield number, match
+
+
+@pytest.mark.parametrize("module", [m for m in package_modules() if m != "hardware"])
+def test_only_the_hardware_module_names_a_chip_or_holds_its_figures(module):
+    source = source_of(module).read_text()
+    assert hardware_facts_in(source, chip_figures(), chip_names()) == []
+
+
+def test_the_hardware_check_sees_a_chip_and_its_figures():
+    names, figures = chip_names(), chip_figures()
+    planted = (
+        '"""Fits v5e\'s VMEM."""\n'
+        "LIMIT = 16 * 1024**2\n"
+        "MY_VMEM_LIMIT = 7\n"
+        "peak = 197e12  # TPU v5 lite\n"
+        "bins = 128\n"
+    )
+    found = hardware_facts_in(planted, figures, names)
+    assert sorted({f.split(":")[0] for f in found}) == ["line 1", "line 2", "line 3", "line 4"]
+    assert hardware_facts_in("mel_bins = 128\nwidth = 768\n", figures, names) == []

@@ -40,7 +40,7 @@ def encoder_export(tmp_path_factory):
     variables = model_lib.Encoder(cfg).init(jax.random.key(0), jnp.zeros((1, 128, 128)))
     path = tmp_path_factory.mktemp("encoder") / "export"
     params = {"encoder": nn.meta.unbox(variables)["params"]}
-    checkpoints.export(path, params, cfg, kind="pretrain", target_frames=128)
+    checkpoints.export(path, params, cfg, kind="pretrain", target_frames=128, norm=NORM)
     return path
 
 
@@ -166,6 +166,29 @@ def test_overlapping_windows_average_the_steps_they_share(embedder, encoder_expo
         embeddings.Embedder(hop.encoder, hop_frames=40)
 
 
+def test_embeddings_normalise_as_the_encoder_was_trained(tmp_path):
+    """An encoder trained on other statistics than AudioSet's (ESC-50's here) is fed
+    spectrograms normalised with its own: the embedding API and the HEAR module read
+    them from the export; a window's CLS output is that of its own normalised fbank."""
+    cfg = model_lib.preset("tiny")
+    variables = model_lib.Encoder(cfg).init(jax.random.key(1), jnp.zeros((1, 128, 128)))
+    norm = audio.NORM_STATS["esc50"]
+    checkpoints.export(
+        tmp_path / "esc", {"encoder": nn.meta.unbox(variables)["params"]}, cfg,
+        kind="pretrain", target_frames=128, norm=norm,
+    )  # fmt: skip
+    loaded = inference.load_encoder(tmp_path / "esc")
+    embedder = embeddings.Embedder(loaded, batch_size=2)
+    assert embedder.norm == norm and hear.load_model(str(tmp_path / "esc")).embedder.norm == norm
+    wave = noise(1.0, seed=3)
+    (window,) = list(embedder.of_array(wave))
+    spec, frames = audio.spectrogram(wave - wave.mean(), 128, norm)
+    expected = loaded.encode(jnp.asarray(spec[None]), jnp.asarray([-(-frames // 16) * 16]))
+    np.testing.assert_allclose(window.cls, np.asarray(expected)[0, 0], atol=1e-5)
+    other = next(embeddings.Embedder(loaded, NORM, batch_size=2).of_array(wave))
+    assert np.abs(other.cls - window.cls).max() > 1e-3  # the statistics matter
+
+
 def test_npy_rows_are_written_as_they_come_and_never_left_half_written(tmp_path):
     with cli.NpyRows(tmp_path / "a.npy", 3) as rows:
         rows.append(np.ones((2, 3)))
@@ -183,6 +206,7 @@ def test_npy_rows_are_written_as_they_come_and_never_left_half_written(tmp_path)
 # ---------------------------------------------------------------------------- HEAR
 
 
+@pytest.mark.subprocess
 def test_the_real_hearvalidator_passes_on_an_export(encoder_export):
     done = subprocess.run(
         [
@@ -269,6 +293,7 @@ def test_an_unlabelled_folder_gives_every_segment_once_per_epoch(recordings, tmp
     assert epochs[0] != epochs[1]  # reshuffled
 
 
+@pytest.mark.subprocess
 def test_pretraining_on_an_unlabelled_folder_resumes_exactly(recordings, tmp_path):
     root, _, _ = recordings
     data, workdir = tmp_path / "data", tmp_path / "run"
@@ -329,6 +354,7 @@ def classifier(tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.subprocess
 def test_a_long_recording_gives_a_timeline_with_its_events(classifier, tmp_path):
     classes = [(synthetic.CLASS_NAMES.index(n), a, b) for n, a, b in TRUTH]
     recording = fx.event_recording(tmp_path / "five_minutes.wav", 300.0, classes)
@@ -349,6 +375,7 @@ def test_a_long_recording_gives_a_timeline_with_its_events(classifier, tmp_path)
     assert "event" in done.stdout and "(max over 235 windows)" in done.stdout
 
 
+@pytest.mark.subprocess
 def test_an_hour_through_extract_and_infer_keeps_memory_bounded(classifier, tmp_path):
     hour = fx.event_recording(tmp_path / "hour.wav", 3600.0, [(0, 1800.0, 1830.0)])
     # Measured against ten minutes, whose run has warmed up the same runtime: memory

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from asda_jax import config_lib, mlp_kernel, release_weights, sharding
+from asda_jax import hardware, release_weights, sharding
 from asda_jax import model as model_lib
+from asda_jax.kernels import mlp as mlp_kernel
 from tests import torch_reference as ref
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4, max_time_patches=64)
@@ -163,7 +164,7 @@ def _decoder_value_and_grads(cfg, run, params, grid, weights):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, grid)
 
 
-PALLAS_DECODER = model_lib.Execution(decoder_conv_impl="pallas", attention_interpret=True)
+PALLAS_DECODER = model_lib.Execution(decoder_conv_impl="pallas", interpret_kernels=True)
 
 
 def test_the_pallas_decoder_kernel_equals_the_release_decoder_with_gradients():
@@ -237,7 +238,7 @@ def test_the_pallas_mlp_kernel_equals_xla_with_gradients(max_rows, monkeypatch):
         with sharding.activate(sharding.make_mesh(sharding.DATA_PARALLEL)):
             return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
-    pallas = model_lib.Execution(mlp_impl="pallas", attention_interpret=True)
+    pallas = model_lib.Execution(mlp_impl="pallas", interpret_kernels=True)
     (value, grads), (value_xla, grads_xla) = map(value_and_grads, (pallas, xla))
     assert float(value) == pytest.approx(float(value_xla), rel=1e-5)
     for got, exp in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla), strict=True):
@@ -251,15 +252,21 @@ def test_mlp_kernel_blocks_of_rows_cover_the_sequence_in_whole_tiles():
         assert rows <= mlp_kernel.MAX_ROWS and (blocks - 1) * rows < length <= blocks * rows
 
 
-def test_the_pallas_forms_are_tpu_only_and_v4_keeps_the_xla_mlp():
-    for field in ("decoder_conv_impl", "mlp_impl"):
-        with pytest.raises(ValueError, match="pallas"):
-            model_lib.Execution(platform="gpu", **{field: "pallas"}).validate()
-    tpu = model_lib.Execution(platform="tpu").validate()
-    assert (tpu.decoder_conv, tpu.mlp) == ("pallas", "pallas")
-    # v4's 16 MiB of VMEM cannot hold the MLP kernel's weights: its presets keep XLA's
-    v4 = config_lib.execution(config_lib.run_config("pretrain", mesh="v4-8"), "tpu")
-    assert (v4.decoder_conv, v4.mlp) == ("pallas", "xla")
+def test_the_pallas_forms_are_tpu_only_and_small_vmem_chips_keep_the_xla_mlp():
+    for field in ("decoder_conv_impl", "mlp_impl", "attention_impl"):
+        with pytest.raises(ValueError, match=r"pallas.* is a TPU kernel"):
+            kernel = "pallas_splash" if field == "attention_impl" else "pallas"
+            model_lib.Execution(chip="h100", **{field: kernel}).validate()
+    with pytest.raises(ValueError, match="'cudnn' needs a GPU"):
+        model_lib.Execution(chip="v5e", attention_impl="cudnn").validate()
+    v5e = model_lib.Execution(chip="v5e").validate()
+    assert (v5e.decoder_conv, v5e.mlp) == ("pallas", "pallas")
+    # the MLP kernel holds the weights and their gradients: chips with little VMEM (v4's
+    # 16 MiB, and a TPU of a kind not listed) keep XLA's MLP
+    for chip in ("v4", "tpu"):
+        run = model_lib.Execution(chip=chip).validate()
+        assert (run.decoder_conv, run.mlp) == ("pallas", "xla"), chip
+    assert hardware.chip("v5e").kernel_vmem_bytes > 2 * hardware.chip("v4").vmem_bytes
 
 
 def test_padded_batch_equals_each_clip_alone():
@@ -395,7 +402,7 @@ def test_invalid_model_configs_are_rejected(overrides, message):
         (dict(attention_impl="flash9"), "attention_impl"),
         (dict(dtype="int8"), "dtype"),
         (dict(decoder_conv_impl="fft"), "decoder_conv_impl"),
-        (dict(platform="ipu"), "unknown platform"),
+        (dict(chip="ipu"), "unknown chip"),
     ],
 )
 def test_invalid_executions_are_rejected(fields, message):
@@ -403,12 +410,13 @@ def test_invalid_executions_are_rejected(fields, message):
         model_lib.Execution(**fields).validate()
 
 
-def test_execution_takes_the_platforms_forms_unless_told():
-    cpu, tpu = model_lib.Execution(platform="cpu"), model_lib.Execution(platform="tpu")
+def test_execution_takes_the_chips_forms_unless_told():
+    cpu, tpu = model_lib.Execution(chip="cpu"), model_lib.Execution(chip="v5e")
     assert (cpu.compute_dtype, cpu.decoder_conv) == (jnp.float32, "taps")
     assert (tpu.compute_dtype, tpu.decoder_conv) == (jnp.bfloat16, "pallas")
-    assert model_lib.Execution(platform="gpu").decoder_conv == "per_device"
-    told = model_lib.Execution(platform="tpu", dtype="float32", decoder_conv_impl="taps")
+    assert model_lib.Execution(chip="h100").decoder_conv == "per_device"
+    assert model_lib.Execution(chip="gpu").decoder_conv == "per_device"
+    told = model_lib.Execution(chip="v5e", dtype="float32", decoder_conv_impl="taps")
     assert (told.compute_dtype, told.decoder_conv) == (jnp.float32, "taps")
 
 

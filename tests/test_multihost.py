@@ -50,7 +50,7 @@ def wait_all(procs, timeout=300):
 
 def restore_on_one_device(workdir, step: int, data_dir: str):
     """A checkpoint restored onto this process's first device, whoever saved it."""
-    task = train_lib.make_task(th.tiny_config(data_dir), "cpu")
+    task = th.task_on_cpu(th.tiny_config(data_dir))
     mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
     plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
     return checkpoints.Checkpoints(workdir).restore(step, plan.restore_target())[0]
@@ -63,6 +63,7 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+@pytest.mark.subprocess
 def test_two_processes_train_like_one_and_resume_from_their_checkpoint(data_dir, tmp_path):
     single = tmp_path / "single"
     train_lib.train(
@@ -84,6 +85,7 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(data_dir,
     assert 5 in checkpoints.Checkpoints(pair).all_steps()
 
 
+@pytest.mark.subprocess
 def test_a_run_whose_process_count_disagrees_with_its_config_fails_at_start(data_dir, tmp_path):
     proc = th.launch_train(
         tmp_path, ["--config=configs/demo.py", *th.tiny_flags(data_dir, num_processes=2)]

@@ -3,12 +3,15 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
 from tests import train_helpers as th
 
 FIGURES = ("pretraining_loss.png", "spectrogram.png", "attention_maps.png")
+
+pytestmark = pytest.mark.notebook
 
 
 def test_the_colab_demo_executes_and_writes_its_figures(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asda_jax import audio, platforms, sharding
+from asda_jax import audio, hardware, sharding
 from asda_jax.data import datasets, pipeline
 from tests import data_fixtures as fx
 
@@ -119,7 +119,7 @@ def test_device_fbank_equals_host_fbank(synthetic_dir):
     device_cfg = config(synthetic_dir, split="test", fbank_on="device", target_frames=160)
     raw = take(pipeline.make_pipeline(device_cfg, train=False), 1)[0]
     spec, frames = jax.jit(audio.device_spectrogram, static_argnums=2, static_argnames="forms")(
-        raw["waveform"], raw["num_samples"], device_cfg.norm, forms=platforms.FORMS["cpu"]
+        raw["waveform"], raw["num_samples"], device_cfg.norm, forms=hardware.CPU_FORMS
     )
     assert spec.shape == (4, 160, 128)
     np.testing.assert_array_equal(frames, host["frames"])  # 128 real frames of 1.3 s clips

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from asda_jax import audio, platforms, sharding
+from asda_jax import audio, hardware, sharding
 from asda_jax import model as model_lib
 
 MESH_SHAPE = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -100,7 +100,7 @@ def test_forward_and_backward_on_the_mesh_equal_one_device():
 
 def test_pallas_kernel_is_shard_mapped_under_the_mesh():
     cfg = model_lib.preset("tiny")
-    pallas = model_lib.Execution(attention_impl="pallas_splash", attention_interpret=True)
+    pallas = model_lib.Execution(attention_impl="pallas_splash", interpret_kernels=True)
     mesh = sharding.make_mesh(MESH_SHAPE)
     spec = jax.random.normal(jax.random.key(3), (8, 64, 128))
     lengths = jnp.array([64, 48, 64, 32, 64, 16, 64, 64])
@@ -125,7 +125,7 @@ def test_device_front_end_on_the_mesh_equals_one_device_and_stays_split():
     lengths[3] = 1_000
     norm = audio.NORM_STATS["audioset"]
     run = jax.jit(
-        functools.partial(audio.device_spectrogram, forms=platforms.FORMS["cpu"]),
+        functools.partial(audio.device_spectrogram, forms=hardware.CPU_FORMS),
         static_argnums=2,
         static_argnames="per_pass",
     )

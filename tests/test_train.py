@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from asda_jax import checkpoints, config_lib, optim, sharding, train_lib, train_state
+from asda_jax import checkpoints, config_lib, hardware, optim, sharding, train_lib, train_state
 from asda_jax.data import datasets, pipeline
 from tests import data_fixtures as fx
 from tests import train_helpers as th
@@ -65,6 +65,7 @@ def assert_same_losses(workdir, expected) -> None:
         assert values == [expected[step]] * len(values), (step, values, expected[step])
 
 
+@pytest.mark.subprocess
 def test_sigkill_resumes_from_the_last_complete_checkpoint_exactly(
     data_dir, uninterrupted, tmp_path
 ):
@@ -80,6 +81,7 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint_exactly(
     assert_same_losses(tmp_path, uninterrupted)  # replayed steps equal too, bit for bit
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_first_then_the_run_resumes_exactly(data_dir, uninterrupted, tmp_path):
     no_periodic_saves = {**RUN, "checkpoint_every": 1000}
     proc = th.launch_train(
@@ -116,7 +118,7 @@ def test_collapse_stops_the_run_with_a_clear_message(data_dir, tmp_path):
 
 
 def test_three_steps_on_a_data_fsdp_tensor_mesh_equal_one_device(data_dir):
-    task = train_lib.make_task(th.tiny_config(data_dir), "cpu")
+    task = th.task_on_cpu(th.tiny_config(data_dir))
     host_batches = list(
         zip(range(3), iter(pipeline.make_pipeline(task.data_cfg, train=True)), strict=False)
     )
@@ -139,6 +141,7 @@ def test_three_steps_on_a_data_fsdp_tensor_mesh_equal_one_device(data_dir):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.subprocess
 def test_pretrain_as2m_runs_on_a_pod_style_mesh(tmp_path):
     from tests import data_fixtures as fx
 
@@ -186,6 +189,7 @@ class Compilations:
         self._open = False
 
 
+@pytest.mark.subprocess
 def test_a_wrong_config_fails_before_compiling(data_dir, tmp_path):
     wrong = {"data.target_frames": 70}
     proc = th.launch_train(
@@ -206,24 +210,23 @@ def test_a_wrong_config_fails_before_compiling(data_dir, tmp_path):
 def test_the_schedule_follows_the_run_length(data_dir):
     config = th.tiny_config(data_dir)
     config.num_train_steps = 40  # as --config.num_train_steps=40 alone
-    cfg = config_lib.optim_config(config)
+    cfg = config_lib.read(config, hardware.HOST).optim
     assert cfg.decay_steps == 40
     lr = optim.schedule(cfg)
     assert float(lr(config.optim.warmup_steps)) == pytest.approx(config.optim.lr)
     assert float(lr(40)) == pytest.approx(cfg.min_lr, abs=1e-12)  # decayed at the run's end
     assert float(lr(20)) > float(lr(30)) > float(lr(40))
     config.optim.decay_steps = 80  # a longer decay, said explicitly
-    assert config_lib.optim_config(config).decay_steps == 80
+    assert config_lib.read(config, hardware.HOST).optim.decay_steps == 80
     config.optim.decay_steps = 30
     with pytest.raises(config_lib.ConfigError, match=r"decay_steps \(30\) ends before"):
-        config_lib.optim_config(config)
-    legacy = th.tiny_config(data_dir)
-    legacy.optim.total_steps = 800_000  # an older config's separate schedule length
-    legacy.num_train_steps = 100
-    with pytest.raises(config_lib.ConfigError, match=r"total_steps \(800000\) disagrees"):
-        config_lib.validate(legacy, device_count=8, process_count=1, platform="cpu")
-    legacy.optim.total_steps = 100  # the same length twice still reads
-    assert config_lib.optim_config(legacy).decay_steps == 100
+        config_lib.read(config, hardware.HOST)
+    unknown = th.tiny_config(data_dir)
+    unknown.optim.total_steps = 800_000  # no such field: the run length is the one source
+    with pytest.raises(
+        config_lib.ConfigError, match=r"unknown OptimConfig fields \['total_steps'\]"
+    ):
+        config_lib.read(unknown, hardware.HOST)
 
 
 def test_a_run_reports_the_clips_it_skipped(tmp_path, caplog):
@@ -249,7 +252,7 @@ def test_a_run_reports_the_clips_it_skipped(tmp_path, caplog):
 
 def test_restore_target_places_state_on_the_mesh(data_dir, tmp_path):
     train_lib.train(th.tiny_config(data_dir, num_train_steps=2), tmp_path)
-    task = train_lib.make_task(th.tiny_config(data_dir), "cpu")
+    task = th.task_on_cpu(th.tiny_config(data_dir))
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     plan = train_state.plan_state(task, mesh, jax.random.PRNGKey(0))
     state, data_state = checkpoints.Checkpoints(tmp_path).restore(2, plan.restore_target())

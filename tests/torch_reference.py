@@ -1,6 +1,6 @@
 """An independent PyTorch re-implementation of the authors' release model.
 
-Written from the release's description (shared/asda-method.md), with its module names,
+Written from the release's description (docs/method.md), with its module names,
 so that ``state_dict()`` has the release's keys. Used as the oracle for parity tests
 and to write fake release checkpoints. Nothing here imports asda_jax.
 """
@@ -247,7 +247,7 @@ def pretraining_objective(
     cls_loss: float = 0.5,
     utterance_rows: int = 192,
 ) -> torch.Tensor:
-    """The release's objective for given masks and decoder noise (shared/asda-method.md)."""
+    """The release's objective for given masks and decoder noise (docs/method.md)."""
     x = student.embed(spec).repeat_interleave(clones, 0)  # (R, L, D)
     visible = torch.gather(x, 1, kept[..., None].expand(-1, -1, x.shape[-1]))
     tokens, _ = student.encode(visible)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from asda_jax import config_lib, hardware, train_lib
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY_OVERRIDES = {
@@ -47,6 +49,11 @@ def tiny_config(data_dir: str, **extra):
     """configs/demo.py with tiny sizes, reading ``data_dir``."""
     overrides = {**TINY_OVERRIDES, "data.data_dir": data_dir, **extra}
     return override(load_config("configs/demo.py"), overrides)
+
+
+def task_on_cpu(config):
+    """The task of ``config`` read for this host's CPU."""
+    return train_lib.make_task(config_lib.read(config, hardware.HOST))
 
 
 def tiny_flags(data_dir: str, **extra) -> list[str]:

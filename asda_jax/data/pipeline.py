@@ -14,7 +14,7 @@ every clip is counted exactly once.
 Batches hold either normalised spectrograms (``fbank_on="host"``) or raw waveforms
 that ``audio.device_spectrogram`` turns into spectrograms inside the jitted step
 (``fbank_on="device"``; on TPU VMs the host CPU is the usual bottleneck; "auto" is the
-platform's choice, resolved by config_lib before a pipeline is made). Clips that cannot
+chip's choice, resolved by config_lib before a pipeline is made). Clips that cannot
 be decoded are counted per reason in a ``ReadStats``.
 """
 
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from asda_jax import audio, platforms, sharding
+from asda_jax import audio, hardware, sharding
 from asda_jax.data import datasets
 
 
@@ -47,7 +47,7 @@ class InputConfig:
     batch_size: int = 8  # global, over all hosts
     target_frames: int = 1024
     norm: tuple[float, float] = audio.NORM_STATS["audioset"]
-    fbank_on: str = "auto"  # "host" | "device" | "auto": the platform's (platforms.FORMS)
+    fbank_on: str = "auto"  # "host" | "device" | "auto": the chip's (hardware.Forms)
     random_crop: bool = False  # training only; evaluation always crops from the start
     roll_and_gain: bool = False  # training only
     weighted_sampling: bool = False  # AS-2M: draws ∝ per-clip weights, without replacement
@@ -260,10 +260,10 @@ def _training_order(cfg: InputConfig, dataset: datasets.PreparedDataset, size: i
 
 
 def spectrograms(
-    batch: dict, cfg: InputConfig, forms: platforms.Forms
+    batch: dict, cfg: InputConfig, forms: hardware.Forms
 ) -> tuple[jax.Array, jax.Array]:
     """(B, T, F) normalised spectrograms and (B,) real frame counts of a batch, whichever
-    side computes the fbank (on the devices: in the ``forms`` of their platform)."""
+    side computes the fbank (on the devices: in the ``forms`` of their chip)."""
     if "spectrogram" in batch:
         return batch["spectrogram"], batch["frames"]
     return audio.device_spectrogram(batch["waveform"], batch["num_samples"], cfg.norm, forms=forms)

@@ -1,22 +1,21 @@
-"""Differential attention over at most 128 tokens as one Pallas TPU kernel per
-(example, head), both branches together, forward and backward.
+"""Differential attention over at most one lane-width of tokens as one Pallas TPU kernel
+per (example, head), both branches together, forward and backward.
 
-The student sees 103 tokens. There XLA's attention writes every T×T map to HBM and
-reads it back (float32 logits, exponentials and the mixed map in the forward; the
-gradient of the mixed map and each branch's softmax gradient in the backward), and
-the general kernels cost more than they save at this length: splash keeps per-row
-statistics broadcast over 128 lanes in float32 (a 75 MB array per branch and layer at
-96 × 12 rows, four times the queries). Here a whole sequence fits one block, so the
-kernel holds both maps in VMEM only, and the backward recomputes them from q and k
-instead of saving anything: HBM sees q1, k1, q2, k2, v and the output going forward,
-and those, the output's gradient and the five input gradients coming back.
+The student sees 103 tokens. There XLA writes every T×T map to HBM and reads it back
+(float32 logits, exponentials and the mixed map going forward; the mixed map's
+gradient and each branch's softmax gradient coming back), and splash attention keeps
+per-row statistics broadcast over the lanes in float32, four times the queries. Here a
+whole sequence fits one block, so the kernel holds both maps in VMEM only and the
+backward recomputes them from q and k instead of saving anything: HBM sees q1, k1, q2,
+k2, v and the output going forward, and those, the output's gradient and the five input
+gradients coming back.
 
 Layout inside: the four parts of q and k as one (4, B, H, T, Dk) array (the TPU
 compiler's layout of the release's fused projection, so handing it over whole moves no
-bytes) and v as (B, H, T, Dv); each block the whole unpadded sequence (Mosaic takes a
-block dimension equal to the array's, 103 included); masked keys get no weight.
-Padding to 128 cost more than the kernel saved: the pads and transposes around it
-wrote 0.48 GB per student block and step at the v5e-8 batch (BENCHMARKS.md).
+bytes) and v as (B, H, T, Dv); each block is the whole unpadded sequence (Mosaic takes
+a block dimension equal to the array's); masked keys get no weight. Padding the
+sequence to a lane-width would cost pads and transposes around the kernel
+(docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -28,15 +27,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from asda_jax import sharding
+from asda_jax import hardware, sharding
 
-MAX_LENGTH = 128  # the whole sequence is one block: at most one (128, D) tile of rows
+MAX_LENGTH = hardware.LANES  # the whole sequence is one block: one tile of rows at most
 _NEG = -1e30  # logit of a key that takes no weight (finite: exp gives exactly 0)
-_LANES = 128  # the dλ partials' lane width (one (8, 128) tile per example and head)
+_PARTIAL_TILE = (8, hardware.LANES)  # each (example, head)'s dλ partial: one vector tile
 
 
 def differential_attention(q1, k1, q2, k2, v, lam, mask=None, *, interpret=False):
-    """(softmax(q1k1ᵀ/√Dk) − λ·softmax(q2k2ᵀ/√Dk)) v on (B, T, H, D) inputs, T ≤ 128,
+    """(softmax(q1k1ᵀ/√Dk) − λ·softmax(q2k2ᵀ/√Dk)) v on (B, T, H, D) inputs, T ≤ MAX_LENGTH,
     λ of shape (H,), ``mask`` (B, T) True for real keys: (B, T, H, Dv)."""
     qk = jnp.stack([q1, q2, k1, k2], axis=2)
     return fused_projection_attention(qk, v, lam, mask, interpret=interpret)
@@ -122,9 +121,9 @@ def _block(shape):
 
 
 def _call(kernel, out_shape, lam, *arrays, interpret):
-    """``kernel`` over the (example, head) grid, under a mesh shard_mapped over the batch
-    and head axes (a Pallas call cannot be auto-partitioned). ``arrays``: the blocked
-    inputs, then the (B, 1, T) key weights; ``out_shape``: (global shape, dtype) pairs."""
+    """``kernel`` over the (example, head) grid, each device on its own examples and
+    heads. ``arrays``: the blocked inputs, then the (B, 1, T) key weights;
+    ``out_shape``: (global shape, dtype) pairs."""
 
     def run(lam, *arrays):
         *blocks, valid = arrays
@@ -143,15 +142,15 @@ def _call(kernel, out_shape, lam, *arrays, interpret):
         )
         return tuple(call(lam, *blocks, valid))
 
-    spec = sharding.current_mesh_spec(("batch", "heads", "length", "head_dim"))
-    if spec is not None:
-        specs = {4: spec, 5: jax.sharding.PartitionSpec(None, *spec)}  # by rank
-        lam_spec = jax.sharding.PartitionSpec(spec[1])
-        valid_spec = jax.sharding.PartitionSpec(spec[0], None, None)
-        in_specs = (lam_spec, *[specs[x.ndim] for x in arrays[:-1]], valid_spec)
-        out_specs = tuple(specs[len(s)] for s, _ in out_shape)
-        run = jax.shard_map(run, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    return run(lam, *arrays)
+    heads = sharding.split("batch", "heads", "length", "head_dim")
+    by_rank = {4: heads, 5: sharding.split(None, *heads.names)}
+    in_splits = (
+        sharding.split("heads"),
+        *[by_rank[x.ndim] for x in arrays[:-1]],
+        sharding.split("batch", None, None),
+    )
+    out_splits = tuple(by_rank[len(s)] for s, _ in out_shape)
+    return sharding.per_device(run, in_splits, out_splits, check_vma=False)(lam, *arrays)
 
 
 def _scale(qk):
@@ -167,6 +166,10 @@ def _forward(qk, v, lam, valid, interpret):  # -> (B, H, T, Dv)
 def _backward(qk, v, lam, valid, d_out, interpret):  # -> d_qk, dv, dλ partials
     kernel = functools.partial(_backward_kernel, scale=_scale(qk))
     batch, heads = v.shape[:2]
-    shapes = [(qk.shape, qk.dtype), (v.shape, v.dtype), ((batch, heads, 8, _LANES), jnp.float32)]
+    shapes = [
+        (qk.shape, qk.dtype),
+        (v.shape, v.dtype),
+        ((batch, heads, *_PARTIAL_TILE), jnp.float32),
+    ]
     # d_out rides with the blocked inputs; valid stays last
     return _call(kernel, shapes, lam, qk, v, d_out, valid, interpret=interpret)

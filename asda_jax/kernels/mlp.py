@@ -1,19 +1,17 @@
-"""The encoder blocks' MLP (fc1 → exact GELU → fc2) as one Pallas TPU kernel per
-example, forward and backward.
+"""The encoder blocks' MLP (fc1 → exact GELU → fc2) as one Pallas TPU kernel per block
+of an example's rows, forward and backward.
 
-XLA writes the hidden layer (rows × 2688, bfloat16) to HBM going forward and reads it
-back, and stages it through on-chip memory, in the backward: compiled for v5e-8 the
-student's MLPs were 4.7 GB of the step's 19 GB of HBM traffic, where their inputs and
-outputs are 15 MB per block. Here one example's rows (T ≤ a few hundred tokens) and
-both weight matrices are in VMEM at once, so the hidden layer never leaves it: the
-backward recomputes it from x instead of saving anything, and the weight and bias
-gradients are summed in VMEM-resident float32 accumulators over a device's examples
-(the grid axis is sequential), then over devices.
+XLA writes the hidden layer (rows × mlp width) to HBM going forward and reads it back,
+and stages it through on-chip memory, in the backward, where the MLP's input and output
+are a fraction of that. Here a block of one example's rows and both weight matrices are
+in VMEM at once, so the hidden layer never leaves it: the backward recomputes it from x
+instead of saving anything, and the weight and bias gradients are summed in
+VMEM-resident float32 accumulators over a device's examples (the grid is sequential),
+then over devices.
 
-The weights stay whole in VMEM: 2 × 768 × 2688 bfloat16 plus their float32
-gradients, ≈ 50 MB with the pipeline's buffers. That fits v5e's and v5p's VMEM
-(128 and 95 MiB), not v4's 16 MiB: the v4 mesh presets keep XLA's MLP
-(``config_lib.MESH_PRESETS``).
+The weights stay whole in VMEM, with their float32 gradients and the pipeline's
+buffers: the kernel asks for the chip's ``hardware.Chip.kernel_vmem_bytes``, and a
+chip whose VMEM cannot hold them runs XLA's MLP (its row's ``forms.mlp``).
 """
 
 from __future__ import annotations
@@ -28,27 +26,26 @@ from jax.experimental.pallas import tpu as pltpu
 
 from asda_jax import sharding
 
-_VMEM_LIMIT = 100 * 1024**2  # both weights, their gradients and the pipeline's buffers
 
-
-def mlp(x, w1, b1, w2, b2, *, interpret=False):
+def mlp(x, w1, b1, w2, b2, *, vmem_bytes: int, interpret=False):
     """fc2(gelu(fc1(x))) of ``x`` (B, T, D), ``w1`` (D, F), ``w2`` (F, D), biases (F,),
-    (D,): (B, T, D) in x's dtype; products in the weights' dtype, sums in float32."""
+    (D,): (B, T, D) in x's dtype; products in the weights' dtype, sums in float32. The
+    kernel may use ``vmem_bytes`` of VMEM (the chip's ``kernel_vmem_bytes``)."""
     bias1, bias2 = (b.astype(jnp.float32)[None] for b in (b1, b2))
-    return _mlp(x, w1.astype(x.dtype), bias1, w2.astype(x.dtype), bias2, interpret)
+    return _mlp(x, w1.astype(x.dtype), bias1, w2.astype(x.dtype), bias2, (vmem_bytes, interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _mlp(x, w1, b1, w2, b2, interpret):
-    return _forward(x, w1, b1, w2, b2, interpret)
+def _mlp(x, w1, b1, w2, b2, options):  # options: (VMEM bytes, interpret)
+    return _forward(x, w1, b1, w2, b2, *options)
 
 
-def _mlp_fwd(x, w1, b1, w2, b2, interpret):
-    return _forward(x, w1, b1, w2, b2, interpret), (x, w1, b1, w2, b2)  # hidden recomputed
+def _mlp_fwd(x, w1, b1, w2, b2, options):
+    return _forward(x, w1, b1, w2, b2, *options), (x, w1, b1, w2, b2)  # hidden recomputed
 
 
-def _mlp_bwd(interpret, residuals, d_out):
-    dx, dw1, db1, dw2, db2 = _backward(*residuals, d_out, interpret)
+def _mlp_bwd(options, residuals, d_out):
+    dx, dw1, db1, dw2, db2 = _backward(*residuals, d_out, *options)
     dtype = residuals[1].dtype  # the weights'
     return dx, dw1.astype(dtype), db1, dw2.astype(dtype), db2
 
@@ -107,7 +104,7 @@ def _backward_kernel(
     dx_ref[...] = _product(da, w1_ref[...], ((1,), (1,))).astype(dx_ref.dtype)
 
 
-MAX_ROWS = 512  # rows of one block: the hidden layer's float32 temporaries are 4 × 2688 B each
+MAX_ROWS = 512  # rows of one block: each row's hidden layer has float32 temporaries
 
 
 def rows_per_block(length: int) -> int:
@@ -127,7 +124,7 @@ def _whole(a):  # the same block at every step: weights, biases, accumulators
     return pl.BlockSpec(a.shape, lambda b, r: (0,) * len(a.shape))
 
 
-def _pallas(kernel, inputs, out_shape, in_specs, out_specs, flops, semantics, interpret):
+def _pallas(kernel, inputs, out_shape, in_specs, out_specs, flops, semantics, vmem, interpret):
     """``kernel`` over the examples of this device's (B, T, D) rows (``inputs[0]``) and
     their blocks of rows."""
     x = inputs[0]
@@ -140,7 +137,7 @@ def _pallas(kernel, inputs, out_shape, in_specs, out_specs, flops, semantics, in
         out_shape=out_shape,
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=(semantics, semantics), vmem_limit_bytes=_VMEM_LIMIT
+            dimension_semantics=(semantics, semantics), vmem_limit_bytes=vmem
         ),
         interpret=pltpu.InterpretParams() if interpret else False,
     )(*inputs)
@@ -150,7 +147,7 @@ def _matmul_flops(x, w1) -> int:  # one of the MLP's products over x's rows
     return 2 * x.shape[0] * x.shape[1] * w1.shape[0] * w1.shape[1]
 
 
-def _forward(x, w1, b1, w2, b2, interpret):  # -> (B, T, D)
+def _forward(x, w1, b1, w2, b2, vmem, interpret):  # -> (B, T, D)
     def run(x, w1, b1, w2, b2):
         rows = rows_per_block(x.shape[1])
         return _pallas(
@@ -161,32 +158,39 @@ def _forward(x, w1, b1, w2, b2, interpret):  # -> (B, T, D)
             [_rows(x, rows)],
             2 * _matmul_flops(x, w1),
             "parallel",
+            vmem,
             interpret,
-        )
+        )[0]
 
-    (out,) = sharding.split_by_example(run, batched_in=1, outputs=1, batched_out=1)(
-        x, w1, b1, w2, b2
-    )
-    return out
+    by_example, whole = sharding.split("batch"), sharding.WHOLE
+    splits = (by_example, whole, whole, whole, whole)
+    return sharding.per_device(run, splits, by_example, check_vma=False)(x, w1, b1, w2, b2)
 
 
-def _backward(x, w1, b1, w2, b2, d_out, interpret):  # -> dx, dW1, db1, dW2, db2 (float32)
+def _backward(x, w1, b1, w2, b2, d_out, vmem, interpret):  # -> dx, dW1, db1, dW2, db2 (float32)
     def run(x, d_out, w1, b1, w2, b2):
         rows = rows_per_block(x.shape[1])
         grads = [x, w1, b1, w2, b2]
         out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] + [
             jax.ShapeDtypeStruct(g.shape, jnp.float32) for g in grads[1:]
         ]
-        return _pallas(
-            functools.partial(_backward_kernel, length=x.shape[1]),
-            [x, w1, b1, w2, b2, d_out],
-            out_shape,
-            [_rows(x, rows), *map(_whole, (w1, b1, w2, b2)), _rows(d_out, rows)],
-            [_rows(x, rows), *map(_whole, grads[1:])],
-            5 * _matmul_flops(x, w1),  # the recomputed fc1, dW2, dh, dW1, dx
-            "arbitrary",  # the gradients' accumulators are carried from example to example
-            interpret,
+        return tuple(
+            _pallas(
+                functools.partial(_backward_kernel, length=x.shape[1]),
+                [x, w1, b1, w2, b2, d_out],
+                out_shape,
+                [_rows(x, rows), *map(_whole, (w1, b1, w2, b2)), _rows(d_out, rows)],
+                [_rows(x, rows), *map(_whole, grads[1:])],
+                5 * _matmul_flops(x, w1),  # the recomputed fc1, dW2, dh, dW1, dx
+                "arbitrary",  # the gradients' accumulators are carried from example to example
+                vmem,
+                interpret,
+            )
         )
 
-    per_device = sharding.split_by_example(run, batched_in=2, outputs=5, batched_out=1)
-    return per_device(x, d_out, w1, b1, w2, b2)
+    by_example, whole, summed = sharding.split("batch"), sharding.WHOLE, sharding.SUMMED
+    in_splits = (by_example, by_example, whole, whole, whole, whole)
+    out_splits = (by_example, summed, summed, summed, summed)
+    return sharding.per_device(run, in_splits, out_splits, check_vma=False)(
+        x, d_out, w1, b1, w2, b2
+    )

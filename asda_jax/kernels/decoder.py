@@ -2,22 +2,23 @@
 as one Pallas TPU kernel per example, forward and backward.
 
 XLA runs the block as a grouped convolution in a batch-minor layout with the
-LayerNorm, GELU and residual in fusions around it and layout copies between them:
-compiled for v5e-8 the decoder alone accessed 19.7 GB per chip and step (8.3 GB of
-it in HBM by the HLO's estimate), where its inputs and outputs are 75 MB each per
-block. Here an example's whole (time × freq) grid is one block: HBM sees the block's
-input and output going forward, and the input, the output's gradient and the input's
+LayerNorm, GELU and residual in fusions around it and layout copies between them.
+Here an example's whole (time × freq) grid is one block: HBM sees the block's input
+and output going forward, and the input, the output's gradient and the input's
 gradient coming back (the convolution and normalisation are recomputed, nothing is
 saved).
 
 Layout: channels-major (B, C, S), S = H·W the flattened grid, so each example's
-block is (C, S) with the channels on sublanes. A group's 48 channels are then a
-whole number of (16, 128) bfloat16 tiles (on lanes they would straddle tiles), and a
-tap (dy, dx) of the convolution is a roll of the lanes by dy·W + dx with the
-out-of-grid positions masked. Per group the taps are stacked into (k²·Cin/G, S)
-columns and multiplied by the group's (Cout/G, k²·Cin/G) weights: one matmul per
-group. The kernel's gradient and the bias's are summed over the examples in
-VMEM-resident accumulators (the grid axis is sequential), then over devices.
+block is (C, S) with the channels on sublanes. A group's channels are then whole
+sublane tiles (on lanes they would straddle tiles), and a tap (dy, dx) of the
+convolution is a roll of the lanes by dy·W + dx with the out-of-grid positions
+masked. Per group the taps are stacked into (k²·Cin/G, S) columns and multiplied by
+the group's (Cout/G, k²·Cin/G) weights: one matmul per group. The kernel's gradient
+and the bias's are summed over the examples in VMEM-resident accumulators (the grid
+axis is sequential), then over devices. The input and the convolution live in float32
+scratch and the normalisation runs a lane tile at a time, so no (C, S) float32
+temporary outlives its chunk: the block fits the smallest VMEM of the TPUs listed in
+``hardware``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from asda_jax import sharding
-from asda_jax.mlp_kernel import gelu_slope, normal_cdf
+from asda_jax import hardware, sharding
+from asda_jax.kernels.mlp import gelu_slope, normal_cdf
 
 LN_EPSILON = 1e-5  # the release's LayerNorm over the decoder's channels (no affine)
-_LANES = 128
 
 
 def conv_block(x, kernel, bias, grid, *, groups, interpret=False):
@@ -93,12 +93,12 @@ _block.defvjp(_block_fwd, _block_bwd)
 
 
 def _lane_chunks(size: int) -> list[slice]:
-    """Slices of 128 positions (one lane tile each) when they tile ``size``: the
-    LayerNorm, GELU and casts run a chunk at a time, so no (C, S) float32 temporary
-    outlives its chunk (v4's 16 MiB of VMEM)."""
-    if size % _LANES:
+    """Slices of one lane tile each when they tile ``size``: the LayerNorm, GELU and
+    casts run a chunk at a time, so no (C, S) float32 temporary outlives its chunk."""
+    lanes = hardware.LANES
+    if size % lanes:
         return [slice(0, size)]
-    return [slice(i, i + _LANES) for i in range(0, size, _LANES)]
+    return [slice(i, i + lanes) for i in range(0, size, lanes)]
 
 
 def _columns(rows, masks, shifts, dtype):  # (i, S) float32 -> (k²·i, S) in dtype
@@ -249,12 +249,11 @@ def _forward(x, weights, bias, masks, shifts, interpret):  # -> (B, Cout, S)
             "parallel",
             interpret,
         )
-        return call(x, weights, bias, masks)
+        return call(x, weights, bias, masks)[0]
 
-    (out,) = sharding.split_by_example(run, batched_in=1, outputs=1, batched_out=1)(
-        x, weights, bias, masks
-    )
-    return out
+    by_example, whole = sharding.split("batch"), sharding.WHOLE
+    splits = (by_example, whole, whole, whole)
+    return sharding.per_device(run, splits, by_example, check_vma=False)(x, weights, bias, masks)
 
 
 def _backward(x, weights, bias, masks, d_out, shifts, interpret):  # -> dx, dW, db (float32)
@@ -285,7 +284,11 @@ def _backward(x, weights, bias, masks, d_out, shifts, interpret):  # -> dx, dW, 
             "arbitrary",  # the dW and db accumulators are carried from example to example
             interpret,
         )
-        return call(x, weights, bias, masks, d_out)
+        return tuple(call(x, weights, bias, masks, d_out))
 
-    per_device = sharding.split_by_example(run, batched_in=2, outputs=3, batched_out=1)
-    return per_device(x, d_out, weights, bias, masks)
+    by_example, whole = sharding.split("batch"), sharding.WHOLE
+    in_splits = (by_example, by_example, whole, whole, whole)
+    out_splits = (by_example, sharding.SUMMED, sharding.SUMMED)
+    return sharding.per_device(run, in_splits, out_splits, check_vma=False)(
+        x, d_out, weights, bias, masks
+    )
