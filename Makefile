@@ -1,13 +1,14 @@
 # Two entry points for a fresh machine; each creates its own virtualenv.
 #   make demo   pretrain the demo model on the synthetic dataset (CPU, minutes)
 #   make test   formatter + linter check, then the whole test suite (what CI runs)
-#   make test-fast   the same without the slow tiers (subprocess runs, compiles, notebook)
+#   make test-fast   the same without the slow tiers (subprocess runs, compiles, the
+#                    notebook, training runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/demo
 
-FAST := not subprocess and not compile and not notebook
+FAST := not subprocess and not compile and not notebook and not train
 
 .PHONY: demo test test-fast lint format
 

@@ -34,12 +34,14 @@ import sys
 import time
 from pathlib import Path
 
+# the checkout: benchmarks/ holds the HLO readers (and asda_jax runs uninstalled, e.g. in
+# a side environment with the CUDA plugin)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from asda_jax import aot, cli, config_lib
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the HLO readers
 from benchmarks import hlo
 
 FLAGS = flags.FLAGS

@@ -75,6 +75,7 @@ RECIPES = {  # the AudioSet fixture has no unbalanced_train
 }
 
 
+@pytest.mark.train
 @pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_runs_two_steps_on_eight_devices(name, sources, tmp_path):
     config = configured(
@@ -108,6 +109,7 @@ def test_the_as2m_recipe_samples_by_weight_and_spc2_rolls():
     assert spc.seed == 42 and spc.optim.lr == 2e-4 and spc.data.target_frames == 128
 
 
+@pytest.mark.train
 def test_fine_tuning_starts_from_the_pretrained_student_encoder(sources, pretrained, tmp_path):
     config = configured(
         "configs/finetune_demo.py",
@@ -125,6 +127,7 @@ def test_fine_tuning_starts_from_the_pretrained_student_encoder(sources, pretrai
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.train
 def test_a_checkpoint_of_another_model_is_refused_with_the_mismatches(
     sources, pretrained, tmp_path
 ):
@@ -139,6 +142,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_mismatches(
         config_lib.validate(missing, chip=hardware.HOST, device_count=8, process_count=1)
 
 
+@pytest.mark.train
 def test_linear_probe_trains_the_head_only(sources, pretrained, tmp_path):
     config = configured(
         "configs/finetune_demo.py",
@@ -280,6 +284,7 @@ def synthetic_60(tmp_path_factory):
     return str(root)
 
 
+@pytest.mark.train
 def test_fine_tuning_from_the_pretrained_demo_beats_random_init(synthetic_60, tmp_path):
     """The demo recipe with a third of its budget: 100 pretraining steps, then 60
     fine-tuning steps from the pretrained encoder and from random init (same seed, data

@@ -241,6 +241,7 @@ def assert_restored(state, shardings, expected_params) -> None:
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.train
 def test_a_checkpoint_saved_on_8_devices_restores_on_1(data_dir, tmp_path):
     saved, task = trained_state(data_dir, tmp_path, (2, 2, 2))
     qk = saved.params["encoder"]["blocks_0"]["attn"]["qk"]["kernel"]

@@ -96,6 +96,7 @@ def test_sigterm_saves_first_then_the_run_resumes_exactly(data_dir, uninterrupte
     assert_same_losses(tmp_path, uninterrupted)
 
 
+@pytest.mark.train
 def test_nan_loss_stops_before_saving_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     train_lib.train(th.tiny_config(data_dir, num_train_steps=4), tmp_path)
     good = checkpoints.Checkpoints(tmp_path).restore(4, None)[0]
@@ -108,6 +109,7 @@ def test_nan_loss_stops_before_saving_and_keeps_the_last_good_checkpoint(data_di
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.train
 def test_collapse_stops_the_run_with_a_clear_message(data_dir, tmp_path):
     collapsing = th.tiny_config(
         data_dir, **{"pretrain.min_target_var": 100.0, "pretrain.collapse_check_after": 3}
@@ -229,6 +231,7 @@ def test_the_schedule_follows_the_run_length(data_dir):
         config_lib.read(unknown, hardware.HOST)
 
 
+@pytest.mark.train
 def test_a_run_reports_the_clips_it_skipped(tmp_path, caplog):
     fx.class_folders_tree(tmp_path / "src", per_class=4)  # 8 clips, one undecodable
     fx.CorruptFolder(
@@ -250,6 +253,7 @@ def test_a_run_reports_the_clips_it_skipped(tmp_path, caplog):
     assert final and int(final.group(1)) >= counts[-1]  # the final log line counts them too
 
 
+@pytest.mark.train
 def test_restore_target_places_state_on_the_mesh(data_dir, tmp_path):
     train_lib.train(th.tiny_config(data_dir, num_train_steps=2), tmp_path)
     task = th.task_on_cpu(th.tiny_config(data_dir))
