@@ -278,7 +278,7 @@ class MeshPreset:
 
 
 GPU_TOPOLOGY = "h100:1x1x8"
-DATA_PARALLEL = sharding.DATA_PARALLEL
+DATA_PARALLEL = sharding.DATA_PARALLEL  # every device takes its own clips
 MESH_PRESETS = {
     "cpu": MeshPreset("cpu", DATA_PARALLEL, 1),
     "gpu": MeshPreset("gpu", DATA_PARALLEL, 1),  # 1–8 GPUs in one box
