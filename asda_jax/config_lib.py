@@ -233,7 +233,8 @@ def optim_config(values, steps: int) -> optim.OptimConfig:
             f"num_train_steps ({steps}): its last steps would train at optim.min_lr; "
             "unset optim.decay_steps to decay over the run"
         )
-    fields["decay_steps"] = fields.get("decay_steps") or steps
+    if fields.get("decay_steps") is None:
+        fields["decay_steps"] = steps
     return typed_block(optim.OptimConfig, fields)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,17 +32,8 @@ MiB = 1024**2
 
 def compile_row(python: str, name: str, topology: str, preset: str, out: Path) -> dict:
     """The JSON report of one config (compiled now unless already under ``out``)."""
-    path = out / f"{name}.json"
-    if not path.exists():
-        arg = MESH.get(name, f":mesh={preset}")
-        command = [
-            python, "launch/compile.py", f"--config=configs/{name}.py{arg}",
-            f"--topology={topology}", f"--json={path}",
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode not in (0, 1):  # 1: compiled, does not fit (in the report)
-            return {"error": "\n".join(done.stderr.strip().splitlines()[-3:])}
-    return json.loads(path.read_text())
+    flags = [f"--config=configs/{name}.py{MESH.get(name, f':mesh={preset}')}"]
+    return common.compiled_report(python, [*flags, f"--topology={topology}"], out / f"{name}.json")
 
 
 def kernels(report: dict) -> str:

@@ -17,8 +17,6 @@ FLOPs (asda_jax/flop_counts.py) against that time. 10 AS-2M epochs are 10 × 1.9
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,16 +41,8 @@ def compile_row(
     path = out / f"{preset}-{task}.json"
     if saved and not path.exists():
         return None
-    if not path.exists():
-        command = [
-            python, "launch/compile.py", f"--config={TASKS[task]}:mesh={preset}",
-            f"--json={path}", *extra,
-        ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode not in (0, 1):  # 1: compiled, does not fit (in the report)
-            tail = "\n".join(done.stderr.strip().splitlines()[-3:])
-            return {"preset": preset, "task": task, "error": tail}
-    return {"preset": preset, "task": task} | json.loads(path.read_text())
+    flags = [f"--config={TASKS[task]}:mesh={preset}", *extra]
+    return {"preset": preset, "task": task} | common.compiled_report(python, flags, path)
 
 
 def table_row(r: dict) -> list[str]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from pathlib import Path
 
 import jax
 
@@ -89,3 +92,16 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[objec
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:
         print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+def compiled_report(python: str, flags: Sequence[str], path: Path) -> dict:
+    """The JSON report of one ``launch/compile.py`` run with ``flags`` in its own process
+    (``python``: an interpreter with the chips' compiler), kept at ``path`` and read back
+    from there when it is already there (an interrupted sweep resumes); on failure
+    {"error": the last lines of its stderr}."""
+    if not path.exists():
+        command = [python, "launch/compile.py", *flags, f"--json={path}"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode not in (0, 1):  # 1: compiled, does not fit (in the report)
+            return {"error": "\n".join(done.stderr.strip().splitlines()[-3:])}
+    return json.loads(path.read_text())
