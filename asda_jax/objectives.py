@@ -58,6 +58,18 @@ class PretrainConfig:
     min_pred_var: float = 0.01
     collapse_check_after: int = 5_000
 
+    def validate(self) -> PretrainConfig:
+        if not (0 <= self.ema_decay <= 1 and 0 <= self.ema_end_decay <= 1):
+            raise ValueError(
+                f"pretrain.ema_decay {self.ema_decay} and ema_end_decay {self.ema_end_decay} "
+                "must be in [0, 1]"
+            )
+        if self.ema_anneal_end_step < 0:
+            raise ValueError(
+                f"pretrain.ema_anneal_end_step must be >= 0, got {self.ema_anneal_end_step}"
+            )
+        return self
+
 
 # ---------------------------------------------------------------------------- teacher
 
@@ -75,14 +87,26 @@ def teacher_targets(layer_results, top_k: int) -> jax.Array:  # (B, L, D) float3
     return instance_norm(averaged, axis=-1)  # LayerNorm without affine, eps 1e-5
 
 
-def ema_decay(step: jax.Array, cfg: PretrainConfig) -> jax.Array:
-    """Linear anneal from ema_decay to ema_end_decay over ema_anneal_end_step updates."""
-    fraction = jnp.minimum(step / cfg.ema_anneal_end_step, 1.0)
-    return cfg.ema_decay + (cfg.ema_end_decay - cfg.ema_decay) * fraction
+def ema_weight(step: jax.Array, cfg: PretrainConfig) -> jax.Array:  # float32 scalar
+    """The student's weight 1 − d(step) in the teacher's update after ``step`` updates,
+    where the decay d anneals linearly from ema_decay to ema_end_decay over
+    ema_anneal_end_step updates, then stays.
+
+    Formed as (1 − end) + (end − start)·(steps left / anneal length) from constants taken
+    in double precision, as the release forms 1 − d: 1 − d computed in float32 near
+    d = 0.99999 is off by half a percent (the spacing of float32 there is 6e-8).
+    """
+    start, end = 1.0 - cfg.ema_decay, 1.0 - cfg.ema_end_decay
+    anneal = cfg.ema_anneal_end_step
+    if anneal == 0 or start == end:
+        return jnp.full(jnp.shape(step), end, jnp.float32)
+    steps_left = anneal - jnp.minimum(step, anneal)  # an exact integer
+    return end + (start - end) * (steps_left.astype(jnp.float32) / anneal)
 
 
-def ema_update(teacher, student, decay: jax.Array):
-    return jax.tree.map(lambda t, s: decay * t + (1.0 - decay) * s, teacher, student)
+def ema_update(teacher, student, weight: jax.Array):
+    """teacher + weight·(student − teacher): the teacher's EMA step."""
+    return jax.tree.map(lambda t, s: t + weight * (s - t), teacher, student)
 
 
 # ---------------------------------------------------------------------------- student

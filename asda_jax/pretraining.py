@@ -65,9 +65,9 @@ class PretrainTask:
         state, update = train_state.apply_gradients(
             state, grads, tx, optim.schedule(self.optim_cfg)
         )
-        decay = objectives.ema_decay(state.step, self.pre_cfg)
-        teacher = objectives.ema_update(state.teacher, state.params["encoder"], decay)
-        return state.replace(teacher=teacher), metrics | update | {"ema_decay": decay}
+        weight = objectives.ema_weight(state.step, self.pre_cfg)  # d(u + 1) after update u
+        teacher = objectives.ema_update(state.teacher, state.params["encoder"], weight)
+        return state.replace(teacher=teacher), metrics | update | {"ema_weight": weight}
 
     def check(self, step: int, metrics: dict) -> None:
         """Stops the run on a NaN loss, or on a collapse once past its grace period."""

@@ -89,14 +89,49 @@ def test_teacher_targets_match_the_release_formula():
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
-def test_ema_decay_anneals_linearly_then_stays():
+def float64_ema_weight(n: int, cfg: objectives.PretrainConfig) -> float:
+    """1 − d(n) in double precision, d annealed linearly as the release's get_annealed_rate."""
+    start, end, anneal = cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_end_step
+    return 1.0 - (end if n >= anneal else start + (end - start) * n / anneal)
+
+
+def test_ema_weight_equals_the_float64_formula_along_the_release_schedule():
+    cfg = objectives.PretrainConfig()  # 0.9998 → 0.99999 over 100 000 updates
+    steps = [0, 50_000, 99_999, 100_000, 200_000]
+    got = jax.jit(objectives.ema_weight, static_argnums=1)(jnp.array(steps), cfg)
+    want = [float64_ema_weight(n, cfg) for n in steps]
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6)
+    assert want[-1] == pytest.approx(1e-5, rel=1e-9)  # 1 − 0.99999, not float32's 9.954e-6
+
+
+@pytest.mark.parametrize("start", [99_500, 199_000], ids=["across-the-anneal-end", "after"])
+def test_teacher_approaches_a_constant_student_at_the_float64_rate(start):
+    """After 1 000 updates the teacher has moved (student − teacher)·(1 − ∏(1 − w))."""
     cfg = objectives.PretrainConfig()
-    steps = jnp.array([0, 50_000, 100_000, 400_000])
-    np.testing.assert_allclose(
-        objectives.ema_decay(steps, cfg), [0.9998, 0.999895, 0.99999, 0.99999], rtol=1e-7
-    )
-    teacher = objectives.ema_update({"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, jnp.float32(0.75))
-    np.testing.assert_allclose(teacher["w"], 0.75)
+    student = {"w": jnp.array([1.0, -2.0, 0.5])}
+    teacher = {"w": jnp.zeros(3)}
+
+    def update(n, teacher):
+        return objectives.ema_update(teacher, student, objectives.ema_weight(n, cfg))
+
+    moved = jax.jit(lambda t: jax.lax.fori_loop(start, start + 1000, update, t))(teacher)
+    kept = np.prod([1.0 - float64_ema_weight(n, cfg) for n in range(start, start + 1000)])
+    expected = np.array([1.0, -2.0, 0.5]) * (1.0 - kept)
+    np.testing.assert_allclose(np.asarray(moved["w"], np.float64), expected, rtol=1e-4)
+
+
+def test_ema_weight_handles_every_schedule_the_config_allows():
+    constant = objectives.PretrainConfig(ema_decay=0.999, ema_end_decay=0.999)
+    no_anneal = objectives.PretrainConfig(ema_anneal_end_step=0)
+    falling = objectives.PretrainConfig(ema_decay=0.9, ema_end_decay=0.5, ema_anneal_end_step=10)
+    for cfg in (constant, no_anneal, falling):
+        steps = [0, 5, 10, 20]
+        want = [float64_ema_weight(n, cfg) for n in steps]
+        np.testing.assert_allclose(objectives.ema_weight(jnp.array(steps), cfg), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="ema_decay"):
+        objectives.PretrainConfig(ema_end_decay=1.5).validate()
+    with pytest.raises(ValueError, match="ema_anneal_end_step"):
+        objectives.PretrainConfig(ema_anneal_end_step=-1).validate()
 
 
 # ---------------------------------------------------------------------------- one step vs PyTorch
