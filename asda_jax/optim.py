@@ -8,8 +8,9 @@ import re
 import jax
 import optax
 
-NO_DECAY_LEAVES = ("bias", "scale")  # LayerNorm/RMSNorm and bias vectors
-NO_DECAY_PARAMS = ("cls_token", "lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
+# Leaves the release holds as 1-D tensors whatever shape ours take (the attention's
+# LayerNorm scale is (H, Dh) here, (D,) there; qk's bias is (4, H, Dh)).
+NO_DECAY_LEAVES = ("bias", "scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,9 +25,14 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.05
-    # The release means to exempt biases and norms from decay, but fairseq's composite
-    # optimiser drops that override, so it decays everything. True reproduces that.
+    # Weight decay follows the release's stated rule (``decays``): biases, norms' scales
+    # and other 1-D parameters are exempt, the CLS token and every kernel decay. fairseq's
+    # composite optimiser drops that rule and the release decays everything: True
+    # reproduces the release as it ran.
     decay_everything: bool = False
+    # Further parameters exempt from decay, by a name in their path (e.g. "cls_token",
+    # which MAE and BEiT exempt); empty in every shipped config.
+    no_decay: tuple[str, ...] = ()
     clip_norm: float = 4.0  # 0: no clipping (the release's fine-tuning)
     layer_decay: float = 1.0  # < 1: layer-wise lr decay for fine-tuning
 
@@ -44,14 +50,17 @@ class OptimConfig:
 
 
 def schedule(cfg: OptimConfig, scale: float = 1.0) -> optax.Schedule:
-    """Linear warmup from 0 to lr·scale, then cosine down to min_lr."""
+    """fairseq's cosine schedule for a peak of lr·scale: linear warmup from the floor
+    min(min_lr, peak) to the peak, then cosine down to the floor (a group whose scaled
+    peak is below min_lr keeps a constant rate, as fairseq's per-group schedulers do)."""
     peak = cfg.lr * scale
+    floor = min(cfg.min_lr, peak)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
+        init_value=floor,
         peak_value=peak,
         warmup_steps=cfg.warmup_steps,
         decay_steps=max(cfg.decay_steps, cfg.warmup_steps + 1),
-        end_value=min(cfg.min_lr, peak),
+        end_value=floor,
     )
 
 
@@ -59,16 +68,26 @@ def path_names(path) -> list[str]:
     return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
 
 
-def decays(path) -> bool:
+def decays(path, leaf, no_decay: tuple[str, ...] = ()) -> bool:
+    """The release's rule, stated by both its models: a parameter decays unless it is
+    1-D or a bias (here: a ``bias`` or norm ``scale`` leaf, whatever its shape), or one
+    of its path's names is in ``no_decay``."""
     names = path_names(path)
-    return names[-1] not in NO_DECAY_LEAVES and not set(names) & set(NO_DECAY_PARAMS)
+    exempt = names[-1] in NO_DECAY_LEAVES or len(leaf.shape) == 1
+    return not (exempt or set(names) & set(no_decay))
 
 
 def decay_mask(params, cfg: OptimConfig):
     """True where weight decay applies."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: cfg.decay_everything or decays(path), params
+        lambda path, leaf: cfg.decay_everything or decays(path, leaf, cfg.no_decay), params
     )
+
+
+def exempt_from_decay(params, cfg: OptimConfig) -> list[str]:
+    """The '/'-joined paths of every parameter weight decay leaves alone."""
+    flags = jax.tree_util.tree_leaves_with_path(decay_mask(params, cfg))
+    return ["/".join(path_names(path)) for path, decayed in flags if not decayed]
 
 
 def layer_index(path, depth: int) -> int:
@@ -118,6 +137,12 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """Clip → AdamW, one schedule per distinct layer-decay multiplier."""
     cfg.validate()
+    names = {
+        name for path, _ in jax.tree_util.tree_leaves_with_path(params) for name in path_names(path)
+    }
+    unknown = sorted(set(cfg.no_decay) - names)
+    if unknown:
+        raise ValueError(f"optim.no_decay names no parameter of this model: {unknown}")
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     if cfg.layer_decay >= 1.0:
         return optax.chain(*chain, adamw(cfg, schedule(cfg)))

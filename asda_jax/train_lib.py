@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +31,7 @@ from asda_jax import (
     config_lib,
     finetuning,
     hardware,
+    optim,
     pretraining,
     sharding,
     train_state,
@@ -47,6 +49,7 @@ def initial_state(task, mesh, seed: int, ckpt: checkpoints.Checkpoints, iterator
     """(state, plan, first step): restored from the latest checkpoint, or new."""
     rng = jax.random.PRNGKey(seed)
     plan = train_state.plan_state(task, mesh, rng)
+    log_weight_decay(plan.abstract.params, task.optim_cfg)
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, plan.restore_target())
@@ -85,6 +88,19 @@ def log_environment(chip: hardware.Chip) -> None:
         jax.local_device_count(),
         jax.device_count(),
         chip.description,
+    )
+
+
+def log_weight_decay(params, cfg: optim.OptimConfig) -> None:
+    """Which parameters weight decay leaves alone, blocks folded into one pattern."""
+    exempt = optim.exempt_from_decay(params, cfg)
+    patterns = sorted({re.sub(r"_\d+/", "_*/", path) for path in exempt})
+    logging.info(
+        "weight decay %g on %d of %d tensors; exempt: %s",
+        cfg.weight_decay,
+        len(jax.tree.leaves(params)) - len(exempt),
+        len(jax.tree.leaves(params)),
+        ", ".join(patterns) or "none",
     )
 
 
