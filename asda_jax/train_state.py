@@ -36,10 +36,21 @@ class TrainingStopped(RuntimeError):
 
 
 def check_finite(step: int, metrics: dict) -> None:
+    """Stops on a non-finite loss, gradient or updated parameter (``all_finite``)."""
     if not np.isfinite(metrics["loss"]):
-        raise TrainingStopped(
-            f"step {step}: the loss is {metrics['loss']}; stopping without saving this state"
+        reason = f"the loss is {metrics['loss']}"
+    elif not metrics["finite"]:
+        reason = (
+            "a gradient or an updated parameter is not finite "
+            f"(gradient norm {metrics['grad_norm']})"
         )
+    else:
+        return
+    raise TrainingStopped(f"step {step}: {reason}; stopping without saving this state")
+
+
+def all_finite(*trees) -> jax.Array:  # bool scalar
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(trees)]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +113,11 @@ def apply_gradients(
     """One optimiser update; the state's step advances by one."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {
+        "grad_norm": optax.global_norm(grads),
+        "finite": all_finite(grads, params),  # the teacher follows the parameters
+        "lr": schedule(state.step),
+    }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

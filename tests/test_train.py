@@ -7,6 +7,7 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,6 +108,28 @@ def test_nan_loss_stops_before_saving_and_keeps_the_last_good_checkpoint(data_di
     kept = checkpoints.Checkpoints(tmp_path).restore(4, None)[0]
     for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(good), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.train
+def test_a_non_finite_gradient_stops_the_run_before_its_state_is_saved(
+    data_dir, tmp_path, monkeypatch
+):
+    """An inf in one gradient at a checkpoint step, with a finite loss: the run stops
+    there and its newest checkpoint is the one before, finite."""
+    bad_update, apply = 4, train_state.apply_gradients
+
+    def poisoned(state, grads, tx, schedule):
+        leaves, tree = jax.tree.flatten(grads)
+        leaves[0] = jnp.where(state.step + 1 == bad_update, jnp.inf, leaves[0])
+        return apply(state, jax.tree.unflatten(tree, leaves), tx, schedule)
+
+    monkeypatch.setattr(train_state, "apply_gradients", poisoned)
+    stopped = rf"step {bad_update}: a gradient or an updated parameter is not finite"
+    with pytest.raises(train_state.TrainingStopped, match=stopped):
+        train_lib.train(th.tiny_config(data_dir, num_train_steps=8), tmp_path)
+    assert saved_steps(tmp_path) == [2]
+    state = checkpoints.Checkpoints(tmp_path).restore(2, None)[0]
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
 
 
 @pytest.mark.train
