@@ -1,7 +1,9 @@
 """The input pipeline: host shards, exact evaluation coverage, resumable state, devices."""
 
+import concurrent.futures
 import dataclasses
 import itertools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -112,6 +114,27 @@ def test_weighted_epochs_draw_distinct_clips_in_proportion():
     assert draws[12345] == pipeline.WeightedEpochs(weights, draws=2, seed=0)[12345]
     with pytest.raises(ValueError, match="not all zero"):
         pipeline.WeightedEpochs(np.zeros(3), draws=1, seed=0)
+
+
+def test_weighted_epochs_read_by_eight_threads_equal_one_thread():
+    """The AS-2M sampler under grain's reader threads, straddling epoch ends."""
+    weights = np.random.default_rng(0).random(20_000)
+    # Readers a little out of order: each position of an epoch next to the same one of
+    # the epoch after, as threads that straddle an epoch's end read them.
+    positions = [
+        (e + side) * 16 + i for e in range(0, 200, 2) for i in range(16) for side in (0, 1)
+    ]
+    alone = pipeline.WeightedEpochs(weights, draws=16, seed=1)
+    expected = [alone[p] for p in positions]
+    shared = pipeline.WeightedEpochs(weights, draws=16, seed=1)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(shared.__getitem__, positions, chunksize=1))
+    finally:
+        sys.setswitchinterval(interval)
+    assert got == expected
 
 
 def test_device_fbank_equals_host_fbank(synthetic_dir):

@@ -83,19 +83,29 @@ class WeightedEpochs(grain.MapDataset):
         self._weights = np.asarray(weights, np.float64)
         self._draws = min(draws, int(np.count_nonzero(weights)))
         self._seed = seed
-        self._cache: dict[int, np.ndarray] = {}
+        # The orders of the two latest epochs drawn: readers on several threads straddle
+        # an epoch's end, and each order takes a pass over every weight to draw.
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return sys.maxsize
 
+    def _draw(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self._seed, epoch])
+        with np.errstate(divide="ignore"):
+            keys = rng.exponential(size=self._weights.size) / self._weights
+        chosen = np.argpartition(keys, self._draws - 1)[: self._draws]
+        return rng.permutation(chosen)
+
     def _epoch(self, epoch: int) -> np.ndarray:
-        if epoch not in self._cache:
-            rng = np.random.default_rng([self._seed, epoch])
-            with np.errstate(divide="ignore"):
-                keys = rng.exponential(size=self._weights.size) / self._weights
-            chosen = np.argpartition(keys, self._draws - 1)[: self._draws]
-            self._cache = {epoch: rng.permutation(chosen)}
-        return self._cache[epoch]
+        with self._lock:
+            order = self._orders.get(epoch)
+            if order is None:
+                order = self._draw(epoch)
+                latest = sorted(self._orders)[-1:]
+                self._orders = {e: self._orders[e] for e in latest} | {epoch: order}
+            return order
 
     def __getitem__(self, position):
         if isinstance(position, slice):
