@@ -6,7 +6,7 @@ import logging
 import os
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,9 @@ from asda_jax import audio
 from asda_jax.data import builders
 
 NOISY_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/")
+# Where schedulers say how many processes they started for a job: SLURM's srun, Open
+# MPI's mpirun, MPICH and Intel MPI (PMI).
+SCHEDULER_PROCESS_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 class _QuietLibraries(logging.Filter):
@@ -25,6 +28,16 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or not any(
             part in record.pathname for part in NOISY_LIBRARIES
         )
+
+
+def scheduled_processes(environ: Mapping[str, str]) -> tuple[str, int] | None:
+    """(variable, count) where a scheduler says it started several processes for this
+    job; None for a job of one process."""
+    for name in SCHEDULER_PROCESS_COUNTS:
+        value = environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 1:
+            return name, int(value)
+    return None
 
 
 def quiet_library_logs() -> None:

@@ -43,14 +43,26 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed(config) -> None:
-    """Joins a multi-host run; a single-process run stays as it is."""
+    """Joins a multi-host run; a single-process run stays as it is, unless a scheduler
+    started several of it (each would train alone into the same workdir)."""
+    expected = config.get("num_processes") or 1
+    scheduled = cli.scheduled_processes(os.environ)
+    if scheduled and expected == 1 and not FLAGS.coordinator_address:
+        name, count = scheduled
+        raise config_lib.ConfigError(
+            f"{name}={count}: the scheduler started {count} processes, but the config "
+            f"expects 1 and no --coordinator_address was given, so each would train alone "
+            f"into the same workdir. Pass --config.num_processes={count} (JAX then joins "
+            "them), or --coordinator_address, --num_processes and --process_id; for one "
+            f"process of a larger allocation, run it with {name}=1"
+        )
     if FLAGS.coordinator_address:
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-    elif (config.get("num_processes") or 1) > 1:
+    elif expected > 1:
         try:
             jax.distributed.initialize()  # TPU pods and SLURM clusters describe themselves
         except ValueError as e:

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from asda_jax import checkpoints, sharding, train_lib, train_state
+from asda_jax import checkpoints, cli, sharding, train_lib, train_state
 from asda_jax.data import datasets
 from tests import train_helpers as th
 
@@ -92,4 +92,23 @@ def test_a_run_whose_process_count_disagrees_with_its_config_fails_at_start(data
     )
     assert proc.wait(timeout=120) == 2
     assert "config expects 2 processes" in proc.stderr.read()
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_scheduled_process_counts_are_read_from_each_scheduler():
+    assert cli.scheduled_processes({}) is None
+    assert cli.scheduled_processes({"SLURM_NTASKS": "1", "PMI_SIZE": ""}) is None
+    assert cli.scheduled_processes({"SLURM_NTASKS": "2"}) == ("SLURM_NTASKS", 2)
+    assert cli.scheduled_processes({"OMPI_COMM_WORLD_SIZE": "16"}) == ("OMPI_COMM_WORLD_SIZE", 16)
+
+
+@pytest.mark.subprocess
+def test_a_scheduled_job_of_several_processes_is_not_run_as_independent_copies(data_dir, tmp_path):
+    """The gpu preset (one process) started twice by SLURM, with no coordinator."""
+    flags = ["--config=configs/demo.py", *th.tiny_flags(data_dir)]
+    proc = th.launch_train(tmp_path, flags, env={"SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"})
+    assert proc.wait(timeout=120) == 2
+    message = proc.stderr.read()
+    assert "SLURM_NTASKS=2: the scheduler started 2 processes" in message
+    assert "--config.num_processes=2" in message and "--coordinator_address" in message
     assert not (tmp_path / "metrics.jsonl").exists()
