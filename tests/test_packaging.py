@@ -1,0 +1,87 @@
+"""The package as a wheel: every subpackage in it, its runtime stack declared, and a
+run from the installed copy with the checkout off the path."""
+
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from tests import train_helpers as th
+
+ROOT = th.ROOT
+
+
+def build_wheel(out: Path) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(out), str(ROOT)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    (wheel,) = out.glob("asda_jax-*.whl")
+    return wheel
+
+
+def installed_in_a_fresh_venv(wheel: Path, venv: Path) -> Path:
+    """A new virtualenv holding the wheel; its dependencies are this environment's
+    installed packages, listed by a .pth line (so no .pth of theirs, such as the
+    checkout's editable install, is read there). Returns its python."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(site) / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    return python
+
+
+def test_the_wheel_holds_every_module_and_declares_the_pinned_stack(tmp_path):
+    wheel = build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {str(path.relative_to(ROOT)) for path in (ROOT / "asda_jax").rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    declared = {
+        str(Requirement(line.split(":", 1)[1].strip()))
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    }
+    pinned = {
+        str(Requirement(line))
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert declared == pinned
+
+
+@pytest.mark.subprocess
+def test_a_demo_run_works_from_the_installed_wheel(tmp_path):
+    python = installed_in_a_fresh_venv(build_wheel(tmp_path / "dist"), tmp_path / "venv")
+    imports = (
+        "import importlib, pkgutil, asda_jax; print(asda_jax.__file__); "
+        "[importlib.import_module(m.name) "
+        "for m in pkgutil.walk_packages(asda_jax.__path__, 'asda_jax.')]"
+    )
+    done = subprocess.run(
+        [python, "-c", imports], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith(str(tmp_path / "venv"))
+
+    data = tmp_path / "data"
+    run = subprocess.run(
+        [python, str(ROOT / "launch" / "train.py"), f"--config={ROOT / 'configs' / 'demo.py'}",
+         f"--workdir={tmp_path / 'run'}", *th.tiny_flags(str(data), num_train_steps=2,
+         checkpoint_every=2)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(th.losses(tmp_path / "run")) == [1, 2]
