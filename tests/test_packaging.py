@@ -1,6 +1,7 @@
 """The package as a wheel: every subpackage in it, its runtime stack declared, and a
 run from the installed copy with the checkout off the path."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -16,9 +17,17 @@ ROOT = th.ROOT
 
 
 def build_wheel(out: Path) -> Path:
+    """The wheel of the checkout's package, built from a copy (setuptools writes its
+    build folders next to the sources)."""
+    source = out / "source"
+    shutil.copytree(
+        ROOT / "asda_jax", source / "asda_jax", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("pyproject.toml", "requirements.txt"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(out), str(ROOT)],
+         "-w", str(out), str(source)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     (wheel,) = out.glob("asda_jax-*.whl")
