@@ -60,24 +60,32 @@ def initial_state(task, mesh, seed: int, ckpt: checkpoints.Checkpoints, iterator
 
 
 class StopRequest:
-    """Set by SIGTERM; on several hosts, any host's request stops them all."""
+    """A preemption notice (SIGTERM): the step every process stops and saves at.
+
+    One process: its own SIGTERM handler. Several: JAX's preemption service, which
+    catches SIGTERM in any process and agrees on a step all of them reach (the largest
+    step any has started, plus one) without a collective on every step.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._shared = jax.process_count() > 1
+        if not self._shared:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
 
-    def __call__(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.array(self.requested))
-        return bool(np.any(flags))
+    def __call__(self, step: int) -> bool:
+        """Whether the run stops after ``step``; every process calls it at every step."""
+        if self._shared:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._shared:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def log_environment(chip: hardware.Chip) -> None:
@@ -211,7 +219,7 @@ class _Run:
             if pending is not None:  # checked one step late: dispatch stays ahead
                 self.report(*pending)
             pending = (done, metrics)
-            stopping = self.stop()
+            stopping = self.stop(done)
             if done % self.config.checkpoint_every == 0 or done == total or stopping:
                 self.report(*pending)
                 pending = None

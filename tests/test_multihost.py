@@ -1,6 +1,9 @@
 """Multi-host training for real, on one machine: two processes joined on loopback."""
 
+import re
+import signal
 import socket
+import time
 
 import jax
 import numpy as np
@@ -17,13 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_pair(workdir, data_dir, steps: int):
+def launch_pair(workdir, data_dir, steps: int, checkpoint_every: int = 3):
     """Two processes × 4 simulated CPU devices = the same 8 devices as one test process."""
     address = f"127.0.0.1:{free_port()}"
     extra = {
         "num_train_steps": steps,
-        "optim.decay_steps": 8,
-        "checkpoint_every": 3,
+        "optim.decay_steps": max(steps, 8),
+        "checkpoint_every": checkpoint_every,
         "num_processes": 2,
     }
     return [
@@ -112,3 +115,25 @@ def test_a_scheduled_job_of_several_processes_is_not_run_as_independent_copies(d
     assert "SLURM_NTASKS=2: the scheduler started 2 processes" in message
     assert "--config.num_processes=2" in message and "--coordinator_address" in message
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.subprocess
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_one_checkpoint(
+    data_dir, tmp_path
+):
+    """JAX's preemption service agrees on the step; the run saves it and exits cleanly."""
+    steps = 200  # milliseconds each: long enough for the signal to land mid-run
+    pair = launch_pair(tmp_path, data_dir, steps=steps, checkpoint_every=1000)
+    deadline = time.monotonic() + 300
+    while max(th.losses(tmp_path), default=0) < 3:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in pair)
+        time.sleep(0.2)
+    pair[1].send_signal(signal.SIGTERM)
+    logs = [p.communicate(timeout=300)[1] for p in pair]
+    assert [p.returncode for p in pair] == [0, 0], [log[-2000:] for log in logs]
+    stops = [int(re.search(r"stopped at step (\d+) of", log).group(1)) for log in logs]
+    assert stops[0] == stops[1] < steps
+    assert checkpoints.Checkpoints(tmp_path).all_steps() == [stops[0]]
+    assert max(th.losses(tmp_path)) == stops[0]
+    restored = restore_on_one_device(tmp_path, stops[0], data_dir)
+    assert int(restored.step) == stops[0]
