@@ -22,9 +22,7 @@ from jax.experimental import topologies
 from asda_jax import (
     attention,
     config_lib,
-    flop_counts,
     hardware,
-    pretraining,
     sharding,
     train_lib,
     train_state,
@@ -200,14 +198,6 @@ def cost_of(compiled) -> dict[str, float] | None:
     return dict(cost) if cost else None
 
 
-def analytic_flops(task, clips: int) -> float:
-    """The step's FLOPs counted from the model (all chips together)."""
-    frames = task.data_cfg.target_frames
-    if isinstance(task, pretraining.PretrainTask):
-        return flop_counts.pretraining_step(task.model_cfg, task.mask_cfg, clips, frames)
-    return flop_counts.finetuning_step(task.model_cfg, clips, frames, task.frozen)
-
-
 @dataclasses.dataclass(frozen=True)
 class Report:
     """What a compiled step's analyses say about one chip of its topology."""
@@ -295,6 +285,6 @@ def report(step: Step) -> Report:
         memory=memory_of(step.compiled),
         compiler_flops=cost.get("flops") if cost else None,
         bytes_accessed=cost.get("bytes accessed") if cost else None,
-        analytic_flops=analytic_flops(step.task, step.clips) / chips,
+        analytic_flops=step.task.step_flops(step.clips) / chips,
         attention=step.attention_choices,
     )

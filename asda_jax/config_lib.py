@@ -132,8 +132,8 @@ def run_config(
     config.log_every = 100
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
-    config.profile_steps = 0  # steps to trace with the JAX profiler (0: none)
-    config.profile_first_step = 10
+    # (first, last): a JAX profiler trace of those steps, into <workdir>/profile
+    config.profile_steps = config_dict.placeholder(tuple)
     config.probe = None
     return config
 
@@ -162,8 +162,7 @@ class RunConfig:
     log_every: int
     checkpoint_every: int
     keep_checkpoints: int
-    profile_steps: int
-    profile_first_step: int
+    profile_steps: tuple[int, int] | None
     probe: dict | None  # {train_split, test_split}: a linear probe at the end
 
     @property
@@ -238,6 +237,22 @@ def optim_config(values, steps: int) -> optim.OptimConfig:
     return typed_block(optim.OptimConfig, fields)
 
 
+def profile_steps(value, steps: int) -> tuple[int, int] | None:
+    """(first, last) steps to trace, 1 ≤ first ≤ last ≤ the run's steps; None: none."""
+    if value is None or value == ():
+        return None
+    try:
+        first, last = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"profile_steps must be two steps 'first,last', got {value!r}") from None
+    if not 1 <= first <= last <= steps:
+        raise ConfigError(
+            f"profile_steps ({first}, {last}) must satisfy 1 <= first <= last <= "
+            f"num_train_steps ({steps})"
+        )
+    return first, last
+
+
 def read(config, chip: hardware.Chip) -> RunConfig:
     """``config`` typed and validated for devices of ``chip``: every check that needs
     neither the devices' count nor the files, each with a message naming the fix."""
@@ -263,8 +278,7 @@ def read(config, chip: hardware.Chip) -> RunConfig:
         log_every=config.log_every,
         checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints,
-        profile_steps=config.profile_steps,
-        profile_first_step=config.profile_first_step,
+        profile_steps=profile_steps(config.get("profile_steps"), config.num_train_steps),
         probe=dict(config.probe) if config.get("probe") else None,
     )
     if run.data.target_frames % run.model.patch_size:

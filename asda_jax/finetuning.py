@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import checkpoints, config_lib, objectives, optim, train_state
+from asda_jax import checkpoints, config_lib, flop_counts, objectives, optim, train_state
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline
 
@@ -51,6 +51,11 @@ class FinetuneTask:
             lambda path, _: "frozen" if path[0].key == "encoder" else "trained", params
         )
         return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+
+    def step_flops(self, clips: int) -> float:
+        """The model FLOPs of one step on ``clips`` clips (``flop_counts``), all devices."""
+        frames = self.data_cfg.target_frames
+        return flop_counts.finetuning_step(self.model_cfg, clips, frames, self.frozen)
 
     def init_teacher(self, params):
         return None

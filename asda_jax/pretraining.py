@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import config_lib, objectives, optim, train_state
+from asda_jax import config_lib, flop_counts, objectives, optim, train_state
 from asda_jax import model as model_lib
 from asda_jax.data import pipeline
 
@@ -44,6 +44,11 @@ class PretrainTask:
 
     def optimizer(self, params) -> optax.GradientTransformation:
         return optim.make_optimizer(self.optim_cfg, params)
+
+    def step_flops(self, clips: int) -> float:
+        """The model FLOPs of one step on ``clips`` clips (``flop_counts``), all devices."""
+        frames = self.data_cfg.target_frames
+        return flop_counts.pretraining_step(self.model_cfg, self.mask_cfg, clips, frames)
 
     def init_teacher(self, params):
         return params["encoder"]  # the teacher starts as an exact copy

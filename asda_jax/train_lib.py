@@ -16,6 +16,7 @@ import dataclasses
 import json
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ from asda_jax import (
     optim,
     pretraining,
     sharding,
+    throughput,
     train_state,
 )
 from asda_jax.data import pipeline
@@ -166,8 +168,15 @@ def train(config, workdir: str | Path) -> TrainResult:
     state, plan, start = initial_state(task, mesh, run_config.seed, ckpt, iterator)
     write_config(workdir, config)
     _warn_if_schedule_outlasts_run(run_config)
-    run = _Run(run_config, task, ckpt, MetricsLog(workdir), stats, StopRequest())
     batches = pipeline.DevicePrefetch(iterator, mesh)
+    clock = throughput.StepClock(
+        step_flops=task.step_flops(run_config.data.batch_size),
+        global_batch=run_config.data.batch_size,
+        devices=mesh.size,
+        peak_flops=run_config.chip.peak_flops,
+        production=batches.production,
+    )
+    run = _Run(run_config, task, ckpt, MetricsLog(workdir), stats, StopRequest(), clock)
     try:
         with sharding.activate(mesh):
             state = run.steps(
@@ -206,16 +215,29 @@ class _Run:
     log: MetricsLog
     stats: pipeline.ReadStats
     stop: StopRequest
+    clock: throughput.StepClock
 
     def steps(self, state, step_fn, batches, start: int, workdir: Path):
         """Steps from ``start`` to the end (or a stop request); the final state."""
         total, pending = self.config.num_train_steps, None
         progress = periodic_actions.ReportProgress(num_train_steps=total, writer=self.log.writer)
-        profile = _profiler(self.config, workdir)
+        first_traced, last_traced = self.config.profile_steps or (0, 0)
+        tracing = False
         for step in range(start, total):
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = step_fn(state, next(batches))
             done = step + 1
+            if done == first_traced:
+                jax.profiler.start_trace(str(workdir / "profile"))
+                tracing = True
+            waiting = time.perf_counter()
+            batch = next(batches)
+            self.clock.waited(time.perf_counter() - waiting)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = step_fn(state, batch)
+            if tracing and done == last_traced:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                tracing = False
+                logging.info("traced steps %d-%d into %s", first_traced, done, workdir / "profile")
             if pending is not None:  # checked one step late: dispatch stays ahead
                 self.report(*pending)
             pending = (done, metrics)
@@ -225,10 +247,10 @@ class _Run:
                 pending = None
                 self.ckpt.save(done, state, batches.get_state())
             progress(done)
-            if profile is not None:
-                profile(done)
             if stopping:
                 break
+        if tracing:  # stopped before the last traced step
+            jax.profiler.stop_trace()
         if pending is not None:
             self.report(*pending)
         return state
@@ -236,10 +258,11 @@ class _Run:
     def report(self, step: int, metrics) -> None:
         """Checks a step's metrics (stopping a bad run) and logs them on logging steps."""
         values = jax.device_get(metrics)
+        self.clock.arrived(step)
         self.task.check(step, values)
         if step % self.config.log_every == 0 or step == self.config.num_train_steps:
             skipped = {f"skipped/{r}": n for r, n in skipped_so_far(self.stats).items()}
-            self.log.write(step, values | skipped)
+            self.log.write(step, values | skipped | self.clock.lap(step))
 
     def close(self) -> None:
         self.stop.restore()
@@ -255,13 +278,3 @@ def _warn_if_schedule_outlasts_run(config: config_lib.RunConfig) -> None:
             decay,
             config.num_train_steps,
         )
-
-
-def _profiler(config: config_lib.RunConfig, workdir: Path):
-    if not config.profile_steps:
-        return None
-    return periodic_actions.Profile(
-        logdir=str(workdir / "profile"),
-        num_profile_steps=config.profile_steps,
-        first_profile=config.profile_first_step,
-    )

@@ -133,6 +133,24 @@ def test_a_non_finite_gradient_stops_the_run_before_its_state_is_saved(
 
 
 @pytest.mark.train
+def test_each_logged_step_reports_its_speed_and_a_profile_is_written(data_dir, tmp_path):
+    config = th.tiny_config(data_dir, num_train_steps=6, profile_steps=(3, 4))
+    result = train_lib.train(config, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    timed = [x for x in lines if "step_seconds" in x]
+    assert [x["step"] for x in timed] == [2, 3, 4, 5, 6]  # step 1 (compiling) starts the clock
+    batch, devices = result.task.data_cfg.batch_size, result.mesh.size
+    flops = result.task.step_flops(batch)
+    for x in timed:
+        assert x["step_seconds"] > 0 and 0 <= x["input_wait_share"] <= 1
+        assert x["clips_per_s"] == pytest.approx(batch / x["step_seconds"])
+        assert x["tflops_per_device"] == pytest.approx(flops / x["step_seconds"] / devices / 1e12)
+        assert "mfu" not in x  # no published peak for a CPU
+    assert any(x.get("input_clips_per_s", 0) > 0 for x in timed)
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+
+
+@pytest.mark.train
 def test_collapse_stops_the_run_with_a_clear_message(data_dir, tmp_path):
     collapsing = th.tiny_config(
         data_dir, **{"pretrain.min_target_var": 100.0, "pretrain.collapse_check_after": 3}

@@ -25,6 +25,7 @@ import dataclasses
 import queue
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import grain
@@ -32,7 +33,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from asda_jax import audio, hardware, sharding
+from asda_jax import audio, hardware, sharding, throughput
 from asda_jax.data import datasets
 
 
@@ -290,11 +291,14 @@ class DevicePrefetch(Iterator):
 
     ``get_state()`` is the input iterator's state after the last batch handed out,
     not after the last one prefetched, so a checkpoint resumes at the right batch.
+    ``production()`` is what this host's pipeline has made and the time it took
+    (waiting for room in the queue left out).
     """
 
     def __init__(self, iterator, mesh: jax.sharding.Mesh, size: int = 2):
         self._iterator, self._mesh = iterator, mesh
         self._state = iterator.get_state()
+        self._made = throughput.Production()
         self._queue: queue.Queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, daemon=True)
@@ -302,8 +306,17 @@ class DevicePrefetch(Iterator):
 
     def _produce(self) -> None:
         try:
-            for batch in self._iterator:
+            while True:
+                start = time.perf_counter()
+                batch = next(self._iterator, None)
+                if batch is None:
+                    break
                 item = (to_global(batch, self._mesh), self._iterator.get_state())
+                clips = len(next(iter(batch.values())))
+                made = self._made
+                self._made = throughput.Production(
+                    made.clips + clips, made.seconds + time.perf_counter() - start
+                )
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -326,6 +339,9 @@ class DevicePrefetch(Iterator):
 
     def get_state(self):
         return self._state
+
+    def production(self) -> throughput.Production:
+        return self._made
 
     def close(self) -> None:
         self._stop.set()
