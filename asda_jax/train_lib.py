@@ -47,12 +47,29 @@ def make_task(config: config_lib.RunConfig):
     return task(config)
 
 
+def agreed_latest_step(ckpt: checkpoints.Checkpoints) -> int | None:
+    """The latest checkpoint's step, the same on every process; processes that see
+    different ones (a workdir on each host's own disk) stop the run before it starts."""
+    latest = ckpt.latest_step()
+    if jax.process_count() == 1:
+        return latest
+    mine = np.int64(-1 if latest is None else latest)
+    seen = np.asarray(multihost_utils.process_allgather(mine)).tolist()
+    if len(set(seen)) > 1:
+        raise config_lib.ConfigError(
+            f"the processes see different latest checkpoints in {ckpt.directory} "
+            f"(by process, -1 for none: {seen}): every host must see one workdir, on "
+            "storage they share (a shared file system; cloud storage is not supported yet)"
+        )
+    return latest
+
+
 def initial_state(task, mesh, seed: int, ckpt: checkpoints.Checkpoints, iterator):
     """(state, plan, first step): restored from the latest checkpoint, or new."""
     rng = jax.random.PRNGKey(seed)
     plan = train_state.plan_state(task, mesh, rng)
     log_weight_decay(plan.abstract.params, task.optim_cfg)
-    latest = ckpt.latest_step()
+    latest = agreed_latest_step(ckpt)
     if latest is not None:
         state, data_state = ckpt.restore(latest, plan.restore_target())
         iterator.set_state(data_state)

@@ -137,3 +137,31 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_one_checkpo
     assert max(th.losses(tmp_path)) == stops[0]
     restored = restore_on_one_device(tmp_path, stops[0], data_dir)
     assert int(restored.step) == stops[0]
+
+
+@pytest.mark.subprocess
+def test_processes_that_see_different_checkpoints_refuse_to_start(data_dir, tmp_path):
+    """Each host's workdir on its own disk: one holds a checkpoint, the other none."""
+    own_disks = [tmp_path / "host0", tmp_path / "host1"]
+    config = th.tiny_config(data_dir, num_train_steps=3, checkpoint_every=3)
+    train_lib.train(config, own_disks[0])
+    address = f"127.0.0.1:{free_port()}"
+    flags = [
+        "--config=configs/demo.py",
+        *th.tiny_flags(data_dir, num_processes=2, num_train_steps=6),
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+    ]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    pair = [
+        th.launch_train(workdir, [*flags, f"--process_id={i}"], env=env)
+        for i, workdir in enumerate(own_disks)
+    ]
+    logs = [p.communicate(timeout=300)[1] for p in pair]
+    assert [p.returncode for p in pair] == [2, 2], [log[-2000:] for log in logs]
+    assert all("the processes see different latest checkpoints" in log for log in logs)
+    assert checkpoints.Checkpoints(own_disks[0]).all_steps() == [3]
+    assert (
+        not (own_disks[1] / "checkpoints").exists()
+        or not checkpoints.Checkpoints(own_disks[1]).all_steps()
+    )
