@@ -68,7 +68,6 @@ def initial_state(task, mesh, seed: int, ckpt: checkpoints.Checkpoints, iterator
     """(state, plan, first step): restored from the latest checkpoint, or new."""
     rng = jax.random.PRNGKey(seed)
     plan = train_state.plan_state(task, mesh, rng)
-    log_weight_decay(plan.abstract.params, task.optim_cfg)
     latest = agreed_latest_step(ckpt)
     if latest is not None:
         state, data_state = ckpt.restore(latest, plan.restore_target())
@@ -122,11 +121,12 @@ def log_weight_decay(params, cfg: optim.OptimConfig) -> None:
     """Which parameters weight decay leaves alone, blocks folded into one pattern."""
     exempt = optim.exempt_from_decay(params, cfg)
     patterns = sorted({re.sub(r"_\d+/", "_*/", path) for path in exempt})
+    tensors = len(jax.tree.leaves(params))
     logging.info(
         "weight decay %g on %d of %d tensors; exempt: %s",
         cfg.weight_decay,
-        len(jax.tree.leaves(params)) - len(exempt),
-        len(jax.tree.leaves(params)),
+        tensors - len(exempt),
+        tensors,
         ", ".join(patterns) or "none",
     )
 
@@ -183,6 +183,7 @@ def train(config, workdir: str | Path) -> TrainResult:
     iterator = iter(pipeline.make_pipeline(task.data_cfg, train=True, stats=stats))
     ckpt = checkpoints.Checkpoints(workdir, max_to_keep=run_config.keep_checkpoints)
     state, plan, start = initial_state(task, mesh, run_config.seed, ckpt, iterator)
+    log_weight_decay(plan.abstract.params, task.optim_cfg)
     write_config(workdir, config)
     _warn_if_schedule_outlasts_run(run_config)
     batches = pipeline.DevicePrefetch(iterator, mesh)

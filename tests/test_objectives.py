@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from asda_jax import masking, objectives, release_weights
 from asda_jax import model as model_lib
 from tests import torch_reference as ref
+from tests.test_training_update import release_ema_decay
 
 RELEASE_GRID = (64, 8)
 
@@ -90,9 +91,8 @@ def test_teacher_targets_match_the_release_formula():
 
 
 def float64_ema_weight(n: int, cfg: objectives.PretrainConfig) -> float:
-    """1 − d(n) in double precision, d annealed linearly as the release's get_annealed_rate."""
-    start, end, anneal = cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_end_step
-    return 1.0 - (end if n >= anneal else start + (end - start) * n / anneal)
+    """1 − d(n) in double precision, d as the release anneals it (the update oracle's)."""
+    return 1.0 - release_ema_decay(n, cfg.ema_decay, cfg.ema_end_decay, cfg.ema_anneal_end_step)
 
 
 def test_ema_weight_equals_the_float64_formula_along_the_release_schedule():

@@ -113,7 +113,7 @@ def set_moments(opt_state, step: int, mu, nu):
     ``nu`` (trees of our parameters): every count, schedule's or Adam's, set to step."""
 
     def replace(path, leaf):
-        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+        names = optim.path_names(path)
         if names[-1] == "count":
             return jnp.full_like(leaf, step)
         for field, tree in (("mu", mu), ("nu", nu)):
@@ -130,7 +130,7 @@ def adam_moments(opt_state) -> dict[str, dict]:
     """{"mu": tree, "nu": tree} of every parameter, gathered from the optimiser's groups."""
     found: dict[str, dict] = {"mu": {}, "nu": {}}
     for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
-        names = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+        names = optim.path_names(path)
         for field in set(found) & set(names):
             *parents, last = names[names.index(field) + 1 :]
             node = found[field]
