@@ -8,7 +8,7 @@ README draws the same map). A subpackage's ``__init__`` is a module of its own
 """
 
 LAYERS = (
-    ("foundations", ("sharding", "hardware", "metrics", "launch_env", "throughput")),
+    ("foundations", ("sharding", "hardware", "metrics", "launch_env", "throughput", "storage")),
     (
         "kernels and front end",
         (

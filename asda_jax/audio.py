@@ -13,6 +13,7 @@ is a parameter with the plain one as default; the chip's ``hardware.Forms`` choo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -28,7 +29,7 @@ import scipy.fft
 import soundfile as sf
 import soxr
 
-from asda_jax import hardware, sharding
+from asda_jax import hardware, sharding, storage
 
 SAMPLE_RATE = 16_000
 LOG_FLOOR = float(np.finfo(np.float32).eps)  # log(eps) ≈ −15.94, as torchaudio
@@ -107,12 +108,11 @@ def read_audio(
     Reads at most ``max_seconds`` from ``start_seconds`` (long files are never
     decoded whole). Raises AudioError for anything that is not usable audio.
     """
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
     name = "<bytes>" if isinstance(source, bytes) else str(source)
-    if not isinstance(source, bytes) and not os.path.isfile(source):
+    if not isinstance(source, bytes) and not storage.path(source).is_file():
         raise AudioError(f"{name}: no such file", "missing")
     try:
-        with sf.SoundFile(handle) as f:
+        with _opened(source) as handle, sf.SoundFile(handle) as f:
             rate = f.samplerate
             f.seek(min(round(start_seconds * rate), f.frames))
             count = -1 if max_seconds is None else math.ceil(max_seconds * rate)
@@ -131,10 +131,10 @@ def read_blocks(path: str | os.PathLike, block_seconds: float = 60.0) -> Iterato
     is never held whole. Their concatenation is the whole file (mean not removed:
     the fbank removes each frame's own). Raises AudioError as ``read_audio`` does."""
     name = str(path)
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise AudioError(f"{name}: no such file", "missing")
     try:
-        with sf.SoundFile(path) as f:
+        with _opened(path) as handle, sf.SoundFile(handle) as f:
             rate = f.samplerate
             stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1)
             size = max(1, round(block_seconds * rate))
@@ -148,6 +148,16 @@ def read_blocks(path: str | os.PathLike, block_seconds: float = 60.0) -> Iterato
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
         raise AudioError(f"{name}: unreadable audio ({e})", "unreadable") from e
+
+
+def _opened(source: str | os.PathLike | bytes):
+    """What libsndfile reads ``source`` from: encoded bytes as a buffer, a local path
+    as it is, a remote one (``gs://``) as a file object that reads ranges on demand."""
+    if isinstance(source, bytes):
+        return contextlib.nullcontext(io.BytesIO(source))
+    if storage.is_remote(source):
+        return storage.path(source).open("rb")
+    return contextlib.nullcontext(source)
 
 
 def _finite(block: np.ndarray, name: str) -> np.ndarray:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
-from asda_jax import sharding
+from asda_jax import sharding, storage
 
 ITEMS = ("state", "data")
 
@@ -43,8 +44,10 @@ def restore_target(tree, shardings=None):
 class Checkpoints:
     """``<workdir>/checkpoints/<step>/{state,data}``, keeping the newest ``max_to_keep``."""
 
-    def __init__(self, workdir: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+    def __init__(
+        self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True
+    ):
+        self.directory = storage.path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
@@ -89,7 +92,7 @@ class CheckpointMismatch(ValueError):
 
 
 def export(
-    directory: str | Path,
+    directory: str | os.PathLike,
     params: dict,
     model_cfg,
     *,
@@ -97,13 +100,13 @@ def export(
     target_frames: int,
     norm: tuple[float, float],
     **description,
-) -> Path:
+) -> epath.Path:
     """Writes ``params`` ({"encoder": ..., and optionally "fc_norm"/"head", "decoder",
     "teacher"}) and a JSON of the ModelConfig, the run's ``kind`` (its task), the input
     it was trained on (``target_frames``, fbank ``norm``) and ``description`` (a
     classifier's ``pooling`` and ``scores``); refuses to write into a non-empty
     directory."""
-    directory = Path(directory).absolute()
+    directory = storage.path(directory)
     if "encoder" not in params:
         raise ValueError(f"an export needs an 'encoder' entry, got {sorted(params)}")
     if directory.exists() and any(directory.iterdir()):
@@ -118,17 +121,19 @@ def export(
     return directory
 
 
-def export_description(path: str | Path) -> dict | None:
+def export_description(path: str | os.PathLike) -> dict | None:
     """The JSON of an export, or None if ``path`` is not one."""
-    config = Path(path) / EXPORT_CONFIG
+    config = storage.path(path) / EXPORT_CONFIG
     return json.loads(config.read_text()) if config.is_file() else None
 
 
-def locate_params(path: str | Path, step: int | None = None) -> tuple[Path, tuple[str, ...]]:
+def locate_params(
+    path: str | os.PathLike, step: int | None = None
+) -> tuple[epath.Path, tuple[str, ...]]:
     """(Orbax item folder, key path of the parameter tree inside it) of any of: an
     export, a training workdir (its latest or ``step``'s checkpoint), or one of its steps.
     Both parameter trees hold "encoder" (and "fc_norm"/"head" for classifiers)."""
-    path = Path(path).absolute()
+    path = storage.path(path)
     if (path / EXPORT_CONFIG).is_file():
         return path / "params", ()
     if (path / "checkpoints").is_dir():
@@ -168,7 +173,7 @@ def check_fits(saved, target, where: str) -> None:
         )
 
 
-def saved_tree(item: Path, keys: tuple[str, ...] = ()):
+def saved_tree(item: epath.Path, keys: tuple[str, ...] = ()):
     """The metadata (shapes, dtypes) of the subtree at ``keys`` of an Orbax item."""
     tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
     for depth, key in enumerate(keys):
@@ -179,7 +184,7 @@ def saved_tree(item: Path, keys: tuple[str, ...] = ()):
     return tree
 
 
-def restore_item(item: Path, keys: tuple[str, ...] = (), target=None):
+def restore_item(item: epath.Path, keys: tuple[str, ...] = (), target=None):
     """The subtree at ``keys`` of an Orbax item, placed as ``target`` says (any mesh), or
     as it was saved onto this process's first device when ``target`` is None."""
     saved = saved_tree(item, keys)
@@ -202,7 +207,7 @@ def restore_item(item: Path, keys: tuple[str, ...] = (), target=None):
     return restored
 
 
-def restore_params(path: str | Path, target, subtree: tuple[str, ...] = (), step=None):
+def restore_params(path: str | os.PathLike, target, subtree: tuple[str, ...] = (), step=None):
     """Restores the parameters ``target`` describes (ShapeDtypeStructs with shardings,
     any mesh) from ``path`` (see ``locate_params``), reading only that subtree."""
     item, prefix = locate_params(path, step)

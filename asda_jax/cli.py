@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from absl import logging as absl_logging
+from etils import epath
 
-from asda_jax import audio
+from asda_jax import audio, storage
 from asda_jax.data import builders
 
 NOISY_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/")
@@ -44,9 +45,10 @@ def quiet_library_logs() -> None:
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
-def audio_inputs(path: str | Path) -> tuple[list[Path], Path]:
-    """(audio files, the folder their output paths are relative to) of a file or folder."""
-    path = Path(path)
+def audio_inputs(path: str | os.PathLike) -> tuple[list[epath.Path], epath.Path]:
+    """(audio files, the folder their output paths are relative to) of a file or folder,
+    local or remote (``gs://``)."""
+    path = storage.path(path)
     if path.is_file():
         return [path], path.parent
     if path.is_dir():
@@ -57,7 +59,7 @@ def audio_inputs(path: str | Path) -> tuple[list[Path], Path]:
     raise FileNotFoundError(f"{path}: no such file or folder")
 
 
-def run_over_files(files: list[Path], work: Callable[[Path], str]) -> int:
+def run_over_files(files: list[epath.Path], work: Callable[[epath.Path], str]) -> int:
     """Runs ``work`` on each file, printing its line; unusable audio is reported and
     skipped. Returns the exit code: 0 if any file succeeded, else 1."""
     skipped = []

@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from asda_jax import finetuning, hardware, metrics, sharding
+from asda_jax import finetuning, hardware, metrics, sharding, storage
 from asda_jax.data import pipeline
 
 
@@ -62,5 +61,5 @@ def final_evaluation(state, task: finetuning.FinetuneTask, mesh, workdir) -> dic
     """Metrics of a run's final parameters on its eval split, also in <workdir>/eval.json."""
     results = evaluate(task, state.params, task.eval_cfg, mesh)
     if jax.process_index() == 0:
-        (Path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+        (storage.path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
     return results

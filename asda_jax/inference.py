@@ -15,18 +15,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from pathlib import Path
+import os
 from typing import NamedTuple
 
 import jax
 
-from asda_jax import checkpoints, config_lib, hardware, objectives, sharding
+from asda_jax import checkpoints, config_lib, hardware, objectives, sharding, storage
 from asda_jax import model as model_lib
 
 
-def saved_config(workdir: str | Path) -> dict:
+def saved_config(workdir: str | os.PathLike) -> dict:
     """The JSON a training run wrote as its ``config.json``, as written."""
-    path = Path(workdir) / "config.json"
+    path = storage.path(workdir) / "config.json"
     if not path.is_file():
         raise checkpoints.CheckpointMismatch(
             f"{workdir} has no config.json: not a workdir written by launch/train.py"
@@ -65,7 +65,7 @@ def _mismatch(path, e: Exception) -> checkpoints.CheckpointMismatch:
     return checkpoints.CheckpointMismatch(f"{path} does not describe a model of ours: {e}")
 
 
-def describe(path: str | Path) -> Description:
+def describe(path: str | os.PathLike) -> Description:
     """The model, input and head of an export or of a training workdir."""
     export = checkpoints.export_description(path)
     try:
@@ -107,7 +107,7 @@ class LoadedEncoder(NamedTuple):
     input: ModelInput  # what it was trained on: the windows of long recordings, the norm
 
 
-def load_encoder(path: str | Path, step: int | None = None, which: str = "encoder"):
+def load_encoder(path: str | os.PathLike, step: int | None = None, which: str = "encoder"):
     """The encoder of an export or a workdir (``which="teacher"``: a pretraining export's
     EMA teacher), computing in this chip's forms. ``encode(spec, frame_lengths)`` masks
     the tokens past each row's frame length (None: every token is real)."""
@@ -123,7 +123,7 @@ def load_encoder(path: str | Path, step: int | None = None, which: str = "encode
     return LoadedEncoder(jax.jit(encode), cfg, run, description.input)
 
 
-def load_classifier(path: str | Path, step: int | None = None):
+def load_classifier(path: str | os.PathLike, step: int | None = None):
     """(classify, ModelInput) of a fine-tuning workdir or a classifier export;
     ``classify`` maps (B, T, F) spectrograms to (B, C) scores (softmax or sigmoid)."""
     description = describe(path)
@@ -141,10 +141,10 @@ def load_classifier(path: str | Path, step: int | None = None):
     return classify, dataclasses.replace(description.input, num_classes=num_classes)
 
 
-def read_label_names(path: str | Path) -> list[str]:
+def read_label_names(path: str | os.PathLike) -> list[str]:
     """Display names from a label CSV: ``index,mid,display_name`` (AudioSet's
     class_labels_indices.csv, with or without its header) or ``index,name``."""
-    with open(path, newline="") as f:
+    with storage.path(path).open(newline="") as f:
         rows = [r for r in csv.reader(f) if r]
     if rows and not rows[0][0].strip().isdigit():
         rows = rows[1:]  # header

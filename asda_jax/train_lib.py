@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import signal
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from jax.experimental import multihost_utils
 
 from asda_jax import (
@@ -35,6 +36,7 @@ from asda_jax import (
     optim,
     pretraining,
     sharding,
+    storage,
     throughput,
     train_state,
 )
@@ -140,15 +142,20 @@ def skipped_so_far(stats: pipeline.ReadStats) -> dict[str, int]:
     return dict(zip(reasons, counts.tolist(), strict=True))
 
 
-class MetricsLog:
-    """TensorBoard + console through clu, and ``metrics.jsonl`` for scripts (host 0)."""
+METRICS_FILE = "metrics.jsonl"
 
-    def __init__(self, workdir: Path):
+
+class MetricsLog:
+    """TensorBoard + console through clu, and ``metrics.jsonl`` for scripts (host 0),
+    written into ``stage`` (a remote workdir's local stand-in) and synced at each write."""
+
+    def __init__(self, stage: storage.Stage):
         self._host0 = jax.process_index() == 0
+        self._stage = stage
         self.writer = metric_writers.create_default_writer(
-            str(workdir / "tensorboard"), just_logging=not self._host0
+            str(stage.local / "tensorboard"), just_logging=not self._host0
         )
-        self._jsonl = workdir / "metrics.jsonl"
+        self._jsonl = stage.local / METRICS_FILE
 
     def write(self, step: int, scalars: dict) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
@@ -156,13 +163,17 @@ class MetricsLog:
         if self._host0:
             with open(self._jsonl, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
+            if self._stage.remote:
+                self.writer.flush()
+                self._stage.sync()
 
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+        self._stage.close()
 
 
-def write_config(workdir: Path, config) -> None:
+def write_config(workdir: epath.Path, config) -> None:
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -173,11 +184,13 @@ class TrainResult(NamedTuple):
     mesh: jax.sharding.Mesh
 
 
-def train(config, workdir: str | Path) -> TrainResult:
-    """Runs (or resumes) the configured task in ``workdir``, until ``num_train_steps``
-    or a SIGTERM; returns the final state with the task and mesh it ran on."""
-    workdir = Path(workdir)
+def train(config, workdir: str | os.PathLike) -> TrainResult:
+    """Runs (or resumes) the configured task in ``workdir`` (a folder or a ``gs://``
+    URL), until ``num_train_steps`` or a SIGTERM; returns the final state with the task
+    and mesh it ran on."""
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    stage = storage.Stage(workdir, pull=(METRICS_FILE,) if jax.process_index() == 0 else ())
     run_config, task, mesh = validated_setup(config)
     stats = pipeline.ReadStats()
     iterator = iter(pipeline.make_pipeline(task.data_cfg, train=True, stats=stats))
@@ -194,12 +207,10 @@ def train(config, workdir: str | Path) -> TrainResult:
         peak_flops=run_config.chip.peak_flops,
         production=batches.production,
     )
-    run = _Run(run_config, task, ckpt, MetricsLog(workdir), stats, StopRequest(), clock)
+    run = _Run(run_config, task, ckpt, MetricsLog(stage), stats, StopRequest(), clock)
     try:
         with sharding.activate(mesh):
-            state = run.steps(
-                state, train_state.jit_step(task, plan, mesh), batches, start, workdir
-            )
+            state = run.steps(state, train_state.jit_step(task, plan, mesh), batches, start, stage)
     finally:
         run.close()
         batches.close()
@@ -235,8 +246,9 @@ class _Run:
     stop: StopRequest
     clock: throughput.StepClock
 
-    def steps(self, state, step_fn, batches, start: int, workdir: Path):
-        """Steps from ``start`` to the end (or a stop request); the final state."""
+    def steps(self, state, step_fn, batches, start: int, stage: storage.Stage):
+        """Steps from ``start`` to the end (or a stop request); the final state. A
+        profile is traced into ``stage`` and synced to the workdir when it stops."""
         total, pending = self.config.num_train_steps, None
         progress = periodic_actions.ReportProgress(num_train_steps=total, writer=self.log.writer)
         first_traced, last_traced = self.config.profile_steps or (0, 0)
@@ -244,7 +256,7 @@ class _Run:
         for step in range(start, total):
             done = step + 1
             if done == first_traced:
-                jax.profiler.start_trace(str(workdir / "profile"))
+                jax.profiler.start_trace(str(stage.local / "profile"))
                 tracing = True
             waiting = time.perf_counter()
             batch = next(batches)
@@ -254,8 +266,11 @@ class _Run:
             if tracing and done == last_traced:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
+                stage.sync()
                 tracing = False
-                logging.info("traced steps %d-%d into %s", first_traced, done, workdir / "profile")
+                logging.info(
+                    "traced steps %d-%d into %s", first_traced, done, stage.target / "profile"
+                )
             if pending is not None:  # checked one step late: dispatch stays ahead
                 self.report(*pending)
             pending = (done, metrics)

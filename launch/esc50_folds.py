@@ -17,13 +17,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
-from asda_jax import cli, config_lib, evaluation, recipes, train_lib
+from asda_jax import cli, config_lib, evaluation, recipes, storage, train_lib
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,7 @@ flags.DEFINE_list("folds", [str(k) for k in range(1, recipes.ESC50_FOLDS + 1)], 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def fold_accuracy(config, fold: int, workdir: Path) -> float:
+def fold_accuracy(config, fold: int, workdir: epath.Path) -> float:
     config = config.copy_and_resolve_references()
     train_split, eval_split = recipes.esc50_splits(fold)
     config.data.split = train_split
@@ -48,7 +48,7 @@ def fold_accuracy(config, fold: int, workdir: Path) -> float:
 def main(argv):
     del argv
     cli.quiet_library_logs()
-    root = Path(FLAGS.workdir)
+    root = storage.path(FLAGS.workdir)
     accuracies = {}
     try:
         for fold in map(int, FLAGS.folds):

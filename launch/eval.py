@@ -18,7 +18,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import jax
 import ml_collections
@@ -33,6 +32,7 @@ from asda_jax import (
     hardware,
     inference,
     sharding,
+    storage,
     train_state,
 )
 from asda_jax.data import datasets
@@ -82,7 +82,9 @@ def main(argv):
         sys.exit(2)
     step = item.parent.name if item.parent.name.isdigit() else "export"
     results = {"checkpoint": str(item.parent), "split": eval_cfg.split, **results}
-    output = Path(FLAGS.output or Path(FLAGS.workdir) / f"eval-{step}-{eval_cfg.split}.json")
+    output = storage.path(
+        FLAGS.output or storage.path(FLAGS.workdir) / f"eval-{step}-{eval_cfg.split}.json"
+    )
     if jax.process_index() == 0:
         output.write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))

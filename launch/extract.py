@@ -33,12 +33,12 @@ from asda_jax import launch_env
 launch_env.reexec_with_launcher_environment()  # as launch/train.py: asda_jax/launch_env.py
 
 import sys
-from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
-from asda_jax import checkpoints, cli, embeddings, inference, windows
+from asda_jax import checkpoints, cli, embeddings, inference, storage, windows
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training workdir or an exported encoder.")
@@ -75,10 +75,11 @@ def main(argv):
     except (checkpoints.CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    output = Path(FLAGS.output)
+    output = storage.Stage(FLAGS.output)  # a bucket's outputs are written here first
 
-    def extract(path: Path) -> str:
-        stem = output / path.relative_to(root).with_suffix("")
+    def extract(path: epath.Path) -> str:
+        name = path.relative_to(root).with_suffix("")
+        stem = output.local / name
         stem.parent.mkdir(parents=True, exist_ok=True)
         width = embedder.step_dim(FLAGS.frames)
         with cli.NpyRows(f"{stem}.frames.npy", width) as frames:
@@ -87,9 +88,12 @@ def main(argv):
         np.save(f"{stem}.frame_times_ms.npy", out.times_ms)
         np.save(f"{stem}.windows.npy", out.windows)
         np.save(f"{stem}.window_spans.npy", out.spans)
-        return f"{stem}.*.npy  {len(out.windows)} windows, {frames.rows} steps"
+        output.sync()
+        return f"{output.target / name}.*.npy  {len(out.windows)} windows, {frames.rows} steps"
 
-    sys.exit(cli.run_over_files(files, extract))
+    code = cli.run_over_files(files, extract)
+    output.close()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

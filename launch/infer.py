@@ -32,11 +32,11 @@ launch_env.reexec_with_launcher_environment()  # as launch/train.py: asda_jax/la
 import csv
 import json
 import sys
-from pathlib import Path
 
 from absl import app, flags
+from etils import epath
 
-from asda_jax import checkpoints, cli, inference, timeline, windows
+from asda_jax import checkpoints, cli, inference, storage, timeline, windows
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -77,7 +77,7 @@ def shown(labels) -> str:
     return "  ".join(f"{n} {s:.3f}" for n, s in labels)
 
 
-def labelled(path: Path, classify, inputs, windowing, names) -> dict:
+def labelled(path: epath.Path, classify, inputs, windowing, names) -> dict:
     """Everything known of one file: its windows' labels, its own, its events."""
     stream = windows.windows_of_file(path, windowing, inputs.norm)
     batch = FLAGS.batch_size or inference.here().hardware.forms.windows_per_call
@@ -124,11 +124,11 @@ def csv_rows(result: dict):
         yield [result["file"], "event", e["start"], e["end"], 1, e["label"], e["peak"]]
 
 
-def write(results: list[dict], path: Path) -> None:
+def write(results: list[dict], path: epath.Path) -> None:
     if path.suffix == ".json":
         path.write_text(json.dumps({"files": results}, indent=1))
         return
-    with open(path, "w", newline="") as f:
+    with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "kind", "start", "end", "rank", "label", "score"])
         for result in results:
@@ -139,7 +139,7 @@ def main(argv):
     del argv
     cli.quiet_library_logs()
     try:
-        if FLAGS.output and Path(FLAGS.output).suffix not in (".csv", ".json"):
+        if FLAGS.output and storage.path(FLAGS.output).suffix not in (".csv", ".json"):
             raise ValueError(f"--output must end in .csv or .json, got {FLAGS.output}")
         classify, inputs = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
         names = class_names(inputs)
@@ -150,13 +150,13 @@ def main(argv):
         sys.exit(2)
     results = []
 
-    def label(path: Path) -> str:
+    def label(path: epath.Path) -> str:
         results.append(labelled(path, classify, inputs, windowing, names))
         return report(results[-1])
 
     code = cli.run_over_files(files, label)
     if FLAGS.output:
-        write(results, Path(FLAGS.output))
+        write(results, storage.path(FLAGS.output))
         print(f"wrote {FLAGS.output}")
     sys.exit(code)
 

@@ -23,7 +23,7 @@ from asda_jax.data import builders, datasets
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("dataset", None, sorted(datasets.BUILDERS), "Dataset to prepare.")
 flags.DEFINE_string("source", None, "Local source tree (not needed for synthetic).")
-flags.DEFINE_string("data_dir", "data", "Where prepared datasets live.")
+flags.DEFINE_string("data_dir", "data", "Where prepared datasets live: a folder or a gs:// URL.")
 flags.DEFINE_float("max_seconds", None, "Longest audio kept per clip (default per dataset).")
 flags.DEFINE_integer("workers", None, "Decoding threads (default: up to 8).")
 flags.DEFINE_integer("clips_per_class", 300, "synthetic only: clips per class.")

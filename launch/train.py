@@ -24,13 +24,13 @@ launch_env.reexec_with_launcher_environment()  # before anything loads: asda_jax
 
 import json
 import sys
-from pathlib import Path
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from asda_jax import cli, config_lib, evaluation, probe, train_lib, train_state
+from asda_jax import cli, config_lib, evaluation, probe, storage, train_lib, train_state
 from asda_jax.data import builders, datasets
 
 FLAGS = flags.FLAGS
@@ -87,7 +87,7 @@ def prepare_dataset(config) -> None:
         multihost_utils.sync_global_devices("dataset ready")
 
 
-def report_probe(state, task, mesh, workdir: Path) -> None:
+def report_probe(state, task, mesh, workdir: epath.Path) -> None:
     splits = task.config.probe
     results = probe.compare_with_random_init(
         task,
@@ -105,7 +105,7 @@ def report_probe(state, task, mesh, workdir: Path) -> None:
         )
 
 
-def report_evaluation(state, task, mesh, workdir: Path) -> None:
+def report_evaluation(state, task, mesh, workdir: epath.Path) -> None:
     results = evaluation.final_evaluation(state, task, mesh, workdir)
     if jax.process_index() == 0:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_clips")
@@ -116,7 +116,7 @@ def main(argv):
     del argv
     cli.quiet_library_logs()
     config = FLAGS.config
-    workdir = Path(FLAGS.workdir)
+    workdir = storage.path(FLAGS.workdir)
     try:
         initialize_distributed(config)
         prepare_dataset(config)

@@ -13,6 +13,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 from asda_jax import launch_env
 
 assert "numpy" not in sys.modules, "conftest must set OpenBLAS's thread count before NumPy loads"
@@ -24,6 +26,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="asda-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """``gs://<bucket>`` on a GCS-API server on 127.0.0.1, this process and the ones
+    it starts pointed at it. One server per session: gcsfs keeps one client per
+    process, made with the first endpoint it sees. Tests write under names of their own."""
+    from tests import gcs_server
+
+    with gcs_server.serving() as bucket:
+        yield bucket
 
 
 def pytest_sessionfinish(session, exitstatus):

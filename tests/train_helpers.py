@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from asda_jax import config_lib, hardware, train_lib
+from asda_jax import config_lib, hardware, storage, train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def launch_train(workdir, args: list[str], env: dict | None = None, **popen) -> 
 def losses(workdir) -> dict[int, list[float]]:
     """Every loss metrics.jsonl recorded, by step (a resumed step appears twice)."""
     recorded: dict[int, list[float]] = {}
-    path = Path(workdir) / "metrics.jsonl"
+    path = storage.path(workdir) / "metrics.jsonl"
     if not path.exists():
         return recorded
     for line in path.read_text().splitlines():

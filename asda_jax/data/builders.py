@@ -28,8 +28,9 @@ import numpy as np
 import soundfile as sf
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
-from asda_jax import audio
+from asda_jax import audio, storage
 from asda_jax.data import synthetic
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -175,7 +176,11 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return audio.encode_flac(wave), int(wave.size)
 
 
-def audio_files(directory: Path) -> list[Path]:
+def audio_files(directory: Path | epath.Path) -> list[Path | epath.Path]:
+    """The audio files under a folder (local, or remote: ``gs://``), sorted."""
+    if storage.is_remote(directory):
+        names = storage.files_under(directory)
+        return [directory / n for n in names if Path(n).suffix.lower() in AUDIO_EXTENSIONS]
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
 
 

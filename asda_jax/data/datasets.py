@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
+from asda_jax import storage
 from asda_jax.data import builders
 from asda_jax.data.audioset import AudioSet
 
@@ -35,15 +39,19 @@ def builder_class(name: str) -> type[builders.AudioSourceBuilder]:
 
 def prepare(
     name: str,
-    data_dir: str | Path,
+    data_dir: str | os.PathLike,
     *,
     source_dir: str | Path | None = None,
     **options,
 ) -> PreparedDataset:
-    """Builds ``name`` from ``source_dir`` into ``data_dir``.
+    """Builds ``name`` from ``source_dir`` into ``data_dir`` (a folder, or a ``gs://``
+    URL: array_record has no writer for buckets, so it is built in a local temporary
+    folder and uploaded).
 
     A dataset already prepared there is reused as it is; to rebuild, remove its folder.
     """
+    if storage.is_remote(data_dir):
+        return _prepare_and_upload(name, storage.path(data_dir), source_dir, options)
     tfds.disable_progress_bar()
     builder = builder_class(name)(data_dir=str(data_dir), source_dir=source_dir, **options)
     if Path(builder.data_dir).exists():
@@ -57,9 +65,23 @@ def prepare(
     return dataset
 
 
-def load(name: str, data_dir: str | Path) -> PreparedDataset:
+def _prepare_and_upload(
+    name: str, data_dir: epath.Path, source_dir, options: dict
+) -> PreparedDataset:
+    try:
+        return load(name, data_dir)
+    except DatasetNotFoundError:
+        pass
+    with tempfile.TemporaryDirectory(prefix="asda-jax-prepare-") as local:
+        prepare(name, local, source_dir=source_dir, **options)
+        uploaded = storage.copy_tree(epath.Path(local) / name, data_dir / name)
+    logging.info("%s: uploaded %d files to %s", name, len(uploaded), data_dir / name)
+    return load(name, data_dir)
+
+
+def load(name: str, data_dir: str | os.PathLike) -> PreparedDataset:
     """Opens the newest prepared version of ``name`` under ``data_dir``."""
-    root = Path(data_dir) / name
+    root = storage.path(data_dir) / name
     versions = sorted(p for p in root.glob("*") if (p / "dataset_info.json").exists())
     if not versions:
         raise DatasetNotFoundError(
@@ -71,7 +93,7 @@ def load(name: str, data_dir: str | Path) -> PreparedDataset:
     return PreparedDataset(name, versions[-1])
 
 
-def class_count(name: str, data_dir: str | Path) -> int:
+def class_count(name: str, data_dir: str | os.PathLike) -> int:
     """Classes of ``name``: the prepared dataset's, else the count the dataset fixes
     (AudioSet, ESC-50, Speech Commands), so a step compiles before any data exists."""
     try:
@@ -88,7 +110,7 @@ class PreparedDataset:
     """A prepared dataset on disk: its splits, classes and per-split sidecars."""
 
     name: str
-    directory: Path
+    directory: epath.Path
 
     @functools.cached_property
     def builder(self) -> tfds.core.DatasetBuilder:
@@ -125,4 +147,9 @@ class PreparedDataset:
         parts = [self.directory / builders.WEIGHTS_FILE.format(split=p) for p in split.split("+")]
         if not all(p.exists() for p in parts):
             return None
-        return np.concatenate([np.load(p) for p in parts])
+        return np.concatenate([_read_npy(p) for p in parts])
+
+
+def _read_npy(path: epath.Path) -> np.ndarray:
+    with path.open("rb") as f:
+        return np.load(f)

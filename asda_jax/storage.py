@@ -1,0 +1,117 @@
+"""Where a run's files live: a local folder or a Cloud Storage URL (``gs://``).
+
+Every path a user names (``workdir``, ``data_dir``, ``init_from``, exports, the tools'
+``--checkpoint``, ``--audio`` and ``--output``) becomes an ``etils.epath.Path`` here,
+the path type Orbax, TFDS and clu already take, so a bucket behaves as a folder does.
+
+epath serves ``gs://`` through TensorFlow's gfile whenever TensorFlow is installed (it
+is, for clu's TensorBoard writer), and TF's GCS client cannot be pointed at another
+endpoint: a bucket would then be reachable in production and in no test. Importing
+this module makes epath use fsspec's gcsfs instead, which honours
+``STORAGE_EMULATOR_HOST``, unless the user set ``EPATH_USE_TF`` themselves. Orbax's
+array writes go through tensorstore, which has its own client (pointed elsewhere with
+``TENSORSTORE_GCS_HTTP_URL``), and array_record's reader through google-cloud-cpp
+(``CLOUD_STORAGE_EMULATOR_ENDPOINT``). gcsfs's listings are not cached: other hosts
+and tensorstore write objects behind its back, and a stale listing would hide a
+checkpoint from a resuming run.
+
+An object store cannot append to an object or rename one, so files that grow while a
+run writes them (``metrics.jsonl``, TensorBoard events, a profile, an extraction's
+outputs) are written into a local folder and copied whole to the remote one at each
+``Stage.sync`` (as TF's own GCS writer re-uploads a whole file at each flush).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import fsspec
+from etils import epath
+
+os.environ.setdefault("EPATH_USE_TF", "false")  # epath reads it at each call
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+
+# s3:// would need s3fs and an S3 server to test against; it is not offered.
+REMOTE_SCHEMES = ("gs://",)
+
+
+def is_remote(name: str | os.PathLike) -> bool:
+    return os.fspath(name).startswith(REMOTE_SCHEMES)
+
+
+def path(name: str | os.PathLike) -> epath.Path:
+    """``name`` as an epath.Path: a URL as given, a local path made absolute (Orbax
+    requires absolute paths; a relative one would also change meaning with the cwd)."""
+    if isinstance(name, str) and ":/" in name and not is_remote(name):
+        raise ValueError(
+            f"{name}: unsupported URL; use a local path or one of {', '.join(REMOTE_SCHEMES)}"
+        )
+    found = epath.Path(name)
+    return found if is_remote(found) else epath.Path(os.path.abspath(found))
+
+
+def files_under(root: epath.Path) -> list[str]:
+    """The files under ``root`` (local or remote), as sorted names relative to it."""
+    found = []
+    for item in root.iterdir():
+        if item.is_dir():
+            found += [f"{item.name}/{name}" for name in files_under(item)]
+        else:
+            found.append(item.name)
+    return sorted(found)
+
+
+def copy_tree(source: epath.Path, target: epath.Path) -> list[str]:
+    """Copies every file under ``source`` to the same relative place under ``target``
+    (either may be remote); returns the relative names copied."""
+    names = files_under(source)
+    for name in names:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).copy(target / name, overwrite=True)
+    return names
+
+
+class Stage:
+    """A local folder standing in for ``target``: written locally, copied to ``target``
+    by ``sync`` (the files whose size or time changed since the last sync). For a
+    local target the stage is the target itself and ``sync`` does nothing.
+
+    ``pull`` names files of ``target`` to copy into the stage first, so a resumed run
+    appends to what the earlier one wrote rather than replacing it."""
+
+    def __init__(self, target: str | os.PathLike, pull: tuple[str, ...] = ()):
+        self.target = path(target)
+        self.remote = is_remote(self.target)
+        if not self.remote:
+            self.target.mkdir(parents=True, exist_ok=True)
+            self.local = self.target
+            return
+        self.local = epath.Path(tempfile.mkdtemp(prefix="asda-jax-stage-"))
+        self._synced: dict[str, tuple[int, int]] = {}
+        for name in pull:
+            if (self.target / name).is_file():
+                (self.target / name).copy(self.local / name)
+                self._synced[name] = self._signature(self.local / name)
+
+    @staticmethod
+    def _signature(item: epath.Path) -> tuple[int, int]:
+        stat = os.stat(item)
+        return stat.st_size, stat.st_mtime_ns
+
+    def sync(self) -> None:
+        if not self.remote:
+            return
+        for name in files_under(self.local):
+            item = self.local / name
+            if self._synced.get(name) != self._signature(item):
+                (self.target / name).parent.mkdir(parents=True, exist_ok=True)
+                item.copy(self.target / name, overwrite=True)
+                self._synced[name] = self._signature(item)
+
+    def close(self) -> None:
+        """Copies what is left, then removes the local stand-in of a remote target."""
+        self.sync()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
