@@ -47,6 +47,9 @@ class AudioError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # crosses from the worker processes that prepare datasets
+        return type(self), (str(self), self.reason)
+
 
 @dataclasses.dataclass(frozen=True)
 class FbankOptions:

@@ -25,14 +25,20 @@ flags.DEFINE_enum("dataset", None, sorted(datasets.BUILDERS), "Dataset to prepar
 flags.DEFINE_string("source", None, "Local source tree (not needed for synthetic).")
 flags.DEFINE_string("data_dir", "data", "Where prepared datasets live: a folder or a gs:// URL.")
 flags.DEFINE_float("max_seconds", None, "Longest audio kept per clip (default per dataset).")
-flags.DEFINE_integer("workers", None, "Decoding threads (default: up to 8).")
+flags.DEFINE_integer("workers", None, "Clips converted at once (default: one per core).")
+flags.DEFINE_enum(
+    "pool",
+    "auto",
+    builders.POOLS,
+    f"auto: processes for {builders.PROCESS_POOL_MIN_CLIPS}+ clips, else threads.",
+)
 flags.DEFINE_integer("clips_per_class", 300, "synthetic only: clips per class.")
 flags.mark_flag_as_required("dataset")
 
 
 def main(argv):
     del argv
-    options = {"max_seconds": FLAGS.max_seconds, "workers": FLAGS.workers}
+    options = {"max_seconds": FLAGS.max_seconds, "workers": FLAGS.workers, "pool": FLAGS.pool}
     if FLAGS.dataset == "synthetic":
         options["clips_per_class"] = FLAGS.clips_per_class
     try:

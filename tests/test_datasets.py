@@ -127,6 +127,29 @@ def test_bad_files_are_skipped_and_counted_and_good_ones_all_arrive(tmp_path):
     assert arrived["stereo.wav"]["num_samples"] == 8000
 
 
+@pytest.mark.subprocess
+def test_worker_processes_prepare_what_threads_prepare_bad_files_included(tmp_path):
+    fx.bad_files_tree(tmp_path / "bad")
+    fx.class_folders_tree(tmp_path / "bad" / "more", per_class=4)
+    prepared = {
+        pool: datasets.prepare(
+            "audio_folder", tmp_path / pool, source_dir=tmp_path / "bad", workers=2, pool=pool
+        )
+        for pool in ("threads", "processes")
+    }
+    threads, processes = (
+        records(prepared["threads"], "train"),
+        records(prepared["processes"], "train"),
+    )
+    assert len(processes) == len(threads) > 8
+    for a, b in zip(threads, processes, strict=True):
+        assert a["id"] == b["id"] and a["audio"] == b["audio"]
+        np.testing.assert_array_equal(a["label_ids"], b["label_ids"])
+    assert prepared["processes"].skipped == prepared["threads"].skipped != {"train": {}}
+    with pytest.raises(ValueError, match="pool must be one of"):
+        datasets.prepare("audio_folder", tmp_path / "x", source_dir=tmp_path / "bad", pool="fork")
+
+
 def test_missing_or_mislaid_sources_fail_at_once_naming_the_layout(tmp_path):
     with pytest.raises(builders.DatasetLayoutError, match=r"does not exist[\s\S]*meta/esc50.csv"):
         datasets.prepare("esc50", tmp_path / "data", source_dir=tmp_path / "nowhere")

@@ -20,8 +20,10 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import functools
+import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,11 @@ from asda_jax.data import synthetic
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 WEIGHTS_FILE = "sample_weights-{split}.npy"
+# How clips are converted: "threads", "processes", or "auto" (processes for a source of
+# at least PROCESS_POOL_MIN_CLIPS clips, where their start-up, a few seconds of imports
+# each, is a small share of the work).
+POOLS = ("auto", "threads", "processes")
+PROCESS_POOL_MIN_CLIPS = 2000
 FEATURES = {
     "audio": tfds.features.Tensor(shape=(), dtype=np.object_),
     "num_samples": tfds.features.Tensor(shape=(), dtype=np.int32),
@@ -72,11 +79,15 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         source_dir: str | os.PathLike | None = None,
         max_seconds: float | None = None,
         workers: int | None = None,
+        pool: str = "auto",
         **kwargs,
     ):
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         self._source_dir = None if source_dir is None else Path(source_dir)
         self._max_seconds = max_seconds or self.MAX_SECONDS
-        self._workers = workers or min(8, os.cpu_count() or 1)
+        self._workers = workers or os.cpu_count() or 1
+        self._pool = pool
         self.sample_weights: dict[str, np.ndarray] = {}
         super().__init__(**kwargs)
 
@@ -99,10 +110,10 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         """Per-clip sampling weights for the splits that have them (default: none)."""
         return {}
 
-    def waveform(self, ref: ClipRef) -> np.ndarray:
-        return audio.read_audio(
-            ref.path, max_seconds=self._max_seconds, start_seconds=ref.start_seconds
-        )
+    def clip_reader(self) -> Callable[[ClipRef], np.ndarray]:
+        """How one clip becomes a mono 16 kHz waveform: a module-level function (or a
+        partial of one), so that worker processes can be handed it."""
+        return functools.partial(read_clip, max_seconds=self._max_seconds)
 
     # -- shared --------------------------------------------------------------------
 
@@ -160,20 +171,47 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         if weights is not None:
             self.sample_weights[split] = np.asarray(weights, np.float32)[kept]
 
+    def _uses_processes(self, clips: int) -> bool:
+        if self._pool == "auto":
+            return self._workers > 1 and clips >= PROCESS_POOL_MIN_CLIPS
+        return self._pool == "processes"
+
     def _converted(self, clips: Sequence[ClipRef]) -> Iterator[tuple[ClipRef, object]]:
-        """(clip, (flac bytes, samples) or AudioError) in order, a bounded window in flight."""
-        with concurrent.futures.ThreadPoolExecutor(self._workers) as pool:
+        """(clip, (flac bytes, samples) or AudioError) in order, a bounded window in flight.
+
+        A large source is converted by ``workers`` processes (started with spawn: the
+        parent holds JAX's and TF's threads, which fork would copy mid-state), a small
+        one by threads, whose start costs nothing; decoding and FLAC encoding hold the
+        GIL only between library calls, but with many cores the Python between them
+        becomes the limit."""
+        if self._uses_processes(len(clips)):
+            context = multiprocessing.get_context("spawn")
+            pool = concurrent.futures.ProcessPoolExecutor(self._workers, mp_context=context)
+            convert = functools.partial(convert_clip, self.clip_reader())
+        else:
+            pool = concurrent.futures.ThreadPoolExecutor(self._workers)
+            convert = self._convert
+        with pool:
             window = 16 * self._workers
             for start in range(0, len(clips), window):
                 chunk = clips[start : start + window]
-                yield from zip(chunk, pool.map(self._convert, chunk), strict=True)
+                yield from zip(chunk, pool.map(convert, chunk, chunksize=4), strict=True)
 
     def _convert(self, ref: ClipRef):
-        try:
-            wave = self.waveform(ref)
-        except audio.AudioError as e:
-            return e
-        return audio.encode_flac(wave), int(wave.size)
+        return convert_clip(self.clip_reader(), ref)
+
+
+def read_clip(ref: ClipRef, max_seconds: float) -> np.ndarray:
+    return audio.read_audio(ref.path, max_seconds=max_seconds, start_seconds=ref.start_seconds)
+
+
+def convert_clip(reader: Callable[[ClipRef], np.ndarray], ref: ClipRef):
+    """(FLAC bytes, samples) of one clip, or the AudioError that makes it unusable."""
+    try:
+        wave = reader(ref)
+    except audio.AudioError as e:
+        return e
+    return audio.encode_flac(wave), int(wave.size)
 
 
 def audio_files(directory: Path | epath.Path) -> list[Path | epath.Path]:
@@ -434,6 +472,10 @@ class Synthetic(AudioSourceBuilder, skip_registration=True):
                 splits[split].append(ClipRef(f"{c}/{seed}", (c,), f"{name}-{seed:05d}"))
         return splits, synthetic.CLASS_NAMES
 
-    def waveform(self, ref):
-        class_index, seed = map(int, ref.path.split("/"))
-        return audio.check_waveform(synthetic.clip(class_index, seed))
+    def clip_reader(self) -> Callable[[ClipRef], np.ndarray]:
+        return synthetic_clip
+
+
+def synthetic_clip(ref: ClipRef) -> np.ndarray:
+    class_index, seed = map(int, ref.path.split("/"))
+    return audio.check_waveform(synthetic.clip(class_index, seed))
