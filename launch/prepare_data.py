@@ -30,7 +30,7 @@ flags.DEFINE_enum(
     "pool",
     "auto",
     builders.POOLS,
-    f"auto: processes for {builders.PROCESS_POOL_MIN_CLIPS}+ clips, else threads.",
+    f"auto: processes for {builders.PROCESS_POOL_MIN_CLIPS}+ files and 3+ workers, else threads.",
 )
 flags.DEFINE_integer("clips_per_class", 300, "synthetic only: clips per class.")
 flags.mark_flag_as_required("dataset")

@@ -127,6 +127,18 @@ def test_bad_files_are_skipped_and_counted_and_good_ones_all_arrive(tmp_path):
     assert arrived["stereo.wav"]["num_samples"] == 8000
 
 
+def test_processes_convert_large_sources_of_files_on_hosts_of_more_than_two_cores(tmp_path):
+    def uses_processes(builder, workers, clips):
+        made = builder(data_dir=str(tmp_path), source_dir=tmp_path, workers=workers)
+        return made._uses_processes(clips)
+
+    large = builders.PROCESS_POOL_MIN_CLIPS
+    assert uses_processes(builders.AudioFolder, 3, large)
+    assert not uses_processes(builders.AudioFolder, 3, large - 1)
+    assert not uses_processes(builders.AudioFolder, 2, large)  # two cores: threads as fast
+    assert not uses_processes(builders.Synthetic, 96, 10 * large)  # computed, not decoded
+
+
 @pytest.mark.subprocess
 def test_worker_processes_prepare_what_threads_prepare_bad_files_included(tmp_path):
     fx.bad_files_tree(tmp_path / "bad")

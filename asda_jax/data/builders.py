@@ -37,9 +37,10 @@ from asda_jax.data import synthetic
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 WEIGHTS_FILE = "sample_weights-{split}.npy"
-# How clips are converted: "threads", "processes", or "auto" (processes for a source of
-# at least PROCESS_POOL_MIN_CLIPS clips, where their start-up, a few seconds of imports
-# each, is a small share of the work).
+# How clips are converted: "threads", "processes", or "auto": processes for a source of
+# files of at least PROCESS_POOL_MIN_CLIPS clips with more than two workers (their
+# start-up, ~5 s of imports each, is then a small share of the work; on two cores
+# threads convert as fast), else threads.
 POOLS = ("auto", "threads", "processes")
 PROCESS_POOL_MIN_CLIPS = 2000
 FEATURES = {
@@ -72,6 +73,7 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     MAX_SECONDS = 30.0
     NEEDS_SOURCE = True
     NUM_CLASSES: int | None = None  # fixed by the dataset itself (None: by its source)
+    DECODES_FILES = True  # False: clips are computed, cheaper than sending them back
 
     def __init__(
         self,
@@ -173,7 +175,8 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
     def _uses_processes(self, clips: int) -> bool:
         if self._pool == "auto":
-            return self._workers > 1 and clips >= PROCESS_POOL_MIN_CLIPS
+            many = self._workers > 2 and clips >= PROCESS_POOL_MIN_CLIPS
+            return self.DECODES_FILES and many
         return self._pool == "processes"
 
     def _converted(self, clips: Sequence[ClipRef]) -> Iterator[tuple[ClipRef, object]]:
@@ -456,6 +459,7 @@ class Synthetic(AudioSourceBuilder, skip_registration=True):
     name = "synthetic"
     MAX_SECONDS = synthetic.CLIP_SECONDS
     NEEDS_SOURCE = False
+    DECODES_FILES = False
     LAYOUT = "(none: generated)"
 
     def __init__(self, *, clips_per_class: int = 300, test_fraction: float = 0.2, **kwargs):
