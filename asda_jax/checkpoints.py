@@ -111,7 +111,7 @@ def export(
         raise ValueError(f"an export needs an 'encoder' entry, got {sorted(params)}")
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty; choose a new export directory")
-    directory.mkdir(parents=True, exist_ok=True)
+    storage.make_folder(directory)
     with ocp.StandardCheckpointer() as saver:
         saver.save(directory / "params", params)
     if jax.process_index() == 0:

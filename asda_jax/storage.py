@@ -52,6 +52,30 @@ def path(name: str | os.PathLike) -> epath.Path:
     return found if is_remote(found) else epath.Path(os.path.abspath(found))
 
 
+class MissingBucket(FileNotFoundError):
+    """A ``gs://`` path whose bucket does not exist or cannot be seen with these
+    credentials."""
+
+
+def require_bucket(name: epath.Path) -> None:
+    """Raises MissingBucket unless the bucket of a ``gs://`` path is there."""
+    bucket = epath.Path("gs://" + os.fspath(name).removeprefix("gs://").split("/")[0])
+    if not bucket.exists():
+        raise MissingBucket(
+            f"{name}: bucket {bucket} does not exist or these credentials cannot see it "
+            f"(create it with: gcloud storage buckets create {bucket})"
+        )
+
+
+def make_folder(folder: epath.Path) -> None:
+    """Creates a local folder. A bucket has no folders, so for a ``gs://`` one this
+    checks that its bucket is there, before a run spends anything on it."""
+    if is_remote(folder):
+        require_bucket(folder)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 def files_under(root: epath.Path) -> list[str]:
     """The files under ``root`` (local or remote), as sorted names relative to it."""
     found = []
@@ -84,8 +108,8 @@ class Stage:
     def __init__(self, target: str | os.PathLike, pull: tuple[str, ...] = ()):
         self.target = path(target)
         self.remote = is_remote(self.target)
+        make_folder(self.target)
         if not self.remote:
-            self.target.mkdir(parents=True, exist_ok=True)
             self.local = self.target
             return
         self.local = epath.Path(tempfile.mkdtemp(prefix="asda-jax-stage-"))

@@ -189,7 +189,7 @@ def train(config, workdir: str | os.PathLike) -> TrainResult:
     URL), until ``num_train_steps`` or a SIGTERM; returns the final state with the task
     and mesh it ran on."""
     workdir = storage.path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    storage.make_folder(workdir)
     stage = storage.Stage(workdir, pull=(METRICS_FILE,) if jax.process_index() == 0 else ())
     run_config, task, mesh = validated_setup(config)
     stats = pipeline.ReadStats()

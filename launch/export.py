@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from asda_jax import checkpoints, cli, inference
+from asda_jax import checkpoints, cli, inference, storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's workdir.")
@@ -48,7 +48,7 @@ def main(argv):
     try:
         params, cfg, description = run_export(FLAGS.workdir, FLAGS.step)
         out = checkpoints.export(FLAGS.output, params, cfg, **description)
-    except (checkpoints.CheckpointMismatch, FileExistsError) as e:
+    except (checkpoints.CheckpointMismatch, FileExistsError, storage.MissingBucket) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}: {sorted(params)} from {description['source']}")

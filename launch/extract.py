@@ -72,10 +72,10 @@ def main(argv):
             batch_size=FLAGS.batch_size,
         )
         files, root = cli.audio_inputs(FLAGS.audio)
+        output = storage.Stage(FLAGS.output)  # a bucket's outputs are written here first
     except (checkpoints.CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    output = storage.Stage(FLAGS.output)  # a bucket's outputs are written here first
 
     def extract(path: epath.Path) -> str:
         name = path.relative_to(root).with_suffix("")

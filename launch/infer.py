@@ -145,6 +145,8 @@ def main(argv):
         names = class_names(inputs)
         windowing = windowing_of(inputs)
         files, _ = cli.audio_inputs(FLAGS.audio)
+        if FLAGS.output:
+            storage.make_folder(storage.path(FLAGS.output).parent)
     except (checkpoints.CheckpointMismatch, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

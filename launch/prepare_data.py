@@ -18,6 +18,7 @@ import sys
 
 from absl import app, flags
 
+from asda_jax import storage
 from asda_jax.data import builders, datasets
 
 FLAGS = flags.FLAGS
@@ -45,7 +46,7 @@ def main(argv):
         dataset = datasets.prepare(
             FLAGS.dataset, FLAGS.data_dir, source_dir=FLAGS.source, **options
         )
-    except (builders.DatasetLayoutError, ValueError) as e:
+    except (builders.DatasetLayoutError, ValueError, storage.MissingBucket) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{dataset.name}: {dataset.directory}")

@@ -125,6 +125,7 @@ def main(argv):
         config_lib.ConfigError,
         datasets.DatasetNotFoundError,
         builders.DatasetLayoutError,
+        storage.MissingBucket,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

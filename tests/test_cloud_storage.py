@@ -103,6 +103,19 @@ def test_a_dataset_prepared_into_the_bucket_holds_the_local_records(gcs_bucket, 
     assert again.split_sizes == remote.split_sizes  # prepared once: reused, not rebuilt
 
 
+def test_a_missing_bucket_is_named_before_any_work(gcs_bucket, data_dir, tmp_path):
+    missing = "gs://no-such-bucket"
+    with pytest.raises(storage.MissingBucket, match="bucket gs://no-such-bucket does not exist"):
+        train_lib.train(th.tiny_config(data_dir), f"{missing}/run")
+    with pytest.raises(storage.MissingBucket):
+        datasets.prepare("synthetic", f"{missing}/data", clips_per_class=1)
+    with pytest.raises(storage.MissingBucket):
+        checkpoints.export(
+            f"{missing}/export", {"encoder": {}}, None, kind="x", target_frames=1, norm=(0, 1)
+        )
+    assert not storage.path(missing).exists()  # and none was made
+
+
 RUN = {"num_train_steps": 60, "checkpoint_every": 10}
 
 

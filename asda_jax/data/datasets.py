@@ -82,6 +82,8 @@ def _prepare_and_upload(
 def load(name: str, data_dir: str | os.PathLike) -> PreparedDataset:
     """Opens the newest prepared version of ``name`` under ``data_dir``."""
     root = storage.path(data_dir) / name
+    if storage.is_remote(root):
+        storage.require_bucket(root)
     versions = sorted(p for p in root.glob("*") if (p / "dataset_info.json").exists())
     if not versions:
         raise DatasetNotFoundError(
