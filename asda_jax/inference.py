@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from typing import NamedTuple
@@ -144,8 +145,7 @@ def load_classifier(path: str | os.PathLike, step: int | None = None):
 def read_label_names(path: str | os.PathLike) -> list[str]:
     """Display names from a label CSV: ``index,mid,display_name`` (AudioSet's
     class_labels_indices.csv, with or without its header) or ``index,name``."""
-    with storage.path(path).open(newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
+    rows = [r for r in csv.reader(io.StringIO(storage.path(path).read_text())) if r]
     if rows and not rows[0][0].strip().isdigit():
         rows = rows[1:]  # header
     try:

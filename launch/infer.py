@@ -30,6 +30,7 @@ from asda_jax import launch_env
 launch_env.reexec_with_launcher_environment()  # as launch/train.py: asda_jax/launch_env.py
 
 import csv
+import io
 import json
 import sys
 
@@ -128,11 +129,12 @@ def write(results: list[dict], path: epath.Path) -> None:
     if path.suffix == ".json":
         path.write_text(json.dumps({"files": results}, indent=1))
         return
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "kind", "start", "end", "rank", "label", "score"])
-        for result in results:
-            writer.writerows(csv_rows(result))
+    text = io.StringIO()  # written whole: an object in a bucket cannot be appended to
+    writer = csv.writer(text)
+    writer.writerow(["file", "kind", "start", "end", "rank", "label", "score"])
+    for result in results:
+        writer.writerows(csv_rows(result))
+    path.write_text(text.getvalue())
 
 
 def main(argv):

@@ -222,7 +222,9 @@ def audio_files(directory: Path | epath.Path) -> list[Path | epath.Path]:
     if storage.is_remote(directory):
         names = storage.files_under(directory)
         return [directory / n for n in names if Path(n).suffix.lower() in AUDIO_EXTENSIONS]
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+    local = Path(os.fspath(directory))  # epath refuses rglob, even for local folders
+    found = sorted(p for p in local.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+    return [directory / p.relative_to(local) for p in found]
 
 
 def read_lines(path: Path) -> set[str]:
