@@ -87,13 +87,18 @@ def files_under(root: epath.Path) -> list[str]:
     return sorted(found)
 
 
+def copy_file(source: epath.Path, target: epath.Path) -> None:
+    """One file to ``target`` (either may be remote), its folders made as needed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.copy(target, overwrite=True)
+
+
 def copy_tree(source: epath.Path, target: epath.Path) -> list[str]:
     """Copies every file under ``source`` to the same relative place under ``target``
     (either may be remote); returns the relative names copied."""
     names = files_under(source)
     for name in names:
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        (source / name).copy(target / name, overwrite=True)
+        copy_file(source / name, target / name)
     return names
 
 
@@ -116,7 +121,7 @@ class Stage:
         self._synced: dict[str, tuple[int, int]] = {}
         for name in pull:
             if (self.target / name).is_file():
-                (self.target / name).copy(self.local / name)
+                copy_file(self.target / name, self.local / name)
                 self._synced[name] = self._signature(self.local / name)
 
     @staticmethod
@@ -130,8 +135,7 @@ class Stage:
         for name in files_under(self.local):
             item = self.local / name
             if self._synced.get(name) != self._signature(item):
-                (self.target / name).parent.mkdir(parents=True, exist_ok=True)
-                item.copy(self.target / name, overwrite=True)
+                copy_file(item, self.target / name)
                 self._synced[name] = self._signature(item)
 
     def close(self) -> None:

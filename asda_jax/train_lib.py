@@ -189,8 +189,9 @@ def train(config, workdir: str | os.PathLike) -> TrainResult:
     URL), until ``num_train_steps`` or a SIGTERM; returns the final state with the task
     and mesh it ran on."""
     workdir = storage.path(workdir)
-    storage.make_folder(workdir)
-    stage = storage.Stage(workdir, pull=(METRICS_FILE,) if jax.process_index() == 0 else ())
+    stage = storage.Stage(  # makes the workdir (or checks its bucket) first
+        workdir, pull=(METRICS_FILE,) if jax.process_index() == 0 else ()
+    )
     run_config, task, mesh = validated_setup(config)
     stats = pipeline.ReadStats()
     iterator = iter(pipeline.make_pipeline(task.data_cfg, train=True, stats=stats))
