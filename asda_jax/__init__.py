@@ -43,5 +43,8 @@ LAYERS = (
     ("typed config blocks", ("config_lib", "recipes")),
     ("tasks", ("train_state", "pretraining", "finetuning")),
     ("the loop", ("train_lib", "evaluation", "probe", "aot")),
-    ("tools", ("inference", "embeddings", "timeline", "hear", "torch_import", "cli")),
+    (
+        "tools",
+        ("inference", "embeddings", "timeline", "hear", "torch_import", "hf_weights", "cli"),
+    ),
 )

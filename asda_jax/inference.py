@@ -20,6 +20,7 @@ import os
 from typing import NamedTuple
 
 import jax
+from etils import epath
 
 from asda_jax import checkpoints, config_lib, hardware, objectives, sharding, storage
 from asda_jax import model as model_lib
@@ -50,6 +51,7 @@ class ModelInput:
     dataset: str | None = None
     data_dir: str | None = None
     num_classes: int | None = None
+    labels: str | None = None  # "audioset": AudioSet's 527 classes (``audioset_label_names``)
 
 
 class Description(NamedTuple):
@@ -76,7 +78,11 @@ def describe(path: str | os.PathLike) -> Description:
 
 
 def _of_export(description: dict) -> Description:
-    inputs = ModelInput(int(description["target_frames"]), tuple(description["norm"]))
+    inputs = ModelInput(
+        int(description["target_frames"]),
+        tuple(description["norm"]),
+        labels=description.get("labels"),
+    )
     head = None
     if "scores" in description:  # a classifier's
         head = {"pooling": description["pooling"], "scores": description["scores"]}
@@ -140,6 +146,15 @@ def load_classifier(path: str | os.PathLike, step: int | None = None):
     squash = jax.nn.softmax if description.head["scores"] == "softmax" else jax.nn.sigmoid
     classify = jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec)))
     return classify, dataclasses.replace(description.input, num_classes=num_classes)
+
+
+AUDIOSET_LABELS = epath.resource_path("asda_jax.data") / "audioset_labels.csv"
+
+
+def audioset_label_names() -> list[str]:
+    """AudioSet's 527 display names in class order (the ontology's
+    class_labels_indices.csv, shipped with the package: ``docs/weights.md``)."""
+    return read_label_names(AUDIOSET_LABELS)
 
 
 def read_label_names(path: str | os.PathLike) -> list[str]:

@@ -1,4 +1,5 @@
-"""Reading the authors' PyTorch/fairseq checkpoints safely, into our parameter trees.
+"""The authors' PyTorch/fairseq checkpoints: read safely into our parameter trees, and
+ours written in their layout.
 
 A release ``.pt`` is a pickled fairseq dict: ``model`` (the state_dict), ``cfg``, and
 ``extra_state`` that pickles fairseq's meter objects. Nothing in it is ever executed:
@@ -10,7 +11,11 @@ of some other package — makes the load fail with the list of what was refused.
 
 Pretraining checkpoints hold the student (fp16 in the release), ``_ema`` (the teacher,
 a nested dict, fp32) and the decoder; fine-tuned ones prefix the encoder with
-``model.`` and add ``fc_norm``/``head``. Everything is cast to float32.
+``model.`` and add ``fc_norm``/``head``. Everything is cast to float32. EAT's own
+checkpoints (plain attention with a fused ``attn.qkv``) are read the same way.
+
+``write_release_checkpoint`` writes the same dict the other way (``model`` and a ``cfg``
+of plain values), pickling nothing but tensors and plain containers.
 """
 
 from __future__ import annotations
@@ -123,6 +128,7 @@ def infer_config(student: Mapping[str, np.ndarray], num_heads: int | None = None
     except KeyError as e:
         raise ValueError(f"not an ASDA/EAT release state_dict: no {e}") from e
     depth = len({k.split(".")[1] for k in student if k.startswith("blocks.")})
+    plain = "blocks.0.attn.qkv.weight" in student  # EAT's fused projection
     decoder = [
         k for k in student if k.startswith(image + "decoder.blocks.") and k.endswith("0.weight")
     ]
@@ -132,6 +138,7 @@ def infer_config(student: Mapping[str, np.ndarray], num_heads: int | None = None
         num_heads=num_heads or dim // 64,
         mlp_ratio=mlp / dim,
         patch_size=patch,
+        attention="plain" if plain else "asda",
         decoder_dim=dim,
     )
     positions = student.get(release_weights.POSITIONS)
@@ -198,3 +205,58 @@ def check_shapes(params: dict, cfg: ModelConfig) -> None:
         expected |= {"fc_norm": classifier["fc_norm"], "head": classifier["head"]}
     for name, tree in params.items():
         checkpoints.check_fits(tree, expected[name], f"converted {name}")
+
+
+def release_state(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The release's ``model`` state_dict of our parameters: a pretraining tree
+    ({encoder, decoder[, teacher]}: the teacher as the nested ``_ema`` dict) or a
+    classifier ({encoder, fc_norm, head}: the encoder under ``model.``)."""
+    encoder = release_weights.encoder_tensors(cfg)
+    state = release_weights.to_state(params["encoder"], encoder)
+    state[release_weights.POSITIONS] = release_weights.positions_table(cfg)
+    if "head" in params:
+        classes = int(np.shape(params["head"]["bias"])[0])
+        head = release_weights.to_state(params, release_weights.head_tensors(cfg, classes))
+        return {FINETUNED_PREFIX + k: v for k, v in state.items()} | head
+    if "decoder" in params:
+        state |= release_weights.to_state(params["decoder"], release_weights.decoder_tensors(cfg))
+    if "teacher" in params:
+        teacher = release_weights.to_state(params["teacher"], encoder)
+        state["_ema"] = teacher | {release_weights.POSITIONS: state[release_weights.POSITIONS]}
+    return state
+
+
+def write_release_checkpoint(
+    path: str | Path, params: Mapping, cfg: ModelConfig, release_cfg: Mapping | None = None
+) -> Path:
+    """``params`` as a release ``.pt`` ({"args": None, "cfg": plain dict, "model":
+    state_dict}). ``cfg`` holds the architecture under the release's names, or, given
+    ``release_cfg`` (the ``cfg`` of a release checkpoint of the same architecture),
+    that whole config, which fairseq's loader needs to rebuild the model."""
+    import torch
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose a new file")
+
+    def tensors(tree):
+        if isinstance(tree, Mapping):
+            return {k: tensors(v) for k, v in tree.items()}
+        return torch.from_numpy(np.array(tree, np.float32))
+
+    architecture = dict(
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio, norm_eps=1e-6, layer_norm_first=False,
+    )  # fmt: skip
+    written_cfg = {"model": architecture}
+    if release_cfg is not None:
+        theirs = dict(release_cfg.get("model") or {})
+        differ = [f"{k}: {theirs.get(k)} vs ours {v}" for k, v in architecture.items()
+                  if k in ("embed_dim", "depth", "num_heads") and theirs.get(k) != v]  # fmt: skip
+        if differ:
+            raise ValueError(f"the release cfg describes another architecture: {differ}")
+        written_cfg = dict(release_cfg)
+    state = tensors(release_state(params, cfg))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"args": None, "cfg": written_cfg, "model": state}, path)
+    return path

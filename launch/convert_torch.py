@@ -1,14 +1,20 @@
-"""Converts an authors' PyTorch checkpoint (ASDA or EAT layout) into an export of ours.
+"""Converts PyTorch weights into an export of ours: the authors' fairseq checkpoints
+(ASDA or EAT) and Hugging Face model folders of EAT's layout (EAT, SSLAM).
 
     python launch/convert_torch.py --checkpoint=ASDA_pretrain.pt --output=exports/asda-as2m
     python launch/convert_torch.py --checkpoint=ASDA_finetuned_as2m.pt --output=exports/asda-ft
+    python launch/convert_torch.py --checkpoint=EAT-base_epoch30_finetune_AS2M/ --output=exports/eat
+    python launch/convert_torch.py --checkpoint=worstchan/EAT-base_epoch30_pretrain --output=...
 
-The file is read without executing any pickled code (asda_jax/torch_import.py); a file
-that names code is refused. Prints a report of missing and unexpected keys, shape
-mismatches and the positional table's distance from ours, then writes
-``<output>/model.json`` + ``<output>/params/`` ({encoder, decoder, teacher} for a
-pretraining checkpoint, {encoder, fc_norm, head} for a fine-tuned one), which
-fine-tuning (finetune.init_from), extract and infer load. Needs PyTorch (only here).
+A ``.pt`` is read without executing any pickled code (asda_jax/torch_import.py; a file
+that names code is refused; needs PyTorch). A folder (``config.json`` +
+``model.safetensors``) is read with safetensors' NumPy API (asda_jax/hf_weights.py); a
+hub id works where huggingface_hub is installed and the hub can be reached. Prints a
+report of missing and unexpected keys, shape mismatches and the positional table's
+distance from ours, then writes ``<output>/model.json`` + ``<output>/params/``
+({encoder, decoder, teacher} for a fairseq pretraining checkpoint, {encoder} for a
+Hugging Face pretrained model, {encoder, fc_norm, head} for a fine-tuned one), which
+fine-tuning (finetune.init_from), extract, infer and the HEAR module load.
 
 Exit codes: 0 written, 2 unreadable/refused/mismatched (nothing written).
 """
@@ -20,19 +26,19 @@ import sys
 
 from absl import app, flags
 
-from asda_jax import audio, checkpoints, release_weights, torch_import
+from asda_jax import audio, checkpoints, hf_weights, release_weights, storage, torch_import
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "The release .pt file.")
+flags.DEFINE_string("checkpoint", None, "A release .pt file, or a Hugging Face folder or id.")
 flags.DEFINE_string("output", None, "A new (or empty) directory for the export.")
-flags.DEFINE_integer("num_heads", None, "Attention heads (default: embed_dim / 64).")
-flags.DEFINE_integer("target_frames", 1024, "Input frames the model was trained on.")
-flags.DEFINE_enum("norm", "audioset", list(audio.NORM_STATS), "Fbank normalisation stats.")
+flags.DEFINE_integer("num_heads", None, "Attention heads of a .pt (default: embed_dim / 64).")
+flags.DEFINE_integer("target_frames", 1024, "Input frames a .pt's model was trained on.")
+flags.DEFINE_enum("norm", "audioset", list(audio.NORM_STATS), "A .pt's fbank normalisation.")
 flags.mark_flags_as_required(["checkpoint", "output"])
 
 
-def convert(path: str):
-    """(params, ModelConfig, report) of a release checkpoint; raises on any mismatch."""
+def convert_release(path: str):
+    """(params, ModelConfig, report, description) of a release .pt; raises on a mismatch."""
     release = torch_import.split_state(torch_import.load_checkpoint(path))
     cfg = torch_import.infer_config(release.student, FLAGS.num_heads)
     report = torch_import.key_report(release, cfg)
@@ -45,26 +51,36 @@ def convert(path: str):
     if release_weights.POSITIONS in release.student:
         distance = release_weights.positions_max_difference(release.student, cfg)
         report["positions_max_difference"] = distance
-    return params, cfg, report
+    description = dict(
+        source=path, kind=release.kind, target_frames=FLAGS.target_frames,
+        norm=audio.NORM_STATS[FLAGS.norm],
+    )  # fmt: skip
+    if release.kind == "finetuned":
+        description |= dict(pooling="cls", scores="sigmoid")
+        if params["head"]["bias"].shape[0] == hf_weights.AUDIOSET_CLASSES:
+            description["labels"] = "audioset"
+    return params, cfg, report, description
+
+
+def convert_hugging_face(source: str):
+    """(params, ModelConfig, report, description) of an EAT-layout folder or hub id."""
+    imported = hf_weights.import_model(source)
+    report = dict(
+        kind=imported.hub.kind, positions_max_difference=imported.positions_max_difference,
+        ignored_training_settings=imported.hub.ignored,
+    )  # fmt: skip
+    return imported.params, imported.hub.model, report, imported.description(source)
 
 
 def main(argv):
     del argv
+    is_file = storage.path(FLAGS.checkpoint).is_file()
+    convert = convert_release if is_file else convert_hugging_face
     try:
-        params, cfg, report = convert(FLAGS.checkpoint)
-    except (checkpoints.CheckpointMismatch, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(report, indent=2))
-    description = dict(
-        source=FLAGS.checkpoint, kind=report["kind"], target_frames=FLAGS.target_frames,
-        norm=audio.NORM_STATS[FLAGS.norm],
-    )  # fmt: skip
-    if report["kind"] == "finetuned":
-        description |= dict(pooling="cls", scores="sigmoid")
-    try:
+        params, cfg, report, description = convert(FLAGS.checkpoint)
+        print(json.dumps(report, indent=2))
         out = checkpoints.export(FLAGS.output, params, cfg, **description)
-    except FileExistsError as e:
+    except (FileNotFoundError, FileExistsError, ValueError, hf_weights.HubUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}: {sorted(params)}")

@@ -15,7 +15,9 @@ windows with the same top label of at least ``--threshold`` into events; windows
 CSV (one row per file, window or event label) or JSON, by its suffix.
 
 Display names come from --labels (AudioSet's ``index,mid,display_name`` CSV, or
-``index,name``), else from the run's prepared dataset. Unreadable files are reported
+``index,name``), else from the run's prepared dataset, else, for a model that says it
+was trained on AudioSet's 527 classes (an imported EAT, SSLAM or release classifier),
+from AudioSet's names shipped with the package. Unreadable files are reported
 and skipped; the exit code is 1 only if none succeeded.
 """
 
@@ -61,6 +63,8 @@ def class_names(inputs: inference.ModelInput) -> list[str]:
         names = inference.read_label_names(FLAGS.labels)
     elif inputs.dataset is not None:
         names = datasets.load(inputs.dataset, inputs.data_dir).class_names
+    elif inputs.labels == "audioset":
+        names = inference.audioset_label_names()
     else:
         raise ValueError("this checkpoint does not name its classes: pass --labels")
     if len(names) != inputs.num_classes:

@@ -1,8 +1,10 @@
-"""An independent PyTorch re-implementation of the authors' release model.
+"""Independent PyTorch re-implementations of the authors' release model and of EAT's
+Hugging Face model.
 
-Written from the release's description (docs/method.md), with its module names,
-so that ``state_dict()`` has the release's keys. Used as the oracle for parity tests
-and to write fake release checkpoints. Nothing here imports asda_jax.
+Written from the release's description (docs/method.md) and EAT's published layout
+(docs/weights.md), with their module names, so that ``state_dict()`` has their keys.
+Used as the oracle for parity tests and to write fake checkpoints of both layouts.
+Nothing here imports asda_jax.
 """
 
 from __future__ import annotations
@@ -62,6 +64,27 @@ class AltAttention(nn.Module):
         return self.proj(self.norm(out) * self.out_scale)
 
 
+class PlainAttention(nn.Module):
+    """EAT's attention: one qkv projection (rows [q | k | v], heads within each), softmax."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, C/H)
+        logits = (q * self.scale) @ k.transpose(-2, -1)
+        if padding_mask is not None:
+            logits = logits.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+        out = logits.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -76,12 +99,12 @@ class Mlp(nn.Module):
 class AltBlock(nn.Module):
     """Post-norm block; forward returns (output, MLP output before the residual)."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 3.5, attention=AltAttention):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = AltAttention(dim, num_heads)
+        self.attn = attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * 3.5))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, padding_mask=None):
         x = self.norm1(x + self.attn(x, padding_mask))
@@ -216,6 +239,51 @@ class ReleaseModel(nn.Module):
     def logits(self, spec: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.forward(spec)
         return self.head(self.fc_norm(tokens[:, 0]))
+
+
+class EatBackbone(nn.Module):
+    """The modules under EAT's ``model.`` prefix (Hugging Face layout)."""
+
+    def __init__(
+        self, dim, depth, num_heads, mlp_ratio, patch, mel_bins, max_time_patches, classes
+    ):
+        super().__init__()
+        self.local_encoder = PatchEmbed(dim, patch)
+        self.extra_tokens = nn.Parameter(torch.zeros(1, 1, dim))
+        self.fixed_positional_encoder = FixedPositions(max_time_patches, mel_bins // patch, dim)
+        self.pre_norm = nn.LayerNorm(dim, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            AltBlock(dim, num_heads, mlp_ratio, PlainAttention) for _ in range(depth)
+        )
+        if classes:
+            self.fc_norm = nn.LayerNorm(dim, eps=1e-6)
+            self.head = nn.Linear(dim, classes)
+
+
+class EatModel(nn.Module):
+    """EAT (and SSLAM): plain attention, MLP ratio 4, post-norm blocks, the CLS token
+    first; ``num_classes`` adds the fine-tuned variant's ``fc_norm`` and ``head``."""
+
+    def __init__(
+        self, dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch=16, mel_bins=128,
+        max_time_patches=768, num_classes=0,
+    ):  # fmt: skip
+        super().__init__()
+        self.model = EatBackbone(
+            dim, depth, num_heads, mlp_ratio, patch, mel_bins, max_time_patches, num_classes
+        )
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:  # (B, T, F) -> (B, 1 + N, D)
+        m = self.model
+        x = m.local_encoder.proj(spec[:, None]).flatten(2).transpose(1, 2)
+        x = x + m.fixed_positional_encoder.positions[:, : x.shape[1]]
+        x = m.pre_norm(torch.cat([m.extra_tokens.expand(x.shape[0], -1, -1), x], dim=1))
+        for block in m.blocks:
+            x, _ = block(x)
+        return x
+
+    def logits(self, spec: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.fc_norm(self.forward(spec)[:, 0]))
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -172,11 +172,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         embed_dim=64, depth=2, num_heads=4, decoder_dim=64, decoder_layers=2, decoder_groups=4
     ),
+    # EAT's and SSLAM's encoders (docs/weights.md): plain attention, MLP ratio 4.
+    "eat_base": dict(attention="plain", mlp_ratio=4.0),
+    "eat_large": dict(
+        attention="plain", mlp_ratio=4.0, embed_dim=1024, depth=24, num_heads=16, decoder_dim=1024
+    ),
 }
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    """A named ModelConfig (``base``, ``small``, ``demo``, ``tiny``) with field overrides."""
+    """A named ModelConfig (``base``, ``small``, ``demo``, ``tiny``, ``eat_base``,
+    ``eat_large``) with field overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides}).validate()
