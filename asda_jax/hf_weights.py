@@ -21,6 +21,7 @@ import math
 import os
 import re
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 from etils import epath
@@ -108,15 +109,37 @@ def _check_extents(path, header: dict, data_bytes: int) -> None:
         )
 
 
-def read_tensors(path: os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file, after its header is checked."""
-    from safetensors.numpy import load, load_file
+class _FileTensors(Mapping):
+    """A local safetensors file's tensors, each read when asked for: a conversion holds
+    the file's tensors one at a time, not all at once."""
 
-    read_header(path)
+    def __init__(self, path: os.PathLike, names: list[str]):
+        from safetensors import safe_open
+
+        self._file = safe_open(os.fspath(path), framework="numpy")
+        self._names = names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._file.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def read_tensors(path: os.PathLike, names: list[str]) -> Mapping[str, np.ndarray]:
+    """The tensors of a safetensors file whose header ``read_header`` checked and
+    found to hold ``names``, by name (each read on access where the file is local)."""
+    from safetensors.numpy import load
+
     path = storage.path(path)
     if storage.is_remote(path):
         return load(path.read_bytes())
-    return load_file(os.fspath(path))
+    return _FileTensors(path, names)
 
 
 def write_tensors(path: os.PathLike, tensors: dict[str, np.ndarray]) -> None:
@@ -254,12 +277,11 @@ def layout(hub: HubModel) -> list[release_weights.Tensor]:
     return tensors
 
 
-def key_report(tensors: dict[str, np.ndarray], hub: HubModel) -> dict[str, list[str]]:
-    """Names the layout needs but the file lacks, names it does not use, and shapes
-    that differ from the config's."""
+def key_report(have: dict[str, tuple[int, ...]], hub: HubModel) -> dict[str, list[str]]:
+    """Names the layout needs but the file (``have``: its shapes) lacks, names it does
+    not use, and shapes that differ from the config's."""
     want = release_weights.shapes_of(layout(hub))
     want[HUGGING_FACE.positions] = release_weights.positions_table(hub.model).shape
-    have = {k: tuple(v.shape) for k, v in tensors.items()}
     return {
         "missing": sorted(set(want) - set(have)),
         "unexpected": sorted(set(have) - set(want)),
@@ -303,10 +325,12 @@ def import_model(source: str) -> Imported:
         if not needed.is_file():
             raise FileNotFoundError(f"{directory} has no {needed.name}")
     hub = read_config(json.loads(config_path.read_text()), str(config_path))
-    tensors = read_tensors(weights_path)
-    problems = {k: v for k, v in key_report(tensors, hub).items() if v}
+    header = read_header(weights_path)
+    shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
+    problems = {k: v for k, v in key_report(shapes, hub).items() if v}
     if problems:
         raise ValueError(f"{weights_path} does not fit its config.json: {problems}")
+    tensors = read_tensors(weights_path, sorted(header))
     distance = release_weights.positions_max_difference(tensors, hub.model, HUGGING_FACE.positions)
     if distance > POSITIONS_TOLERANCE:
         raise ValueError(
