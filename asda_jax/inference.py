@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -124,10 +125,16 @@ def load_encoder(path: str | os.PathLike, step: int | None = None, which: str = 
     encoder = model_lib.Encoder(cfg, run=run)
     params = checkpoints.restore_params(path, _params_target(encoder, cfg), (which,), step)
 
-    def encode(spec, frame_lengths=None):
+    # The parameters are an argument, not a closure: a closure would embed them in
+    # the program as constants (slow to compile, and copied into every executable).
+    @jax.jit
+    def encode_with(params, spec, frame_lengths):
         return encoder.apply({"params": params}, spec, frame_lengths).tokens
 
-    return LoadedEncoder(jax.jit(encode), cfg, run, description.input)
+    def encode(spec, frame_lengths=None):
+        return encode_with(params, spec, frame_lengths)
+
+    return LoadedEncoder(encode, cfg, run, description.input)
 
 
 def load_classifier(path: str | os.PathLike, step: int | None = None):
@@ -144,7 +151,8 @@ def load_classifier(path: str | os.PathLike, step: int | None = None):
     classifier = model_lib.Classifier(cfg, num_classes, description.head["pooling"], run=here())
     params = checkpoints.restore_item(item, prefix, _params_target(classifier, cfg))
     squash = jax.nn.softmax if description.head["scores"] == "softmax" else jax.nn.sigmoid
-    classify = jax.jit(lambda spec: squash(classifier.apply({"params": params}, spec)))
+    scores = jax.jit(lambda params, spec: squash(classifier.apply({"params": params}, spec)))
+    classify = functools.partial(scores, params)  # parameters as an argument: see load_encoder
     return classify, dataclasses.replace(description.input, num_classes=num_classes)
 
 

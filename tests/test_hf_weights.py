@@ -83,8 +83,9 @@ def test_an_eat_folder_imports_to_the_pytorch_features_and_logits(tmp_path, size
     for frames in FRAME_COUNTS:
         spec = spectrogram(frames, seed=frames, batch=1 if size is BASE else 2)
         with torch.no_grad():
-            features = torch_model(torch.from_numpy(spec)).numpy()
-            logits = torch_model.logits(torch.from_numpy(spec)).numpy()
+            tokens = torch_model(torch.from_numpy(spec))
+            logits = torch_model.model.head(torch_model.model.fc_norm(tokens[:, 0])).numpy()
+            features = tokens.numpy()
         assert features.shape[1] == 1 + (frames // 16) * 8
         np.testing.assert_allclose(np.asarray(encode(spec)), features, rtol=0, atol=1e-5)
         np.testing.assert_allclose(our_logits(imported, spec), logits, rtol=0, atol=1e-5)
@@ -126,7 +127,10 @@ def test_our_model_written_as_an_eat_folder_loads_in_pytorch_and_comes_back_equa
     torch_model.load_state_dict(torch_load_safetensors(str(folder / "model.safetensors")))
     spec = spectrogram(512, seed=3)
     imported = hf_weights.import_model(str(folder))
+    encoder = model_lib.Encoder(cfg)
+    features = encoder.apply({"params": params["encoder"]}, jnp.asarray(spec)).tokens
     with torch.no_grad():
+        np.testing.assert_allclose(features, torch_model(torch.from_numpy(spec)), atol=1e-5)
         np.testing.assert_allclose(
             our_logits(imported, spec), torch_model.logits(torch.from_numpy(spec)), atol=1e-5
         )
@@ -354,3 +358,22 @@ def test_a_release_cfg_is_copied_only_for_the_same_architecture(tmp_path):
     with pytest.raises(ValueError, match="depth: 12 vs ours 2"):
         torch_import.write_release_checkpoint(tmp_path / "b.pt", params, cfg, other)
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_an_eat_fairseq_checkpoint_imports_as_plain_attention(tmp_path):
+    """EAT's own .pt: the release's names with a fused attn.qkv and a 4× MLP."""
+    release = ref.ReleaseModel(dim=64, depth=2, num_heads=4)
+    release.blocks = torch.nn.ModuleList(
+        ref.AltBlock(64, 4, 4.0, ref.PlainAttention) for _ in range(2)
+    )
+    release = ref.randomize_(release, 7).eval()
+    torch.save({"model": release.state_dict()}, tmp_path / "eat.pt")
+    loaded = torch_import.split_state(torch_import.load_checkpoint(tmp_path / "eat.pt"))
+    cfg = torch_import.infer_config(loaded.student, num_heads=4)
+    assert cfg.attention == "plain" and cfg.mlp_ratio == 4.0
+    assert not any(torch_import.key_report(loaded, cfg).values())
+    params = torch_import.convert(loaded, cfg)
+    spec = spectrogram(128, seed=8)
+    ours = model_lib.Encoder(cfg).apply({"params": params["encoder"]}, jnp.asarray(spec)).tokens
+    with torch.no_grad():
+        np.testing.assert_allclose(ours, release(torch.from_numpy(spec))[0], atol=1e-5)
