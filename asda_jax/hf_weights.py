@@ -282,15 +282,7 @@ def key_report(have: dict[str, tuple[int, ...]], hub: HubModel) -> dict[str, lis
     not use, and shapes that differ from the config's."""
     want = release_weights.shapes_of(layout(hub))
     want[HUGGING_FACE.positions] = release_weights.positions_table(hub.model).shape
-    return {
-        "missing": sorted(set(want) - set(have)),
-        "unexpected": sorted(set(have) - set(want)),
-        "shape_mismatches": sorted(
-            f"{k}: file {have[k]}, config {want[k]}"
-            for k in want
-            if k in have and have[k] != want[k]
-        ),
-    }
+    return release_weights.compare_shapes(have, want)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -219,6 +219,22 @@ def shapes_of(tensors: list[Tensor]) -> dict[str, tuple[int, ...]]:
     return {t.theirs: t.torch_shape for t in tensors}
 
 
+def compare_shapes(
+    have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]]
+) -> dict[str, list[str]]:
+    """Names a file (``have``: name → shape) lacks, names it has beyond ``want``, and
+    shapes that differ from what the model needs."""
+    return {
+        "missing": sorted(set(want) - set(have)),
+        "unexpected": sorted(set(have) - set(want)),
+        "shape_mismatches": sorted(
+            f"{k}: file {tuple(have[k])}, model {want[k]}"
+            for k in want
+            if k in have and tuple(have[k]) != want[k]
+        ),
+    }
+
+
 def positions_table(cfg: ModelConfig) -> np.ndarray:  # (1, max_time_patches·F, D)
     """The fixed positional table as the PyTorch layouts store it."""
     return sincos_table(cfg.max_time_patches, cfg.freq_patches, cfg.embed_dim)[None]

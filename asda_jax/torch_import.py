@@ -168,15 +168,7 @@ def key_report(release: ReleaseState, cfg: ModelConfig) -> dict[str, list[str]]:
 
 
 def _compare(tensors: Mapping[str, np.ndarray], shapes: Mapping[str, tuple]) -> dict:
-    return {
-        "missing": sorted(set(shapes) - set(tensors)),
-        "unexpected": sorted(set(tensors) - set(shapes)),
-        "shape_mismatches": sorted(
-            f"{k}: file {tuple(tensors[k].shape)}, model {shapes[k]}"
-            for k in shapes
-            if k in tensors and tuple(tensors[k].shape) != shapes[k]
-        ),
-    }
+    return release_weights.compare_shapes({k: v.shape for k, v in tensors.items()}, shapes)
 
 
 def convert(release: ReleaseState, cfg: ModelConfig) -> dict:
