@@ -109,9 +109,7 @@ def export(
     directory = storage.path(directory)
     if "encoder" not in params:
         raise ValueError(f"an export needs an 'encoder' entry, got {sorted(params)}")
-    if directory.exists() and any(directory.iterdir()):
-        raise FileExistsError(f"{directory} is not empty; choose a new export directory")
-    storage.make_folder(directory)
+    storage.make_new_folder(directory)
     with ocp.StandardCheckpointer() as saver:
         saver.save(directory / "params", params)
     if jax.process_index() == 0:

@@ -33,7 +33,7 @@ from asda_jax.release_weights import HUGGING_FACE
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 VARIANTS = {"pretrain": "pretrained", "finetune": "finetuned"}  # HF variant → export kind
-AUDIOSET_CLASSES = 527
+AUDIOSET_CLASSES = release_weights.AUDIOSET_CLASSES  # a pretrained config's default
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2}  # what safetensors' NumPy API reads
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -298,9 +298,7 @@ class Imported:
             norm=audio.NORM_STATS["audioset"],
         )  # fmt: skip
         if self.hub.kind == "finetuned":
-            described |= dict(pooling="cls", scores="sigmoid")
-            if self.hub.num_classes == AUDIOSET_CLASSES:
-                described["labels"] = "audioset"
+            described |= release_weights.classifier_description(self.hub.num_classes)
         return described
 
 
@@ -338,15 +336,13 @@ def export_model(
     """Writes ``params`` ({"encoder"[, "fc_norm", "head"]}) as an EAT-layout directory;
     refuses a non-empty directory."""
     directory = storage.path(directory)
-    if directory.exists() and any(directory.iterdir()):
-        raise FileExistsError(f"{directory} is not empty; choose a new directory")
     kind = "finetuned" if "head" in params else "pretrained"
     classes = int(np.shape(params["head"]["bias"])[0]) if "head" in params else AUDIOSET_CLASSES
     fields = config_fields(model, kind, classes, target_frames)
     hub = read_config(fields)
+    storage.make_new_folder(directory)
     tensors = release_weights.to_state(params, layout(hub))
     tensors[HUGGING_FACE.positions] = release_weights.positions_table(model)
-    storage.make_folder(directory)
     write_tensors(directory / WEIGHTS_FILE, tensors)
     (directory / CONFIG_FILE).write_text(json.dumps(fields, indent=2))
     return directory

@@ -235,6 +235,18 @@ def compare_shapes(
     }
 
 
+AUDIOSET_CLASSES = 527
+
+
+def classifier_description(num_classes: int) -> dict:
+    """How the authors' classifiers (the release's, EAT's, SSLAM's) score, as an export
+    records it: the CLS token's logits through a sigmoid, AudioSet's labels at 527."""
+    described = dict(pooling="cls", scores="sigmoid")
+    if num_classes == AUDIOSET_CLASSES:
+        described["labels"] = "audioset"
+    return described
+
+
 def positions_table(cfg: ModelConfig) -> np.ndarray:  # (1, max_time_patches·F, D)
     """The fixed positional table as the PyTorch layouts store it."""
     return sincos_table(cfg.max_time_patches, cfg.freq_patches, cfg.embed_dim)[None]

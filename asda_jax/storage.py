@@ -76,6 +76,14 @@ def make_folder(folder: epath.Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
+def make_new_folder(folder: epath.Path) -> None:
+    """``make_folder`` for something written once (an export): a folder that already
+    holds files is refused, never written into."""
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty; choose a new directory")
+    make_folder(folder)
+
+
 def files_under(root: epath.Path) -> list[str]:
     """The files under ``root`` (local or remote), as sorted names relative to it."""
     found = []

@@ -26,8 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
-from asda_jax import checkpoints, release_weights
+from asda_jax import checkpoints, release_weights, storage
 from asda_jax import model as model_lib
 from asda_jax.model import ModelConfig
 
@@ -220,14 +221,14 @@ def release_state(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 def write_release_checkpoint(
     path: str | Path, params: Mapping, cfg: ModelConfig, release_cfg: Mapping | None = None
-) -> Path:
+) -> epath.Path:
     """``params`` as a release ``.pt`` ({"args": None, "cfg": plain dict, "model":
     state_dict}). ``cfg`` holds the architecture under the release's names, or, given
     ``release_cfg`` (the ``cfg`` of a release checkpoint of the same architecture),
     that whole config, which fairseq's loader needs to rebuild the model."""
     import torch
 
-    path = Path(path)
+    path = storage.path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; choose a new file")
 
@@ -249,6 +250,7 @@ def write_release_checkpoint(
             raise ValueError(f"the release cfg describes another architecture: {differ}")
         written_cfg = dict(release_cfg)
     state = tensors(release_state(params, cfg))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"args": None, "cfg": written_cfg, "model": state}, path)
+    storage.make_folder(path.parent)
+    with path.open("wb") as f:  # a bucket's object appears whole, when the file closes
+        torch.save({"args": None, "cfg": written_cfg, "model": state}, f)
     return path

@@ -89,17 +89,22 @@ def import_in_fresh_process(folder: Path, output: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def encoder_call(folder_or_cfg, batch: int):
-    """A jitted (B, 1024, 128) → tokens call of an imported folder or a random model."""
-    if isinstance(folder_or_cfg, model_lib.ModelConfig):
-        cfg = folder_or_cfg
-        encoder = model_lib.Encoder(cfg)
-        spec = jnp.zeros((1, FRAMES, cfg.num_mel_bins))
-        params = nn.meta.unbox(jax.jit(encoder.init)(jax.random.key(0), spec))["params"]
-    else:
-        imported = hf_weights.import_model(str(folder_or_cfg))
-        cfg, params = imported.hub.model, imported.params["encoder"]
-        encoder = model_lib.Encoder(cfg)
+def random_encoder(cfg: model_lib.ModelConfig):
+    """(cfg, parameters) of a randomly initialised encoder."""
+    spec = jnp.zeros((1, FRAMES, cfg.num_mel_bins))
+    init = jax.jit(model_lib.Encoder(cfg).init)
+    return cfg, nn.meta.unbox(init(jax.random.key(0), spec))["params"]
+
+
+def imported_encoder(folder: Path):
+    """(cfg, parameters) of the encoder of an imported EAT-layout folder."""
+    imported = hf_weights.import_model(str(folder))
+    return imported.hub.model, imported.params["encoder"]
+
+
+def encoder_call(cfg: model_lib.ModelConfig, params, batch: int):
+    """A jitted (B, 1024, 128) → tokens call and its arguments."""
+    encoder = model_lib.Encoder(cfg)
     spec = jnp.asarray(np.random.default_rng(1).normal(size=(batch, FRAMES, 128)), jnp.float32)
     forward = jax.jit(lambda p, x: encoder.apply({"params": p}, x).tokens)
     return forward, (params, spec)
@@ -137,8 +142,8 @@ def main():
         )  # fmt: skip
         if "base" not in folders:
             return
-        eat = encoder_call(folders["base"], args.batch)
-        asda = encoder_call(model_lib.preset("base"), args.batch)
+        eat = encoder_call(*imported_encoder(folders["base"]), args.batch)
+        asda = encoder_call(*random_encoder(model_lib.preset("base")), args.batch)
         asda_s, eat_s = common.interleaved_medians([asda, eat], repeats=args.rounds * 3)
         common.print_table(
             f"Features at {FRAMES} frames, batch {args.batch} (medians, alternating rounds)",

@@ -56,9 +56,8 @@ def convert_release(path: str):
         norm=audio.NORM_STATS[FLAGS.norm],
     )  # fmt: skip
     if release.kind == "finetuned":
-        description |= dict(pooling="cls", scores="sigmoid")
-        if params["head"]["bias"].shape[0] == hf_weights.AUDIOSET_CLASSES:
-            description["labels"] = "audioset"
+        classes = params["head"]["bias"].shape[0]
+        description |= release_weights.classifier_description(classes)
     return params, cfg, report, description
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file as torch_load_safetensors
 from safetensors.torch import save_file as torch_save_safetensors
 
-from asda_jax import checkpoints, hear, hf_weights, inference, torch_import
+from asda_jax import checkpoints, hear, hf_weights, inference, storage, torch_import
 from asda_jax import model as model_lib
 from tests import torch_reference as ref
 from tests import train_helpers as th
@@ -377,3 +377,20 @@ def test_an_eat_fairseq_checkpoint_imports_as_plain_attention(tmp_path):
     ours = model_lib.Encoder(cfg).apply({"params": params["encoder"]}, jnp.asarray(spec)).tokens
     with torch.no_grad():
         np.testing.assert_allclose(ours, release(torch.from_numpy(spec))[0], atol=1e-5)
+
+
+def test_both_formats_write_to_and_read_from_a_bucket(gcs_bucket, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URL taken for a local path would appear here
+    cfg, params = our_plain_classifier(8)
+    folder = hf_weights.export_model(f"{gcs_bucket}/weights/hf", params, cfg, target_frames=1024)
+    imported = hf_weights.import_model(str(folder))
+    jax.tree.map(np.testing.assert_array_equal, imported.params, params)
+    release_cfg, release_params = our_release_params(9, pretraining=False)
+    url = f"{gcs_bucket}/weights/asda.pt"
+    torch_import.write_release_checkpoint(url, release_params, release_cfg)
+    with storage.path(url).open("rb") as f:
+        state = torch.load(f, weights_only=True)["model"]
+    assert state["head.bias"].shape == (5,)
+    with pytest.raises(FileExistsError):
+        torch_import.write_release_checkpoint(url, release_params, release_cfg)
+    assert not list(tmp_path.rglob("gs:*"))
