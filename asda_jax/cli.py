@@ -54,7 +54,7 @@ def audio_inputs(path: str | os.PathLike) -> tuple[list[epath.Path], epath.Path]
     if path.is_dir():
         files = builders.audio_files(path)
         if not files:
-            raise FileNotFoundError(f"no audio files {builders.AUDIO_EXTENSIONS} under {path}")
+            raise FileNotFoundError(f"no files under {path}")
         return files, path
     raise FileNotFoundError(f"{path}: no such file or folder")
 

@@ -14,12 +14,14 @@ SR = 16_000
 
 
 def write_tone(path: Path, freq: float, seconds: float = 0.5, rate: int = SR, channels: int = 1):
-    """A tone file whose frequency identifies it; format from the suffix."""
+    """A tone file whose frequency identifies it; format from the suffix (``.opus``:
+    Ogg Opus, which libsndfile does not infer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     t = np.arange(int(rate * seconds)) / rate
     wave = 0.3 * np.sin(2 * np.pi * freq * t)
     data = np.stack([wave] * channels, axis=1) if channels > 1 else wave
-    sf.write(path, data, rate)
+    opus = dict(format="OGG", subtype="OPUS") if path.suffix == ".opus" else {}
+    sf.write(path, data, rate, **opus)
     return path
 
 
@@ -156,11 +158,17 @@ def bad_files_tree(root: Path) -> dict[str, str]:
     write_tone(folder / "stereo.wav", 440, channels=2)
     write_tone(folder / "wrong_rate.wav", 440, rate=22_050)
     write_tone(folder / "very_long.flac", 440, seconds=95.0)
-    expected.update(
-        dict.fromkeys(["plain.wav", "stereo.wav", "wrong_rate.wav", "very_long.flac"], "good")
-    )
+    # Taken because they decode, whatever their names say: AIFF, Ogg Vorbis and Opus,
+    # and a WAV without an extension.
+    for name in ("tone.aiff", "tone.ogg", "tone.opus"):
+        write_tone(folder / name, 440)
+    (folder / "no_extension").write_bytes((folder / "plain.wav").read_bytes())
+    (folder / ".hidden.wav").write_bytes((folder / "plain.wav").read_bytes())  # never listed
+    good = ["plain.wav", "stereo.wav", "wrong_rate.wav", "very_long.flac", "tone.aiff"]
+    expected.update(dict.fromkeys([*good, "tone.ogg", "tone.opus", "no_extension"], "good"))
     (folder / "empty.wav").write_bytes(b"")
     (folder / "not_audio.wav").write_text("definitely not audio\n" * 50)
+    (folder / "notes.txt").write_text("recorded on the 3rd\n")
     full = (folder / "plain.wav").read_bytes()
     (folder / "truncated.wav").write_bytes(full[:30])  # cut inside the header
     sf.write(folder / "nan.wav", np.full(SR, np.nan, np.float32), SR, subtype="FLOAT")
@@ -169,6 +177,7 @@ def bad_files_tree(root: Path) -> dict[str, str]:
         {
             "empty.wav": "unreadable",
             "not_audio.wav": "unreadable",
+            "notes.txt": "unreadable",
             "truncated.wav": "unreadable",
             "nan.wav": "non_finite",
             "too_short.wav": "too_short",

@@ -204,14 +204,19 @@ def test_extract_writes_the_encoder_outputs_and_skips_bad_files(finetuned, tmp_p
     clips = tmp_path / "clips"
     fx.write_tone(clips / "a.wav", 440, seconds=1.3)
     fx.write_tone(clips / "sub" / "b.flac", 880, seconds=0.7, rate=44_100)
+    fx.write_tone(clips / "c.aiff", 660, seconds=0.5)  # taken because they decode
+    fx.write_tone(clips / "d.ogg", 550, seconds=0.5, rate=22_050)
     (clips / "broken.wav").write_text("not audio")
     (clips / "empty.ogg").write_bytes(b"")
+    (clips / "notes.txt").write_text("tones")
     done = run_tool(
         "extract", f"--checkpoint={finetuned}", f"--audio={clips}", f"--output={tmp_path}/out"
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 of 4 files done, 2 skipped" in done.stdout
-    assert "broken.wav" in done.stderr and "empty.ogg" in done.stderr
+    assert "4 of 7 files done, 3 skipped" in done.stdout
+    assert all(name in done.stderr for name in ("broken.wav", "empty.ogg", "notes.txt"))
+    for stem in ("c", "d"):
+        assert np.load(tmp_path / "out" / f"{stem}.windows.npy").shape[0] == 1
     encode, cfg, _, inputs = inference.load_encoder(finetuned)
     assert inputs.target_frames == 64  # the run's input length: the windows
     assert inputs.norm == audio.NORM_STATS["audioset"]  # and its normalisation

@@ -35,7 +35,6 @@ from etils import epath
 from asda_jax import audio, storage
 from asda_jax.data import synthetic
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 WEIGHTS_FILE = "sample_weights-{split}.npy"
 # How clips are converted: "threads", "processes", or "auto": processes for a source of
 # files of at least PROCESS_POOL_MIN_CLIPS clips with more than two workers (their
@@ -218,13 +217,21 @@ def convert_clip(reader: Callable[[ClipRef], np.ndarray], ref: ClipRef):
 
 
 def audio_files(directory: Path | epath.Path) -> list[Path | epath.Path]:
-    """The audio files under a folder (local, or remote: ``gs://``), sorted."""
+    """The candidate audio files under a folder (local, or remote: ``gs://``), sorted:
+    every file but hidden ones (a leading dot: ``.DS_Store``, macOS's ``._`` forks).
+    Whether a file is audio is decided by decoding it (libsndfile: WAV, AIFF, FLAC,
+    Ogg Vorbis and Opus, MP3, ...), not by its extension; what does not decode is
+    skipped and counted where it is read."""
     if storage.is_remote(directory):
         names = storage.files_under(directory)
-        return [directory / n for n in names if Path(n).suffix.lower() in AUDIO_EXTENSIONS]
+        return [directory / n for n in names if not _hidden(Path(n))]
     local = Path(os.fspath(directory))  # epath refuses rglob, even for local folders
-    found = sorted(p for p in local.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+    found = sorted(p for p in local.rglob("*") if p.is_file() and not _hidden(p.relative_to(local)))
     return [directory / p.relative_to(local) for p in found]
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def read_lines(path: Path) -> set[str]:
@@ -357,7 +364,7 @@ class AudioFolder(AudioSourceBuilder, skip_registration=True):
 
     name = "audio_folder"
     LAYOUT = """
-class folders:   <source>/<class>/<clip>.{wav,flac,ogg,mp3}
+class folders:   <source>/<class>/<clip>   (any format libsndfile decodes)
                  (or <source>/{train,validation,test}/<class>/<clip>... for explicit splits)
 or a CSV:        <source>/labels.csv with columns path,labels[,split]
                  (paths relative to <source>; several labels separated by ';')
@@ -435,7 +442,8 @@ class UnlabelledFolder(AudioSourceBuilder, skip_registration=True):
     MAX_SECONDS = audio.RELEASE_FBANK.num_samples(1024) / audio.SAMPLE_RATE
     SHORTEST_TAIL = 1.0
     LAYOUT = """
-<source>/**/<recording>.{wav,flac,ogg,mp3}   any depth, any length, no labels
+<source>/**/<recording>   any depth, any length, any format libsndfile decodes,
+                          no labels (files that do not decode: skipped, counted)
 """
 
     def list_splits(self, source):
