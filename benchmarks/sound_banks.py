@@ -159,7 +159,7 @@ def pat_notes(path: str | Path, program: int) -> list[Note]:
     for k in range(waves):
         fields = WAVE_HEADER.unpack_from(data, at)
         size, loop_start, loop_end, rate = fields[2:6]
-        modes = fields[18]
+        modes = fields[19]
         raw = data[at + WAVE_HEADER.size : at + WAVE_HEADER.size + size]
         at += WAVE_HEADER.size + size
         wide = bool(modes & MODE_16BIT)
