@@ -45,6 +45,15 @@ LAYERS = (
     ("the loop", ("train_lib", "evaluation", "probe", "aot")),
     (
         "tools",
-        ("inference", "embeddings", "timeline", "hear", "torch_import", "hf_weights", "cli"),
+        (
+            "inference",
+            "embeddings",
+            "file_probe",
+            "timeline",
+            "hear",
+            "torch_import",
+            "hf_weights",
+            "cli",
+        ),
     ),
 )

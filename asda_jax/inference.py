@@ -20,7 +20,9 @@ import json
 import os
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from etils import epath
 
 from asda_jax import checkpoints, config_lib, hardware, objectives, sharding, storage
@@ -121,10 +123,23 @@ def load_encoder(path: str | os.PathLike, step: int | None = None, which: str = 
     the tokens past each row's frame length (None: every token is real)."""
     description = describe(path)
     cfg = dataclasses.replace(description.model, drop_path=0.0)
-    run = here()
-    encoder = model_lib.Encoder(cfg, run=run)
+    encoder = model_lib.Encoder(cfg, run=here())
     params = checkpoints.restore_params(path, _params_target(encoder, cfg), (which,), step)
+    return _loaded(encoder, params, description.input)
 
+
+def random_encoder(path: str | os.PathLike, seed: int = 0):
+    """An encoder of the architecture and input of an export or a workdir, at random
+    initialisation (the baseline a trained one is compared with)."""
+    description = describe(path)
+    cfg = dataclasses.replace(description.model, drop_path=0.0)
+    encoder = model_lib.Encoder(cfg, run=here())
+    shape = (1, cfg.patch_size, cfg.num_mel_bins)
+    variables = encoder.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32))
+    return _loaded(encoder, nn.meta.unbox(variables)["params"], description.input)
+
+
+def _loaded(encoder: model_lib.Encoder, params, inputs: ModelInput) -> LoadedEncoder:
     # The parameters are an argument, not a closure: a closure would embed them in
     # the program as constants (slow to compile, and copied into every executable).
     @jax.jit
@@ -134,7 +149,7 @@ def load_encoder(path: str | os.PathLike, step: int | None = None, which: str = 
     def encode(spec, frame_lengths=None):
         return encode_with(params, spec, frame_lengths)
 
-    return LoadedEncoder(encode, cfg, run, description.input)
+    return LoadedEncoder(encode, encoder.cfg, encoder.run, inputs)
 
 
 def load_classifier(path: str | os.PathLike, step: int | None = None):

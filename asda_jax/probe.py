@@ -41,6 +41,26 @@ def embed_split(
     return evaluation.over_split(embeddings, param_sets, cfg, forms, mesh)
 
 
+def ridge_predictions(
+    train_x: np.ndarray,  # (N, D)
+    train_y: np.ndarray,  # (N, C) one-hot or multi-hot
+    test_x: np.ndarray,  # (M, D)
+    l2: float = 1.0,
+) -> np.ndarray:  # (M, C) scores
+    """Scores of a ridge classifier (with a bias) fit to ``train_y`` on features
+    standardised by the training split's mean and spread. A feature that barely varies
+    in training (a silent band) is scaled by at least a hundredth of the median
+    feature's spread: at unit variance its rounding noise would weigh like a signal,
+    and a test clip's small change in it like hundreds of standard deviations."""
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = np.maximum(std, 1e-2 * np.median(std) + 1e-12)
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    b = np.concatenate([b, np.ones((b.shape[0], 1))], axis=1)
+    weights = np.linalg.solve(a.T @ a + l2 * np.eye(a.shape[1]), a.T @ train_y)
+    return b @ weights
+
+
 def ridge_accuracy(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -49,12 +69,16 @@ def ridge_accuracy(
     l2: float = 1.0,
 ) -> float:
     """Test accuracy of a ridge classifier fit to one-hot (or multi-hot) targets."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    a, b = (train_x - mean) / std, (test_x - mean) / std
-    a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
-    b = np.concatenate([b, np.ones((b.shape[0], 1))], axis=1)
-    weights = np.linalg.solve(a.T @ a + l2 * np.eye(a.shape[1]), a.T @ train_y)
-    return float(np.mean((b @ weights).argmax(1) == test_y.argmax(1)))
+    scores = ridge_predictions(train_x, train_y, test_x, l2)
+    return float(np.mean(scores.argmax(1) == test_y.argmax(1)))
+
+
+def balanced_accuracy(true: np.ndarray, predicted: np.ndarray) -> float:
+    """The mean over the classes present in ``true`` of each one's recall: a majority
+    class counts as much as a rare one, and always guessing one class scores
+    1 / classes."""
+    classes = np.unique(true)
+    return float(np.mean([np.mean(predicted[true == c] == c) for c in classes]))
 
 
 def probe_accuracies(

@@ -177,36 +177,32 @@ def losses_summary(workdir: Path) -> dict:
 def stage_probe(work: Path, args) -> dict:
     from asda_jax import file_probe
 
-    labelled = file_probe.read_labelled_folder(work / "banks")
-    folds = file_probe.held_out_folds(labelled)
-    waves, kept, skipped = file_probe.read_waves(labelled)
-    labelled = [labelled[i] for i in kept]
-    folds = file_probe.held_out_folds(labelled)
-    rows = {}
-    started = time.perf_counter()
-    rows["log-mel statistics"] = file_probe.run(
-        file_probe.logmel_statistics(waves), labelled, folds
-    )
-    for step in file_probe.checkpoint_steps(work / "pretrain"):
+    listed = file_probe.read_labelled_folder(work / "banks")
+    waves, kept, skipped = file_probe.read_waves(listed)
+    files = [listed[i] for i in kept]
+    folds = file_probe.held_out_folds(files)
+    features = {"log-mel statistics": file_probe.logmel_statistics(waves)}
+    steps = file_probe.checkpoint_steps(work / "pretrain")
+    for step in steps:
         encoder = file_probe.loaded_encoder(work / "pretrain", step)
-        rows[f"pretrained, step {step}"] = file_probe.run(
-            file_probe.encoder_features(encoder, waves), labelled, folds
-        )
+        features[f"pretrained, step {step}"] = file_probe.encoder_features(encoder, waves)
+        if step == steps[-1]:
+            cls = file_probe.encoder_features(encoder, waves, pooling="cls")
+            features[f"pretrained, step {step}, CLS"] = cls
     random = file_probe.loaded_encoder(work / "pretrain", random_init=True)
-    rows["random init"] = file_probe.run(
-        file_probe.encoder_features(random, waves), labelled, folds
-    )
+    features["random init"] = file_probe.encoder_features(random, waves)
     demo = file_probe.loaded_encoder(work / "demo")
-    rows["demo encoder (synthetic)"] = file_probe.run(
-        file_probe.encoder_features(demo, waves), labelled, folds
-    )
-    table = file_probe.table(rows, [f.name for f in folds])
+    features["demo encoder (synthetic)"] = file_probe.encoder_features(demo, waves)
+    results = {name: file_probe.run(x, files, folds) for name, x in features.items()}
+    table = file_probe.table(results, [f.name for f in folds])
+    ranks = {name: round(file_probe.effective_rank(x), 1) for name, x in features.items()}
     print(table)
     (work / "probe_table.md").write_text(table + "\n")
     return {
+        "files": len(files),
         "skipped": dict(skipped),
-        "results": {name: r.as_dict() for name, r in rows.items()},
-        "seconds_features_and_probes": round(time.perf_counter() - started, 1),
+        "results": {name: r.as_dict() for name, r in results.items()},
+        "effective_rank": ranks,
     }
 
 
