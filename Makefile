@@ -3,14 +3,17 @@
 #   make test   formatter + linter check, then the whole test suite (what CI runs)
 #   make test-fast   the same without the slow tiers (subprocess runs, compiles, the
 #                    notebook, training runs)
+#   make real-audio  the real-recordings benchmark (root, Debian's archive, ~1.5 h on
+#                    2 cores; BENCHMARKS.md "Real recordings")
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= workdirs/demo
+REAL_AUDIO_WORK ?= workdirs/real_audio
 
 FAST := not subprocess and not compile and not notebook and not train
 
-.PHONY: demo test test-fast lint format
+.PHONY: demo test test-fast lint format real-audio
 
 $(BIN)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +29,9 @@ $(BIN)/.dev: $(BIN)/.runtime requirements-dev.txt Makefile
 
 demo: $(BIN)/.runtime
 	$(BIN)/python launch/train.py --config=configs/demo.py --workdir=$(WORKDIR)
+
+real-audio: $(BIN)/.runtime
+	$(BIN)/python -m benchmarks.real_audio --work=$(REAL_AUDIO_WORK)
 
 lint: $(BIN)/.dev
 	$(BIN)/ruff format --check .

@@ -207,6 +207,9 @@ def restore_item(item: epath.Path, keys: tuple[str, ...] = (), target=None):
 
 def restore_params(path: str | os.PathLike, target, subtree: tuple[str, ...] = (), step=None):
     """Restores the parameters ``target`` describes (ShapeDtypeStructs with shardings,
-    any mesh) from ``path`` (see ``locate_params``), reading only that subtree."""
+    any mesh) from ``path`` (see ``locate_params``), reading only that subtree.
+    ``("teacher",)`` is a pretraining run's EMA teacher: beside the encoder in an
+    export, beside the parameters in a workdir's train state."""
     item, prefix = locate_params(path, step)
-    return restore_item(item, (*prefix, *subtree), target)
+    keys = ("teacher",) if subtree == ("teacher",) else (*prefix, *subtree)
+    return restore_item(item, keys, target)

@@ -118,7 +118,7 @@ class LoadedEncoder(NamedTuple):
 
 
 def load_encoder(path: str | os.PathLike, step: int | None = None, which: str = "encoder"):
-    """The encoder of an export or a workdir (``which="teacher"``: a pretraining export's
+    """The encoder of an export or a workdir (``which="teacher"``: a pretraining run's
     EMA teacher), computing in this chip's forms. ``encode(spec, frame_lengths)`` masks
     the tokens past each row's frame length (None: every token is real)."""
     description = describe(path)

@@ -18,8 +18,10 @@ is not redone; remove it to redo it):
   pretrain  configs/pretrain_small_corpus.py on the corpus (``--steps`` updates)
   demo      configs/demo.py (the synthetic-pretrained demo encoder)
   probe     balanced accuracy of ridge probes, one bank held out per fold, for every
-            pretraining checkpoint, the same encoder at random init, log-mel statistics
-            and the demo encoder (asda_jax/file_probe.py); table printed and saved
+            pretraining checkpoint's student and EMA teacher (mean-pooled patch
+            outputs; the last one's CLS too), the same encoder at random init, log-mel
+            statistics and the demo encoder (asda_jax/file_probe.py), with each feature
+            set's effective rank (a collapse check); table printed and saved
 
 The machine's CPU (``lscpu``) is recorded with the figures.
 """
@@ -184,11 +186,13 @@ def stage_probe(work: Path, args) -> dict:
     features = {"log-mel statistics": file_probe.logmel_statistics(waves)}
     steps = file_probe.checkpoint_steps(work / "pretrain")
     for step in steps:
-        encoder = file_probe.loaded_encoder(work / "pretrain", step)
-        features[f"pretrained, step {step}"] = file_probe.encoder_features(encoder, waves)
-        if step == steps[-1]:
-            cls = file_probe.encoder_features(encoder, waves, pooling="cls")
-            features[f"pretrained, step {step}, CLS"] = cls
+        for which in ("encoder", "teacher"):
+            encoder = file_probe.loaded_encoder(work / "pretrain", step, which=which)
+            name = f"pretrained {which}, step {step}"
+            features[name] = file_probe.encoder_features(encoder, waves)
+            if step == steps[-1]:
+                cls = file_probe.encoder_features(encoder, waves, pooling="cls")
+                features[f"{name}, CLS"] = cls
     random = file_probe.loaded_encoder(work / "pretrain", random_init=True)
     features["random init"] = file_probe.encoder_features(random, waves)
     demo = file_probe.loaded_encoder(work / "demo")

@@ -2,17 +2,18 @@
 
     python launch/probe.py --labels=my_sounds/ --checkpoint=workdirs/run \
         [--checkpoint=exports/other@...] [--step=N] [--random_init] [--logmel] \
-        [--pooling=mean|cls] [--output=probe.json]
+        [--which=encoder|teacher] [--pooling=mean|cls] [--output=probe.json]
 
 ``--labels``: a folder with ``labels.csv`` (``path,label[,group]``; ``group`` is the
 recording's source: a microphone, a speaker, a sound bank) or class folders. With
 groups, each group is held out in turn; without, files are dealt into ``--folds``
 folds per class. For every ``--checkpoint`` (a workdir, at its latest step or
-``--step``, or an export), and with ``--random_init`` the first one's architecture at
-random initialisation, and with ``--logmel`` log-mel statistics, prints the
-class-balanced accuracy per held-out fold, the mean and the spread
-(asda_jax/file_probe.py). Files that are not usable audio are skipped and counted;
-the exit code is 2 for a folder or checkpoint that cannot be read.
+``--step``, or an export; ``--which=teacher``: a pretraining run's EMA teacher), with
+``--random_init`` the first one's architecture at random initialisation, and with
+``--logmel`` log-mel statistics, prints the class-balanced accuracy per held-out
+fold, the mean and the spread (asda_jax/file_probe.py). Files that are not usable
+audio are skipped and counted; the exit code is 2 for a folder or checkpoint that
+cannot be read.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("labels", None, "A labelled folder: labels.csv or class folders.")
 flags.DEFINE_multi_string("checkpoint", [], "A training workdir or an exported encoder.")
 flags.DEFINE_integer("step", None, "Checkpoint step of the workdirs (default: the latest).")
+flags.DEFINE_enum(
+    "which", "encoder", ("encoder", "teacher"), "A pretraining run's student or EMA teacher."
+)
 flags.DEFINE_bool("random_init", False, "Also the first checkpoint's encoder at random init.")
 flags.DEFINE_bool("logmel", False, "Also log-mel statistics per band.")
 flags.DEFINE_enum("pooling", "mean", file_probe.POOLINGS, "An encoder's clip embedding.")
@@ -56,7 +60,10 @@ def main(argv):
         waves, kept, skipped = file_probe.read_waves(listed, FLAGS.max_seconds)
         files = [listed[i] for i in kept]
         folds = file_probe.held_out_folds(files, FLAGS.folds)
-        encoders = {path: file_probe.loaded_encoder(path, FLAGS.step) for path in FLAGS.checkpoint}
+        encoders = {
+            path: file_probe.loaded_encoder(path, FLAGS.step, which=FLAGS.which)
+            for path in FLAGS.checkpoint
+        }
         if FLAGS.random_init:
             encoders["random init"] = file_probe.loaded_encoder(
                 FLAGS.checkpoint[0], random_init=True

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asda_jax import audio, checkpoints, embeddings, file_probe, inference, probe
+from asda_jax import audio, checkpoints, embeddings, file_probe, inference, probe, train_lib
 from asda_jax import model as model_lib
+from asda_jax.data import datasets
 from benchmarks import sound_banks
 from tests import data_fixtures as fx
 from tests import train_helpers as th
@@ -209,6 +210,22 @@ def test_a_random_encoder_has_the_architecture_and_input_and_other_values(encode
     assert not np.allclose(random.encode(spec), trained.encode(spec))
     again = inference.random_encoder(encoder_export, 1)
     np.testing.assert_array_equal(again.encode(spec), random.encode(spec))
+
+
+@pytest.mark.train
+def test_a_pretraining_workdirs_teacher_loads_as_an_encoder(tmp_path):
+    datasets.prepare("synthetic", tmp_path / "data", clips_per_class=4)
+    config = th.tiny_config(str(tmp_path / "data"), num_train_steps=2, probe=None)
+    state, _, _ = train_lib.train(config, tmp_path / "run")
+    spec = jnp.asarray(np.random.default_rng(7).standard_normal((1, 64, 128)), jnp.float32)
+    for which, params in (("encoder", state.params["encoder"]), ("teacher", state.teacher)):
+        loaded = file_probe.loaded_encoder(tmp_path / "run", which=which)
+        expected = model_lib.Encoder(loaded.cfg).apply({"params": params}, spec).tokens
+        np.testing.assert_allclose(loaded.encode(spec), expected, rtol=1e-5, atol=1e-5)
+    student = file_probe.loaded_encoder(tmp_path / "run").encode(spec)
+    assert not np.allclose(
+        student, file_probe.loaded_encoder(tmp_path / "run", which="teacher").encode(spec)
+    )
 
 
 @pytest.mark.subprocess
