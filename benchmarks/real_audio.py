@@ -20,8 +20,9 @@ is not redone; remove it to redo it):
   probe     balanced accuracy of ridge probes, one bank held out per fold, for every
             pretraining checkpoint's student and EMA teacher (mean-pooled patch
             outputs; the last one's CLS too), the same encoder at random init, log-mel
-            statistics and the demo encoder (asda_jax/file_probe.py), with each feature
-            set's effective rank (a collapse check); table printed and saved
+            statistics and the demo encoder (asda_jax/file_probe.py); beside it each
+            feature set's score with the banks mixed (5 folds) and its effective rank
+            (a collapse check); tables printed and saved
 
 The machine's CPU (``lscpu``) is recorded with the figures.
 """
@@ -29,6 +30,7 @@ The machine's CPU (``lscpu``) is recorded with the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -198,14 +200,22 @@ def stage_probe(work: Path, args) -> dict:
     demo = file_probe.loaded_encoder(work / "demo")
     features["demo encoder (synthetic)"] = file_probe.encoder_features(demo, waves)
     results = {name: file_probe.run(x, files, folds) for name, x in features.items()}
+    # The same probes with the banks mixed (5 folds per family): what held-out banks
+    # cost each feature set, i.e. how much of its score recognised the bank.
+    pooled = [dataclasses.replace(f, group="") for f in files]
+    mixed_folds = file_probe.held_out_folds(pooled, k=5)
+    mixed = {name: file_probe.run(x, pooled, mixed_folds).mean for name, x in features.items()}
+    ranks = {name: file_probe.effective_rank(x) for name, x in features.items()}
     table = file_probe.table(results, [f.name for f in folds])
-    ranks = {name: round(file_probe.effective_rank(x), 1) for name, x in features.items()}
-    print(table)
-    (work / "probe_table.md").write_text(table + "\n")
+    lines = ["| features | banks mixed (5 folds) | effective rank |", "|---|---|---|"]
+    lines += [f"| {name} | {mixed[name]:.3f} | {ranks[name]:.1f} |" for name in features]
+    print(table + "\n\n" + "\n".join(lines))
+    (work / "probe_table.md").write_text(table + "\n\n" + "\n".join(lines) + "\n")
     return {
         "files": len(files),
         "skipped": dict(skipped),
         "results": {name: r.as_dict() for name, r in results.items()},
+        "banks_mixed": mixed,
         "effective_rank": ranks,
     }
 
