@@ -140,16 +140,6 @@ def encoder_features(
     return np.concatenate(rows).astype(np.float32)
 
 
-def loaded_encoder(
-    path: str | os.PathLike, step: int | None = None, *, which="encoder", random_init=False
-):
-    """A workdir's or export's encoder (at ``step``; ``which="teacher"``: a pretraining
-    run's EMA teacher), or one of its architecture and input at random initialisation."""
-    if random_init:
-        return inference.random_encoder(path)
-    return inference.load_encoder(path, step, which)
-
-
 def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
     """The steps a training workdir holds checkpoints of, in order."""
     saved = checkpoints.Checkpoints(storage.path(workdir), async_save=False)

@@ -121,22 +121,26 @@ def load_encoder(path: str | os.PathLike, step: int | None = None, which: str = 
     """The encoder of an export or a workdir (``which="teacher"``: a pretraining run's
     EMA teacher), computing in this chip's forms. ``encode(spec, frame_lengths)`` masks
     the tokens past each row's frame length (None: every token is real)."""
-    description = describe(path)
-    cfg = dataclasses.replace(description.model, drop_path=0.0)
-    encoder = model_lib.Encoder(cfg, run=here())
-    params = checkpoints.restore_params(path, _params_target(encoder, cfg), (which,), step)
-    return _loaded(encoder, params, description.input)
+    encoder, inputs = _encoder_of(path)
+    target = _params_target(encoder, encoder.cfg)
+    params = checkpoints.restore_params(path, target, (which,), step)
+    return _loaded(encoder, params, inputs)
 
 
 def random_encoder(path: str | os.PathLike, seed: int = 0):
     """An encoder of the architecture and input of an export or a workdir, at random
     initialisation (the baseline a trained one is compared with)."""
+    encoder, inputs = _encoder_of(path)
+    shape = (1, encoder.cfg.patch_size, encoder.cfg.num_mel_bins)
+    variables = encoder.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32))
+    return _loaded(encoder, nn.meta.unbox(variables)["params"], inputs)
+
+
+def _encoder_of(path: str | os.PathLike) -> tuple[model_lib.Encoder, ModelInput]:
+    """The encoder module (no dropout, this chip's forms) and input of a description."""
     description = describe(path)
     cfg = dataclasses.replace(description.model, drop_path=0.0)
-    encoder = model_lib.Encoder(cfg, run=here())
-    shape = (1, cfg.patch_size, cfg.num_mel_bins)
-    variables = encoder.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32))
-    return _loaded(encoder, nn.meta.unbox(variables)["params"], description.input)
+    return model_lib.Encoder(cfg, run=here()), description.input
 
 
 def _loaded(encoder: model_lib.Encoder, params, inputs: ModelInput) -> LoadedEncoder:

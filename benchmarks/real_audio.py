@@ -41,6 +41,8 @@ from pathlib import Path
 
 import soundfile as sf
 
+from asda_jax.data import builders
+
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = {
     "music": (
@@ -110,16 +112,8 @@ def stage_corpus(work: Path, args) -> dict:
                     target.symlink_to(path)
             counts[package] = len(files)
     staging.rename(corpus)
-    seconds = sum(audio_seconds(p) for p in corpus.rglob("*") if p.is_file())
+    seconds = sum(builders.file_seconds(p) or 0.0 for p in corpus.rglob("*") if p.is_file())
     return {"files_per_package": counts, "decodable_hours": round(seconds / 3600, 2)}
-
-
-def audio_seconds(path: Path) -> float:
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError):
-        return 0.0
-    return info.frames / info.samplerate if info.samplerate else 0.0
 
 
 def stage_banks(work: Path, args) -> dict:
@@ -179,7 +173,7 @@ def losses_summary(workdir: Path) -> dict:
 
 
 def stage_probe(work: Path, args) -> dict:
-    from asda_jax import file_probe
+    from asda_jax import file_probe, inference
 
     listed = file_probe.read_labelled_folder(work / "banks")
     waves, kept, skipped = file_probe.read_waves(listed)
@@ -189,15 +183,15 @@ def stage_probe(work: Path, args) -> dict:
     steps = file_probe.checkpoint_steps(work / "pretrain")
     for step in steps:
         for which in ("encoder", "teacher"):
-            encoder = file_probe.loaded_encoder(work / "pretrain", step, which=which)
+            encoder = inference.load_encoder(work / "pretrain", step, which)
             name = f"pretrained {which}, step {step}"
             features[name] = file_probe.encoder_features(encoder, waves)
             if step == steps[-1]:
                 cls = file_probe.encoder_features(encoder, waves, pooling="cls")
                 features[f"{name}, CLS"] = cls
-    random = file_probe.loaded_encoder(work / "pretrain", random_init=True)
+    random = inference.random_encoder(work / "pretrain")
     features["random init"] = file_probe.encoder_features(random, waves)
-    demo = file_probe.loaded_encoder(work / "demo")
+    demo = inference.load_encoder(work / "demo")
     features["demo encoder (synthetic)"] = file_probe.encoder_features(demo, waves)
     results = {name: file_probe.run(x, files, folds) for name, x in features.items()}
     # The same probes with the banks mixed (5 folds per family): what held-out banks

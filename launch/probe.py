@@ -31,7 +31,7 @@ import sys
 
 from absl import app, flags
 
-from asda_jax import checkpoints, cli, file_probe
+from asda_jax import checkpoints, cli, file_probe, inference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("labels", None, "A labelled folder: labels.csv or class folders.")
@@ -61,13 +61,10 @@ def main(argv):
         files = [listed[i] for i in kept]
         folds = file_probe.held_out_folds(files, FLAGS.folds)
         encoders = {
-            path: file_probe.loaded_encoder(path, FLAGS.step, which=FLAGS.which)
-            for path in FLAGS.checkpoint
+            path: inference.load_encoder(path, FLAGS.step, FLAGS.which) for path in FLAGS.checkpoint
         }
         if FLAGS.random_init:
-            encoders["random init"] = file_probe.loaded_encoder(
-                FLAGS.checkpoint[0], random_init=True
-            )
+            encoders["random init"] = inference.random_encoder(FLAGS.checkpoint[0])
     except (checkpoints.CheckpointMismatch, FileNotFoundError, ValueError, IndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -39,6 +39,26 @@ def gcs_bucket():
         yield bucket
 
 
+@pytest.fixture(scope="module")
+def encoder_export(tmp_path_factory):
+    """A randomly initialised tiny encoder, exported for a 128-frame input with
+    AudioSet's normalisation (for the tools' tests)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from asda_jax import audio, checkpoints
+    from asda_jax import model as model_lib
+
+    cfg = model_lib.preset("tiny")
+    variables = model_lib.Encoder(cfg).init(jax.random.key(0), jnp.zeros((1, 128, 128)))
+    path = tmp_path_factory.mktemp("encoder") / "export"
+    params = {"encoder": nn.meta.unbox(variables)["params"]}
+    norm = audio.NORM_STATS["audioset"]
+    checkpoints.export(path, params, cfg, kind="pretrain", target_frames=128, norm=norm)
+    return path
+
+
 def pytest_sessionfinish(session, exitstatus):
     cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
     if os.path.basename(cache).startswith("asda-jax-cache-"):

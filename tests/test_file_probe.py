@@ -7,13 +7,11 @@ import struct
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asda_jax import audio, checkpoints, embeddings, file_probe, inference, probe, train_lib
+from asda_jax import audio, embeddings, file_probe, inference, probe, train_lib
 from asda_jax import model as model_lib
 from asda_jax.data import datasets
 from benchmarks import sound_banks
@@ -173,16 +171,6 @@ def test_logmel_statistics_are_each_bands_mean_spread_maximum_and_change():
 # ---------------------------------------------------------------------------- encoders
 
 
-@pytest.fixture(scope="module")
-def encoder_export(tmp_path_factory):
-    cfg = model_lib.preset("tiny")
-    variables = model_lib.Encoder(cfg).init(jax.random.key(0), jnp.zeros((1, 128, 128)))
-    path = tmp_path_factory.mktemp("encoder") / "export"
-    params = {"encoder": nn.meta.unbox(variables)["params"]}
-    checkpoints.export(path, params, cfg, kind="pretrain", target_frames=128, norm=NORM)
-    return path
-
-
 def test_encoder_features_are_the_mean_of_the_real_patch_outputs_or_the_cls(encoder_export):
     loaded = inference.load_encoder(encoder_export)
     rng = np.random.default_rng(4)
@@ -219,12 +207,12 @@ def test_a_pretraining_workdirs_teacher_loads_as_an_encoder(tmp_path):
     state, _, _ = train_lib.train(config, tmp_path / "run")
     spec = jnp.asarray(np.random.default_rng(7).standard_normal((1, 64, 128)), jnp.float32)
     for which, params in (("encoder", state.params["encoder"]), ("teacher", state.teacher)):
-        loaded = file_probe.loaded_encoder(tmp_path / "run", which=which)
+        loaded = inference.load_encoder(tmp_path / "run", which=which)
         expected = model_lib.Encoder(loaded.cfg).apply({"params": params}, spec).tokens
         np.testing.assert_allclose(loaded.encode(spec), expected, rtol=1e-5, atol=1e-5)
-    student = file_probe.loaded_encoder(tmp_path / "run").encode(spec)
+    student = inference.load_encoder(tmp_path / "run").encode(spec)
     assert not np.allclose(
-        student, file_probe.loaded_encoder(tmp_path / "run", which="teacher").encode(spec)
+        student, inference.load_encoder(tmp_path / "run", which="teacher").encode(spec)
     )
 
 

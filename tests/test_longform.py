@@ -34,17 +34,6 @@ def noise(seconds: float, seed: int = 0, level: float = 0.1) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def encoder_export(tmp_path_factory):
-    """A randomly initialised tiny encoder, exported for a 128-frame input."""
-    cfg = model_lib.preset("tiny")
-    variables = model_lib.Encoder(cfg).init(jax.random.key(0), jnp.zeros((1, 128, 128)))
-    path = tmp_path_factory.mktemp("encoder") / "export"
-    params = {"encoder": nn.meta.unbox(variables)["params"]}
-    checkpoints.export(path, params, cfg, kind="pretrain", target_frames=128, norm=NORM)
-    return path
-
-
-@pytest.fixture(scope="module")
 def embedder(encoder_export):
     return embeddings.Embedder(inference.load_encoder(encoder_export), batch_size=4)
 
