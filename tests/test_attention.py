@@ -11,6 +11,7 @@ import pytest
 from asda_jax import attention as attn_lib
 from asda_jax import hardware, sharding
 from asda_jax import model as model_lib
+from asda_jax.kernels import short_attention as short_kernel
 
 RNG = np.random.default_rng(0)
 
@@ -409,3 +410,38 @@ def test_the_chooser_follows_the_chip_it_is_given_not_the_host():
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown attention implementation"):
         _choose("flash3")
+
+
+def pallas_costs(fn, *args) -> list:
+    """The cost estimates of the Pallas calls in ``fn``'s program (nested jaxprs too)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                found.append(eqn.params["cost_estimate"])
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_the_short_kernel_declares_its_flops_exponentials_and_bytes():
+    """The compiler counts nothing inside a Pallas call unless it is told: 3 map-sized
+    products going forward (each branch's QKᵀ, the mixed map times V, as flop_counts
+    counts them), 8 coming back (both QKᵀ recomputed, dV, dL/dmap, each branch's dQ and
+    dK), two maps' exponentials each way."""
+    b, t, h, d = 2, 24, 3, 16
+    qk = jax.random.normal(jax.random.PRNGKey(0), (b, t, 4, h, d), jnp.bfloat16)
+    v = jax.random.normal(jax.random.PRNGKey(1), (b, t, h, d), jnp.bfloat16)
+    attend = functools.partial(short_kernel.fused_projection_attention, interpret=True)
+    lam = jnp.full((h,), 0.5)
+    loss = lambda qk, v: attend(qk, v, lam).astype(jnp.float32).sum()
+    forward, backward = pallas_costs(jax.grad(loss, argnums=(0, 1)), qk, v)
+    product = 2 * t * t * d  # one (T, T)-sized product at width d
+    assert forward.flops == b * h * 3 * product and backward.flops == b * h * 8 * product
+    assert forward.transcendentals == backward.transcendentals == b * h * 2 * t * t
+    # q, k, v and the output once going forward; those, dO and the gradients back
+    assert forward.bytes_accessed == (qk.nbytes + v.nbytes + v.nbytes + b * t * 4)
+    assert backward.bytes_accessed == (2 * qk.nbytes + 3 * v.nbytes + b * t * 4 + b * h * 4096)

@@ -120,10 +120,25 @@ def _block(shape):
     return pl.BlockSpec((None, None, *shape[2:]), lambda b, h: (b, h, 0, 0))
 
 
-def _call(kernel, out_shape, lam, *arrays, interpret):
+def _cost(blocks, valid, shapes, maps_products: int) -> pl.CostEstimate:
+    """What one device's call does, for the compiler's cost analysis (a Pallas call
+    counts nothing unless it says): ``maps_products`` products of a (T, T) map and a
+    head's width (QKᵀ, map·V, ...) per (example, head), two maps' exponentials, and
+    its arrays read and written once."""
+    batch, heads, length, width = blocks[-1].shape  # v (or d_out): (B, H, T, Dv)
+    moved = sum(a.size * a.dtype.itemsize for a in [*blocks, valid, *shapes])
+    per_head = maps_products * 2 * length * length * width
+    return pl.CostEstimate(
+        flops=batch * heads * per_head,
+        transcendentals=batch * heads * 2 * length * length,
+        bytes_accessed=moved,
+    )
+
+
+def _call(kernel, out_shape, lam, *arrays, interpret, maps_products):
     """``kernel`` over the (example, head) grid, each device on its own examples and
     heads. ``arrays``: the blocked inputs, then the (B, 1, T) key weights;
-    ``out_shape``: (global shape, dtype) pairs."""
+    ``out_shape``: (global shape, dtype) pairs; ``maps_products``: for ``_cost``."""
 
     def run(lam, *arrays):
         *blocks, valid = arrays
@@ -137,6 +152,7 @@ def _call(kernel, out_shape, lam, *arrays, interpret):
             + [pl.BlockSpec((None, *valid.shape[1:]), lambda b, h: (b, 0, 0))],
             out_specs=[_block(s.shape) for s in shapes],
             out_shape=shapes,
+            cost_estimate=_cost(blocks, valid, shapes, maps_products),
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
             interpret=pltpu.InterpretParams() if interpret else False,
         )
@@ -159,7 +175,10 @@ def _scale(qk):
 
 def _forward(qk, v, lam, valid, interpret):  # -> (B, H, T, Dv)
     kernel = functools.partial(_forward_kernel, scale=_scale(qk))
-    (out,) = _call(kernel, [(v.shape, v.dtype)], lam, qk, v, valid, interpret=interpret)
+    # each branch's QKᵀ and the mixed map times V
+    (out,) = _call(
+        kernel, [(v.shape, v.dtype)], lam, qk, v, valid, interpret=interpret, maps_products=3
+    )
     return out
 
 
@@ -171,5 +190,6 @@ def _backward(qk, v, lam, valid, d_out, interpret):  # -> d_qk, dv, dλ partials
         (v.shape, v.dtype),
         ((batch, heads, *_PARTIAL_TILE), jnp.float32),
     ]
-    # d_out rides with the blocked inputs; valid stays last
-    return _call(kernel, shapes, lam, qk, v, d_out, valid, interpret=interpret)
+    # d_out rides with the blocked inputs; valid stays last. Both QKᵀ recomputed, dV and
+    # dL/dmap, each branch's dQ and dK
+    return _call(kernel, shapes, lam, qk, v, d_out, valid, interpret=interpret, maps_products=8)
