@@ -71,7 +71,7 @@ _COMPILERS = {"tpu": "pip install libtpu==0.0.42.1", "gpu": 'pip install "jax[cu
 def abstract_devices(topology: str, num_slices: int = 1) -> list:
     """Devices of ``topology`` (a chip's short name and its grid, as the mesh presets in
     ``hardware`` name them; TPU topologies may span ``num_slices`` slices), without the
-    hardware, one per chip as a TPU VM's JAX shows them (``hardware.Chip.megacore``)."""
+    hardware, as a TPU VM's JAX shows them (``hardware.Chip.topology_options``)."""
     chip = hardware.of_topology(topology)
     shape = topology.split(":", 1)[1]
     try:
@@ -80,7 +80,7 @@ def abstract_devices(topology: str, num_slices: int = 1) -> list:
             os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to hold a lock on
             desc = topologies.get_topology_desc(
                 platform="tpu", topology_name=topology, num_slices=num_slices,
-                **chip.topology_options,
+                **chip.topology_options(hardware.chip_grid(topology)),
             )  # fmt: skip
         else:
             if num_slices != 1:
@@ -200,16 +200,21 @@ def cost_of(compiled) -> dict[str, float] | None:
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    """What a compiled step's analyses say about one chip of its topology."""
+    """What a compiled step's analyses say about one device of its topology (a chip, or
+    on Ironwood one of its two TensorCores: ``hardware.Chip.devices_per_chip``)."""
 
     chip: hardware.Chip
-    chips: int
+    devices: int
     clips: int
     memory: Memory
-    compiler_flops: float | None  # per chip
-    bytes_accessed: float | None  # per chip
-    analytic_flops: float  # per chip
+    compiler_flops: float | None  # per device
+    bytes_accessed: float | None  # per device
+    analytic_flops: float  # per device
     attention: tuple[tuple[int, str], ...]
+
+    @property
+    def chips(self) -> float:
+        return self.devices / self.chip.devices_per_chip
 
     @property
     def fits(self) -> bool:
@@ -237,7 +242,7 @@ class Report:
 
     @property
     def mfu(self) -> float | None:
-        """Model FLOPs (analytic) per chip over the roofline step time at peak."""
+        """Model FLOPs (analytic) per device over the roofline step time at peak."""
         if self.step_seconds is None:
             return None
         return self.analytic_flops / (self.step_seconds * self.chip.peak_flops)
@@ -251,7 +256,7 @@ def counts_of(rep: Report) -> dict:
     """A report as JSON: its counts (what ``report_from_counts`` reads back) and, for
     readers of the file, the figures derived from them."""
     return dict(
-        chip=rep.chip.name, chips=rep.chips, clips=rep.clips,
+        chip=rep.chip.name, devices=rep.devices, chips=rep.chips, clips=rep.clips,
         memory=vars(rep.memory) | {"total": rep.memory.total}, fits=rep.fits,
         headroom=rep.headroom, compiler_flops=rep.compiler_flops,
         bytes_accessed=rep.bytes_accessed, analytic_flops=rep.analytic_flops,
@@ -269,22 +274,24 @@ def report_from_counts(saved: dict) -> Report:
     except ValueError as e:
         raise ValueError(f"a report of chip {saved.get('chip')!r}: {e}") from e
     memory = Memory(**{k: v for k, v in saved["memory"].items() if k != "total"})
-    fields = ("chips", "clips", "compiler_flops", "bytes_accessed", "analytic_flops")
+    fields = ("devices", "clips", "compiler_flops", "bytes_accessed", "analytic_flops")
     attention = tuple(tuple(a) for a in saved["attention"])
-    return Report(chip=chip, memory=memory, attention=attention, **{f: saved[f] for f in fields})
+    # reports written while every chip was one device count their devices as "chips"
+    counts = {"devices": saved.get("chips")} | {f: saved[f] for f in fields if f in saved}
+    return Report(chip=chip, memory=memory, attention=attention, **counts)
 
 
 def report(step: Step) -> Report:
     """The report of a compiled step, for the chip of its devices."""
     cost = cost_of(step.compiled)
-    chips = step.mesh.devices.size
+    devices = step.mesh.devices.size
     return Report(
         chip=hardware.of_mesh(step.mesh),
-        chips=chips,
+        devices=devices,
         clips=step.clips,
         memory=memory_of(step.compiled),
         compiler_flops=cost.get("flops") if cost else None,
         bytes_accessed=cost.get("bytes accessed") if cost else None,
-        analytic_flops=step.task.step_flops(step.clips) / chips,
+        analytic_flops=step.task.step_flops(step.clips) / devices,
         attention=step.attention_choices,
     )

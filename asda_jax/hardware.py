@@ -96,6 +96,10 @@ class Chip:
     # compiler's own to use around the kernels.
     kernel_vmem_bytes: int | None = None
     megacore: bool = False  # two TensorCores shown as one device
+    # Devices JAX shows per chip: 2 where each TensorCore is its own device (Ironwood).
+    # The figures above are then per device, the published per-chip figures halved.
+    devices_per_chip: int = 1
+    chips_per_host: int | None = None  # TPU: the most chips one host (a TPU VM) holds
     gpu_target: GpuTarget | None = None
     source: str = ""  # where the figures are published
 
@@ -103,11 +107,15 @@ class Chip:
     def description(self) -> str:
         return self.device_kinds[0] if self.device_kinds else f"a {self.platform} chip"
 
-    @property
-    def topology_options(self) -> dict[str, str]:
-        """libtpu's description of a topology of this chip, one device per chip as a TPU
-        VM shows them (libtpu would count each TensorCore of a megacore chip)."""
-        return {"chip_config_name": "megacore"} if self.megacore else {}
+    def topology_options(self, grid: tuple[int, ...]) -> dict:
+        """libtpu's description of a ``grid`` of this chip's chips as a TPU VM shows them:
+        one device per megacore chip (libtpu would count each TensorCore), and a grid
+        that one host holds on one host (libtpu's default hosts are 2x2x1, which a
+        single chip or an 8-chip VM does not divide into)."""
+        options: dict = {"chip_config_name": "megacore"} if self.megacore else {}
+        if self.chips_per_host and math.prod(grid) <= self.chips_per_host:
+            options["chips_per_host_bounds"] = (*grid, 1, 1)[:3]
+        return options
 
 
 PLAIN = Forms(
@@ -159,17 +167,32 @@ CHIPS = {
         Chip(
             "v4", "tpu", ("TPU v4",), TPU_SMALL_VMEM_FORMS, TPU_ATTENTION,
             peak_flops=275e12, hbm_bytes=32 * GiB, hbm_bandwidth=1228e9, vmem_bytes=16 * MiB,
-            kernel_vmem_bytes=16 * MiB, megacore=True, source="cloud.google.com/tpu/docs/v4",
+            kernel_vmem_bytes=16 * MiB, megacore=True, chips_per_host=4,
+            source="cloud.google.com/tpu/docs/v4",
         ),
         Chip(
             "v5e", "tpu", ("TPU v5 lite", "TPU v5e"), TPU_FORMS, TPU_ATTENTION,
             peak_flops=197e12, hbm_bytes=16 * GiB, hbm_bandwidth=819e9, vmem_bytes=128 * MiB,
-            kernel_vmem_bytes=100 * MiB, source="cloud.google.com/tpu/docs/v5e",
+            kernel_vmem_bytes=100 * MiB, chips_per_host=8, source="cloud.google.com/tpu/docs/v5e",
         ),
         Chip(
             "v5p", "tpu", ("TPU v5", "TPU v5p"), TPU_FORMS, TPU_ATTENTION,
             peak_flops=459e12, hbm_bytes=95 * GiB, hbm_bandwidth=2765e9, vmem_bytes=64 * MiB,
-            kernel_vmem_bytes=64 * MiB, megacore=True, source="cloud.google.com/tpu/docs/v5p",
+            kernel_vmem_bytes=64 * MiB, megacore=True, chips_per_host=4,
+            source="cloud.google.com/tpu/docs/v5p",
+        ),
+        Chip(
+            "v6e", "tpu", ("TPU v6 lite", "TPU v6e"), TPU_FORMS, TPU_ATTENTION,
+            peak_flops=918e12, hbm_bytes=32 * GiB, hbm_bandwidth=1640e9, vmem_bytes=128 * MiB,
+            kernel_vmem_bytes=100 * MiB, chips_per_host=8, source="cloud.google.com/tpu/docs/v6e",
+        ),
+        # Ironwood: each of a chip's two TensorCores is a device of its own (no
+        # megacore), so the row's figures are half the chip's 2 307 TFLOP/s, 192 GB, 7.37 TB/s.
+        Chip(
+            "tpu7x", "tpu", ("TPU7x",), TPU_FORMS, TPU_ATTENTION,
+            peak_flops=2307e12 / 2, hbm_bytes=192 * 10**9 // 2, hbm_bandwidth=7.37e12 / 2,
+            vmem_bytes=64 * MiB, kernel_vmem_bytes=64 * MiB, devices_per_chip=2,
+            chips_per_host=4, source="cloud.google.com/tpu/docs/tpu7x",
         ),
         Chip(
             "h100", "gpu", ("NVIDIA H100 80GB HBM3",), GPU_FORMS, HOPPER_ATTENTION,
@@ -180,6 +203,26 @@ CHIPS = {
                 shared_memory_per_core=233_472, shared_memory_per_block_optin=232_448,
             ),
             source="nvidia.com/en-us/data-center/h100 (datasheet, SXM, dense BF16)",
+        ),
+        Chip(
+            "h200", "gpu", ("NVIDIA H200",), GPU_FORMS, HOPPER_ATTENTION,
+            peak_flops=989e12, hbm_bytes=141 * 10**9, hbm_bandwidth=4.8e12,
+            gpu_target=GpuTarget(
+                (9, 0), cores=132, fpus_per_core=128, clock_ghz=1.98,
+                memory_bytes=150_754_820_096, bandwidth=4_800_000_000_000, l2_bytes=52_428_800,
+                shared_memory_per_core=233_472, shared_memory_per_block_optin=232_448,
+            ),
+            source="nvidia.com/en-us/data-center/h200 (datasheet, SXM, dense BF16)",
+        ),
+        Chip(
+            "b200", "gpu", ("NVIDIA B200",), GPU_FORMS, HOPPER_ATTENTION,
+            peak_flops=2.25e15, hbm_bytes=180 * 10**9, hbm_bandwidth=7.7e12,
+            gpu_target=GpuTarget(
+                (10, 0), cores=148, fpus_per_core=128, clock_ghz=1.965,
+                memory_bytes=180 * 10**9, bandwidth=7_700_000_000_000, l2_bytes=132_120_576,
+                shared_memory_per_core=233_472, shared_memory_per_block_optin=232_448,
+            ),
+            source="nvidia.com/en-us/data-center/hgx (HGX B200 datasheet, dense BF16)",
         ),
         Chip(
             "a100", "gpu", ("NVIDIA A100-SXM4-80GB",), GPU_FORMS, GPU_ATTENTION,
@@ -232,6 +275,15 @@ def of_mesh(mesh) -> Chip:
     return of_devices(mesh.devices.flat)
 
 
+def chip_grid(topology: str) -> tuple[int, ...]:
+    """The chips along each axis of a topology: "v5e:2x4" → (2, 4)."""
+    _, _, grid = topology.partition(":")
+    try:
+        return tuple(int(n) for n in grid.split("x"))
+    except ValueError:
+        raise ValueError(f"topology {topology!r} is not chip:AxB[xC]") from None
+
+
 def of_topology(topology: str) -> Chip:
     """The chip of a topology name: "v5e:2x4" → v5e, "h100:1x1x8" → h100."""
     name = topology.split(":")[0]
@@ -257,13 +309,13 @@ class MeshPreset:
     dcn: dict | None = None
 
     @property
-    def chips(self) -> int | None:
+    def devices(self) -> int | None:
         """Devices of the whole deployment (every slice), where the topology says."""
         if self.topology is None:
             return None
-        grid = self.topology.split(":", 1)[1]
         slices = math.prod((self.dcn or {}).values()) if self.dcn else 1
-        return math.prod(int(n) for n in grid.split("x")) * slices
+        chip = of_topology(self.topology)
+        return math.prod(chip_grid(self.topology)) * chip.devices_per_chip * slices
 
     @property
     def compile_topology(self) -> str | None:
@@ -271,9 +323,9 @@ class MeshPreset:
         return self.topology or (GPU_TOPOLOGY if self.platform == "gpu" else None)
 
     def batch_for(self, recipe_batch: int) -> int:
-        """The recipe's batch where it splits into whole clips over every chip and host,
-        else the next multiple of the chips (the rest of the recipe unchanged)."""
-        step = math.lcm(self.chips or 1, self.processes or 1)
+        """The recipe's batch where it splits into whole clips over every device and host,
+        else the next multiple of the devices (the rest of the recipe unchanged)."""
+        step = math.lcm(self.devices or 1, self.processes or 1)
         return -(-recipe_batch // step) * step
 
 
@@ -289,6 +341,14 @@ MESH_PRESETS = {
     "v5e-32": MeshPreset("tpu", DATA_PARALLEL, 8, "v5e:4x8"),
     "v5e-256": MeshPreset("tpu", DATA_PARALLEL, 64, "v5e:16x16"),
     "v5p-128": MeshPreset("tpu", DATA_PARALLEL, 16, "v5p:4x4x4"),  # 64 chips
+    "v6e-8": MeshPreset("tpu", DATA_PARALLEL, 1, "v6e:2x4"),
+    "v6e-256": MeshPreset("tpu", DATA_PARALLEL, 64, "v6e:16x16"),
+    # Colab's single-chip TPUs
+    "v5e-1": MeshPreset("tpu", DATA_PARALLEL, 1, "v5e:1x1"),
+    "v6e-1": MeshPreset("tpu", DATA_PARALLEL, 1, "v6e:1x1"),
+    # Ironwood, named by TensorCores (= devices) as v4's and v5p's slices are
+    "tpu7x-8": MeshPreset("tpu", DATA_PARALLEL, 1, "tpu7x:2x2x1"),  # 4 chips, 1 host
+    "tpu7x-128": MeshPreset("tpu", DATA_PARALLEL, 16, "tpu7x:4x4x4"),  # 64 chips, 16 hosts
     "2x-v5e-256": MeshPreset("tpu", DATA_PARALLEL, 128, "v5e:16x16", dcn={"data": 2}),
 }
 

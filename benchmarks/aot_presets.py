@@ -28,7 +28,10 @@ TASKS = {
     "as2m": "configs/finetune_as2m.py",
     "as20k": "configs/finetune_as20k.py",
 }
-TPU_PRESETS = ("v4-8", "v4-32", "v5e-8", "v5e-32", "v5e-256", "v5p-128", "2x-v5e-256")
+TPU_PRESETS = (
+    "v4-8", "v4-32", "v5e-8", "v5e-32", "v5e-256", "v5p-128", "2x-v5e-256",
+    "v6e-8", "v6e-256", "v5e-1", "v6e-1", "tpu7x-8", "tpu7x-128",
+)  # fmt: skip
 AS2M_CLIPS, EPOCHS = 1_900_000, 10
 MiB = 1024**2
 
@@ -50,7 +53,7 @@ def table_row(r: dict) -> list[str]:
         return [r["preset"], r["task"], f"failed: {r['error'][-160:]}"] + [""] * 10
     rep = aot.report_from_counts(r)  # the figures by today's roofline, whoever compiled
     text = hlo.from_counts(r)
-    per_clip = lambda flops: flops * rep.chips / rep.clips / 1e12
+    per_clip = lambda flops: flops * rep.devices / rep.clips / 1e12
     compiler = "n/a" if rep.compiler_flops is None else f"{per_clip(rep.compiler_flops):.3f}"
     collectives = ", ".join(
         f"{c['kind']} ×{c['count']} {c['bytes'] / MiB:,.0f} MiB" for c in text.collectives
@@ -59,7 +62,7 @@ def table_row(r: dict) -> list[str]:
     roofline = rep.step_seconds is not None
     hours = EPOCHS * AS2M_CLIPS / (rep.clips_per_second_per_chip or 1) / 3600
     return [
-        r["preset"], r["task"], f"{rep.chips} × {r['topology']}", str(rep.clips),
+        r["preset"], r["task"], f"{rep.devices} × {r['topology']}", str(rep.clips),
         f"{rep.memory.total / MiB:,.0f} ({1 - rep.headroom:.0%})",
         f"{compiler} / {per_clip(rep.analytic_flops):.3f}",
         "n/a" if rep.bytes_accessed is None else f"{rep.bytes_accessed / 1e9:.1f}",
@@ -92,9 +95,9 @@ def main() -> None:
     ]
     rows = [r for r in rows if r is not None]
     common.print_table(
-        "Compiled per preset and task (per chip; roofline from the compiler's counts)",
+        "Compiled per preset and task (per device; roofline from the compiler's counts)",
         [
-            "preset", "task", "chips", "clips", "memory MiB (of HBM)",
+            "preset", "task", "devices", "clips", "memory MiB (of HBM)",
             "TFLOP/clip compiler / analytic", "GB accessed/step", "collectives",
             "roofline ms (estimate)", "MFU (estimate)", "HLO HBM GB", "clips/s/chip (estimate)",
             f"chip-h, {EPOCHS} AS-2M epochs",

@@ -61,21 +61,21 @@ def report_rows(rep: aot.Report, text: hlo.HloSummary) -> list[tuple[str, str]]:
     flops = rep.compiler_flops
     hbm_seconds = text.hbm_step_seconds(rep)
     rows = [
-        ("chips", f"{rep.chips} × {chip.description}"),
-        ("global batch", f"{rep.clips} clips ({rep.clips / rep.chips:g} per chip)"),
-        ("memory per chip", f"{m.total / MiB:,.0f} MiB of {chip.hbm_bytes / MiB:,.0f} MiB "
+        ("devices", f"{rep.devices} × {chip.description} ({rep.chips:g} chips)"),
+        ("global batch", f"{rep.clips} clips ({rep.clips / rep.devices:g} per device)"),
+        ("memory per device", f"{m.total / MiB:,.0f} MiB of {chip.hbm_bytes / MiB:,.0f} MiB "
          f"({1 - rep.headroom:.0%}; headroom {rep.headroom:.0%})"),
         ("  arguments / temporaries / outputs / aliased / code (MiB)",
          " / ".join(f"{b / MiB:,.0f}" for b in (m.arguments, m.temporaries, m.outputs,
                                                 m.aliased, m.code))),
-        ("FLOPs per chip, compiler", "n/a (GPU)" if flops is None else f"{flops / 1e12:.3f} T"),
-        ("FLOPs per chip, analytic", f"{rep.analytic_flops / 1e12:.3f} T"),
-        ("bytes accessed per chip", "n/a (GPU)" if rep.bytes_accessed is None
+        ("FLOPs per device, compiler", "n/a (GPU)" if flops is None else f"{flops / 1e12:.3f} T"),
+        ("FLOPs per device, analytic", f"{rep.analytic_flops / 1e12:.3f} T"),
+        ("bytes accessed per device", "n/a (GPU)" if rep.bytes_accessed is None
          else f"{rep.bytes_accessed / 1e9:.2f} GB"),
         ("roofline step (estimate)", "n/a (the GPU compiler counts no FLOPs or bytes)"
          if rep.step_seconds is None else f"{rep.step_seconds * 1e3:.1f} ms; MFU {rep.mfu:.0%}; "
          f"{rep.clips_per_second_per_chip:.1f} clips/s per chip"),
-        ("HLO op traffic per chip (estimate)", f"{text.hbm_traffic / 1e9:.2f} GB in HBM, "
+        ("HLO op traffic per device (estimate)", f"{text.hbm_traffic / 1e9:.2f} GB in HBM, "
          f"{text.on_chip_traffic / 1e9:.2f} GB in on-chip memory spaces"),
         ("roofline, HBM traffic only (estimate)", "n/a" if hbm_seconds is None
          else f"{hbm_seconds * 1e3:.1f} ms; MFU {text.hbm_mfu(rep):.0%}"),
@@ -145,7 +145,7 @@ def main(argv):
             json.dump(saved | dict(topology=topology, compile_seconds=seconds), f, indent=2)
     if not rep.fits:
         logging.error(
-            "does not fit: %.0f MiB per chip > %.0f MiB of HBM; lower data.batch_size, set "
+            "does not fit: %.0f MiB per device > %.0f MiB of HBM; lower data.batch_size, set "
             "execution.remat_policy, or shard the state (mesh fsdp)",
             rep.memory.total / MiB, rep.chip.hbm_bytes / MiB,
         )  # fmt: skip

@@ -68,7 +68,7 @@ def test_the_pretraining_step_compiles_for_v5e_with_the_pallas_kernels(v5e_2x2):
         ("splash", "forward"), ("attention", "forward"), ("attention", "backward"),
         ("mlp", "forward"), ("mlp", "backward"), ("decoder", "forward"), ("decoder", "backward"),
     }  # fmt: skip
-    assert rep.chips == 4 and rep.fits
+    assert rep.devices == rep.chips == 4 and rep.fits
     assert rep.memory.total > rep.memory.arguments > 0
     # the compiler counts at least the model's matmuls (and elementwise work on top)
     assert rep.analytic_flops <= rep.compiler_flops < 3 * rep.analytic_flops
@@ -149,24 +149,68 @@ TPU_PRESETS = [name for name, p in hardware.MESH_PRESETS.items() if p.topology]
 def test_every_preset_batch_splits_into_whole_clips_over_its_chips(preset, path, arg):
     config = load_config(path, ",".join(filter(None, [f"mesh={preset}", arg])))
     spec = hardware.MESH_PRESETS[preset]
-    assert config.data.batch_size % spec.chips == 0
+    assert config.data.batch_size % spec.devices == 0
     assert config.data.batch_size % spec.processes == 0
     config_lib.validate(
         config,
         chip=hardware.of_topology(spec.topology),
-        device_count=spec.chips,
+        device_count=spec.devices,
         process_count=spec.processes,
         require_files=False,
     )
 
 
 @needs_libtpu
-def test_every_tpu_preset_compiles_for_one_device_per_chip():
-    """As a TPU VM's JAX shows them: v4's two TensorCores per chip are one device."""
+def test_every_tpu_preset_has_its_devices_and_hosts_and_resolves_to_its_chip_row():
+    """As a TPU VM's JAX shows them: a v4's two TensorCores are one device, a TPU7x's
+    two are two; a single chip and an 8-chip v5e/v6e VM are one host."""
     for preset in TPU_PRESETS:
         spec = hardware.MESH_PRESETS[preset]
         slices = math.prod(spec.dcn.values()) if spec.dcn else 1
-        assert len(aot.abstract_devices(spec.topology, slices)) == spec.chips, preset
+        devices = aot.abstract_devices(spec.topology, slices)
+        assert len(devices) == spec.devices, preset
+        assert len({d.process_index for d in devices}) == spec.processes, preset
+        row = hardware.of_devices(devices)  # by the device kind libtpu reports
+        assert row is hardware.of_topology(spec.topology) and row.device_kinds, preset
+        assert row.peak_flops and row.hbm_bytes and row.kernel_vmem_bytes, preset
+    kinds = {hardware.of_topology(hardware.MESH_PRESETS[p].topology).name for p in TPU_PRESETS}
+    assert {"v4", "v5e", "v5p", "v6e", "tpu7x"} <= kinds
+
+
+def test_every_gpu_row_describes_its_chip_to_the_cuda_compiler():
+    gpus = [c for c in hardware.CHIPS.values() if c.platform == "gpu" and c.device_kinds]
+    assert {c.name for c in gpus} == {"a100", "h100", "h200", "b200"}
+    for row in gpus:
+        assert hardware.of_kind(row.description, "gpu") is row  # as JAX names the device
+        assert row.peak_flops and row.hbm_bandwidth and row.gpu_target is not None
+        text = aot.gpu_target_config(row)
+        major, minor = row.gpu_target.compute_capability
+        assert f"cuda_compute_capability {{ major: {major} minor: {minor} }}" in text
+        assert f'device_description_str: "{row.description}"' in text
+    assert hardware.of_kind("NVIDIA RTX 9000", "gpu") is hardware.chip("gpu")  # unknown: generic
+    # every GPU preset compiles for a described chip
+    gpu_presets = [p for p in hardware.MESH_PRESETS.values() if p.platform == "gpu"]
+    assert all(hardware.of_topology(p.compile_topology).gpu_target for p in gpu_presets)
+
+
+@pytest.mark.compile
+@needs_libtpu
+@pytest.mark.parametrize("topology,clips", [("v6e:2x2", 4), ("tpu7x:2x2x1", 8), ("v6e:1x1", 1)])
+def test_the_new_chips_compile_the_pretraining_step_with_the_kernels(topology, clips):
+    """Trillium, Ironwood (two devices per chip) and a single chip (Colab's): one host."""
+    devices = aot.abstract_devices(topology)
+    step = aot.compile_step(tiny_run("configs/pretrain_as2m.py", clips=clips), devices)
+    rep = aot.report(step)
+    assert rep.chip is hardware.of_topology(topology) and rep.fits
+    assert rep.devices == len(devices) == rep.chips * rep.chip.devices_per_chip
+    assert step.attention_choices == ((26, "pallas_short"), (129, "pallas_splash"))
+    assert {k for k, _ in hlo.pallas_kernels(step.compiled.as_text())} == {
+        "splash",
+        "attention",
+        "mlp",
+        "decoder",
+    }
+    assert rep.analytic_flops <= rep.compiler_flops and 0 < rep.mfu <= 1
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused():
@@ -182,6 +226,8 @@ def test_the_preset_batch_is_the_recipe_where_it_splits_else_whole_clips_per_chi
     batch = lambda preset: load_config("configs/pretrain_as2m.py", f"mesh={preset}").data.batch_size
     assert [batch(p) for p in ("gpu", "v4-8", "v4-32", "v5e-8")] == [48] * 4
     assert [batch(p) for p in ("v5e-32", "v5p-128", "v5e-256", "2x-v5e-256")] == [64, 64, 256, 512]
+    assert [batch(p) for p in ("v6e-8", "v5e-1", "v6e-1", "tpu7x-8")] == [48] * 4
+    assert [batch(p) for p in ("v6e-256", "tpu7x-128")] == [256, 128]
 
 
 def run_compile(*flags: str) -> subprocess.CompletedProcess:
@@ -286,7 +332,7 @@ def test_the_roofline_counts_at_least_the_model_flops():
     compute time never drops below the model's FLOPs at peak, so MFU stays ≤ 1."""
     v5e = hardware.chip("v5e")
     report = functools.partial(
-        aot.Report, chip=v5e, chips=8, clips=48, memory=aot.Memory(0, 0, 0, 0, 0), attention=()
+        aot.Report, chip=v5e, devices=8, clips=48, memory=aot.Memory(0, 0, 0, 0, 0), attention=()
     )
     text = hlo.HloSummary(
         [], {}, {"by_scope": {"x": 0.1 * v5e.hbm_bandwidth}, "other_memory": 0}
@@ -305,3 +351,18 @@ def test_the_roofline_counts_at_least_the_model_flops():
     assert aot.report_from_counts(saved) == memory_bound
     with pytest.raises(ValueError, match="a report of chip 'v9': unknown chip"):
         aot.report_from_counts(saved | {"chip": "v9"})
+
+
+def test_ironwood_reports_per_device_and_per_chip():
+    """A TPU7x chip is two devices: memory and the roofline are per device, against half
+    the chip's published figures; clips per second and chip-hours are per chip."""
+    tpu7x = hardware.chip("tpu7x")
+    assert tpu7x.devices_per_chip == 2 and not tpu7x.megacore
+    assert tpu7x.hbm_bytes == 96 * 10**9 and tpu7x.peak_flops == pytest.approx(1153.5e12)
+    rep = aot.Report(
+        chip=tpu7x, devices=8, clips=48, memory=aot.Memory(48 * 10**9, 0, 0, 0, 0), attention=(),
+        compiler_flops=tpu7x.peak_flops, analytic_flops=tpu7x.peak_flops, bytes_accessed=0.0,
+    )  # fmt: skip
+    assert rep.chips == 4 and rep.headroom == pytest.approx(0.5) and rep.step_seconds == 1.0
+    assert rep.clips_per_second_per_chip == pytest.approx(12.0)  # 6 clips per device, 2 per chip
+    assert hardware.MESH_PRESETS["tpu7x-8"].devices == 8  # a 2x2x1 slice of 4 chips
