@@ -39,6 +39,7 @@ from ml_collections import config_dict
 from asda_jax import checkpoints, hardware, masking, objectives, optim, sharding
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline
+from asda_jax.model import config as model_config
 
 TASKS = ("pretrain", "finetune", "linear_probe")
 EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(model_lib.Execution))
@@ -337,6 +338,19 @@ def _validate_mesh(run: RunConfig, device_count: int, process_count: int) -> Non
             f"data.batch_size {batch} clips must divide over {process_count} hosts "
             f"and over the {data_parallel}-way data-parallel mesh (every device takes whole "
             f"clips); use a multiple of {math.lcm(process_count, data_parallel)}"
+        )
+    # these kernels split only the examples over devices: each tensor rank would gather
+    # the whole weights and repeat its examples' whole computation
+    whole_per_device = [
+        f"execution.{field}" for field, form in
+        (("mlp_impl", run.execution.mlp), ("decoder_conv_impl", run.execution.decoder_conv))
+        if form == model_config.KERNEL_FORM and (field == "mlp_impl" or run.task == "pretrain")
+    ]  # fmt: skip
+    if tensor > 1 and whole_per_device:
+        raise ConfigError(
+            f"mesh tensor={tensor}: the {' and '.join(whole_per_device)} Pallas kernels would "
+            f"repeat every example's whole computation on each tensor rank; set "
+            f"{', '.join(f'{name}=xla' for name in whole_per_device)}, or tensor=1"
         )
     for what, size, axis, width in (
         ("embed_dim", run.model.embed_dim, "fsdp", fsdp),

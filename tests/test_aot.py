@@ -222,6 +222,23 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused():
         )
 
 
+def test_tensor_parallelism_is_refused_for_the_kernels_that_would_repeat_work_per_rank():
+    def validate(path, **execution):
+        config = load_config(path, "mesh=v5e-8")
+        config.mesh = {"data": -1, "fsdp": 1, "tensor": 2}
+        config.execution.update(execution)
+        return config_lib.validate(config, chip=hardware.chip("v5e"), device_count=8,
+                                   process_count=1, require_files=False)  # fmt: skip
+
+    message = "execution.mlp_impl and execution.decoder_conv_impl Pallas kernels would repeat"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        validate("configs/pretrain_as2m.py")  # the TPU's forms: both kernels
+    with pytest.raises(config_lib.ConfigError, match=r"set execution.mlp_impl=xla, or tensor=1"):
+        validate("configs/finetune_as20k.py")  # no decoder in fine-tuning
+    run = validate("configs/pretrain_as2m.py", mlp_impl="xla", decoder_conv_impl="xla")
+    assert run.mesh["tensor"] == 2 and run.execution.mlp == "xla"
+
+
 def test_the_preset_batch_is_the_recipe_where_it_splits_else_whole_clips_per_chip():
     batch = lambda preset: load_config("configs/pretrain_as2m.py", f"mesh={preset}").data.batch_size
     assert [batch(p) for p in ("gpu", "v4-8", "v4-32", "v5e-8")] == [48] * 4
