@@ -107,6 +107,12 @@ class Chip:
     def description(self) -> str:
         return self.device_kinds[0] if self.device_kinds else f"a {self.platform} chip"
 
+    @property
+    def cores_per_device(self) -> int:
+        """TensorCores behind one device: a kernel's "parallel" grid axes are split over
+        them (Mosaic's megacore), its "arbitrary" ones run on one."""
+        return 2 if self.megacore else 1
+
     def topology_options(self, grid: tuple[int, ...]) -> dict:
         """libtpu's description of a ``grid`` of this chip's chips as a TPU VM shows them:
         one device per megacore chip (libtpu would count each TensorCore), and a grid

@@ -12,10 +12,12 @@ that traffic gives (an estimate).
 
 from __future__ import annotations
 
+import base64
 import collections
 import dataclasses
 import math
 import re
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -238,12 +240,30 @@ _KERNEL_SCOPES = (
 _SPLASH_BACKWARD = re.compile(r"splash_mha_d(q|kv)")  # its gradients' kernels
 
 
-def pallas_kernels(hlo_text: str) -> set[tuple[str, str]]:
-    """(kernel, pass) of every Mosaic custom call (``tpu_custom_call``): which of the
-    project's kernels it is ("splash", "decoder", "mlp", "attention": the short kernel,
-    or "other") and whether it runs in the forward or the backward pass."""
-    found = set()
+# an instruction, a computation's header or its closing brace, the module's header
+_INSTRUCTION_START = re.compile(r"\s*(ROOT\s+)?%[\w.\-]+ = |%|}$|HloModule|$")
+
+
+def _instructions(hlo_text: str) -> Iterator[str]:
+    """The HLO text's lines, an instruction whose attributes run over several lines
+    (a kernel's metadata) joined into one."""
+    pending = None
     for line in hlo_text.splitlines():
+        if pending is not None and not _INSTRUCTION_START.match(line):
+            pending += line
+            continue
+        if pending is not None:
+            yield pending
+        pending = line
+    if pending is not None:
+        yield pending
+
+
+def _pallas_calls(hlo_text: str) -> Iterator[tuple[str, str, str]]:
+    """(kernel, pass, instruction line) of every Mosaic custom call (``tpu_custom_call``):
+    which of the project's kernels it is ("splash", "decoder", "mlp", "attention": the
+    short kernel, or "other") and whether it runs in the forward or the backward pass."""
+    for line in _instructions(hlo_text):
         if 'custom_call_target="tpu_custom_call"' not in line:
             continue
         named, op_name = _NAMED.match(line), _OP_NAME.search(line)
@@ -251,7 +271,27 @@ def pallas_kernels(hlo_text: str) -> set[tuple[str, str]]:
         name = (named.group(1) if named else "") + " " + (op_name.group(1) if op_name else "")
         kernel = next((k for k, scope in _KERNEL_SCOPES if scope in name), "other")
         backward = "transpose(" in name or _SPLASH_BACKWARD.search(name)
-        found.add((kernel, "backward" if backward else "forward"))
+        yield kernel, "backward" if backward else "forward", line
+
+
+def pallas_kernels(hlo_text: str) -> set[tuple[str, str]]:
+    """(kernel, pass) of every Mosaic custom call (``_pallas_calls``)."""
+    return {(kernel, way) for kernel, way, _ in _pallas_calls(hlo_text)}
+
+
+_MOSAIC_BODY = re.compile(r'"body":"([A-Za-z0-9+/=]+)"')
+_SEMANTICS = re.compile(rb"dimension_semantics<(\w+)>")
+
+
+def pallas_grid_semantics(hlo_text: str) -> dict[tuple[str, str], set[str]]:
+    """(kernel, pass) → the grid dimension semantics ("parallel", "arbitrary") its
+    Mosaic modules declare: read from each call's serialized kernel (MLIR bytecode keeps
+    each distinct attribute once, so this is which kinds occur, not their order)."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for kernel, way, line in _pallas_calls(hlo_text):
+        body = _MOSAIC_BODY.search(line)
+        kinds = _SEMANTICS.findall(base64.b64decode(body.group(1))) if body else []
+        found.setdefault((kernel, way), set()).update(k.decode() for k in kinds)
     return found
 
 

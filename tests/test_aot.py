@@ -195,21 +195,49 @@ def test_every_gpu_row_describes_its_chip_to_the_cuda_compiler():
 
 @pytest.mark.compile
 @needs_libtpu
-@pytest.mark.parametrize("topology,clips", [("v6e:2x2", 4), ("tpu7x:2x2x1", 8), ("v6e:1x1", 1)])
-def test_the_new_chips_compile_the_pretraining_step_with_the_kernels(topology, clips):
-    """Trillium, Ironwood (two devices per chip) and a single chip (Colab's): one host."""
+def test_on_megacore_chips_the_kernels_backward_grids_carry_a_parallel_axis():
+    """Mosaic splits only "parallel" grid axes over a megacore chip's two TensorCores:
+    compiled for v5p, the MLP and decoder kernels' backward grids lead with one (each
+    core its own examples and weight-gradient accumulators) beside their sequential
+    accumulating axes; the forward grids are parallel throughout."""
+    assert hardware.chip("v5p").cores_per_device == 2 == hardware.chip("v4").cores_per_device
+    step = aot.compile_step(tiny_run("configs/pretrain_as2m.py"), aot.abstract_devices("v5p:2x2x1"))
+    semantics = hlo.pallas_grid_semantics(step.compiled.as_text())
+    for kernel in ("mlp", "decoder"):
+        assert semantics[(kernel, "backward")] == {"parallel", "arbitrary"}, kernel
+        assert semantics[(kernel, "forward")] == {"parallel"}, kernel
+    assert semantics[("attention", "backward")] == {"parallel"}  # per (example, head) already
+
+
+SPLASH_TEACHER = ((26, "pallas_short"), (129, "pallas_splash"))  # at 256 frames
+DEMO_GRID = ((13, "pallas_short"), (65, "pallas_short"))  # at 128 frames: 8 × 8 patches
+
+
+@pytest.mark.compile
+@needs_libtpu
+@pytest.mark.parametrize(
+    "topology,clips,frames,choices",
+    [
+        ("v6e:2x2", 4, 256, SPLASH_TEACHER),
+        ("tpu7x:2x2x1", 8, 256, SPLASH_TEACHER),
+        ("v6e:1x1", 1, 128, DEMO_GRID),
+    ],
+)
+def test_the_new_chips_compile_the_pretraining_step_with_the_kernels(
+    topology, clips, frames, choices
+):
+    """Trillium, Ironwood (two devices per chip) and a single chip (Colab's) at the demo's
+    grid, whose 64 positions are half a lane-width: the decoder kernel takes it whole."""
     devices = aot.abstract_devices(topology)
-    step = aot.compile_step(tiny_run("configs/pretrain_as2m.py", clips=clips), devices)
+    config = tiny_run("configs/pretrain_as2m.py", clips=clips, frames=frames)
+    step = aot.compile_step(config, devices)
     rep = aot.report(step)
     assert rep.chip is hardware.of_topology(topology) and rep.fits
     assert rep.devices == len(devices) == rep.chips * rep.chip.devices_per_chip
-    assert step.attention_choices == ((26, "pallas_short"), (129, "pallas_splash"))
-    assert {k for k, _ in hlo.pallas_kernels(step.compiled.as_text())} == {
-        "splash",
-        "attention",
-        "mlp",
-        "decoder",
-    }
+    assert step.attention_choices == choices
+    kernels = {k for k, _ in hlo.pallas_kernels(step.compiled.as_text())}
+    splash = {"splash"} if choices == SPLASH_TEACHER else set()
+    assert kernels == {"attention", "mlp", "decoder"} | splash
     assert rep.analytic_flops <= rep.compiler_flops and 0 < rep.mfu <= 1
 
 

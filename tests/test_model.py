@@ -1,5 +1,7 @@
 """The Flax model against the release's structure and an independent PyTorch re-implementation."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import torch
 
 from asda_jax import hardware, release_weights, sharding
 from asda_jax import model as model_lib
+from asda_jax.kernels import decoder as decoder_kernel
 from asda_jax.kernels import mlp as mlp_kernel
 from tests import torch_reference as ref
 
@@ -200,17 +203,20 @@ def test_the_pallas_decoder_kernel_equals_the_release_decoder_with_gradients():
         np.testing.assert_allclose(got / scale, exp / scale, atol=1e-5, err_msg=str(path))
 
 
-def test_the_pallas_decoder_kernel_equals_xla_where_the_first_block_changes_width():
+@pytest.mark.parametrize("chip", ["cpu", "v5p"])  # one TensorCore per device, and two
+def test_the_pallas_decoder_kernel_equals_xla_where_the_first_block_changes_width(chip):
     """decoder_dim ≠ embed_dim: the first block has no residual, the second 8 channels
-    per group (one float32 tile of rows)."""
+    per group (one float32 tile of rows). On a megacore chip's form the backward splits
+    each device's examples over two cores, each with its own weight gradients."""
     cfg = model_lib.preset("tiny", decoder_dim=32)
+    pallas = dataclasses.replace(PALLAS_DECODER, chip=chip, dtype="float32")
     grid = jax.random.normal(jax.random.key(0), (8, 8, 4, 64))
     weights = jax.random.normal(jax.random.key(1), (8, 32, 64))
     params = model_lib.Decoder(cfg).init(jax.random.key(2), grid)["params"]
     params = jax.tree.map(lambda p: 3.0 * p, params)  # LayerNorm and GELU far from linear
     xla = model_lib.Execution(decoder_conv_impl="xla")
     (value, grads), (value_xla, grads_xla) = (
-        _decoder_value_and_grads(cfg, run, params, grid, weights) for run in (PALLAS_DECODER, xla)
+        _decoder_value_and_grads(cfg, run, params, grid, weights) for run in (pallas, xla)
     )
     assert float(value) == pytest.approx(float(value_xla), rel=1e-5)
     for got, exp in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla), strict=True):
@@ -243,6 +249,35 @@ def test_the_pallas_mlp_kernel_equals_xla_with_gradients(max_rows, monkeypatch):
     assert float(value) == pytest.approx(float(value_xla), rel=1e-5)
     for got, exp in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_xla), strict=True):
         np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-5 * np.abs(exp).max())
+
+
+def test_the_kernels_backward_split_over_two_cores_sums_to_one_cores():
+    """The per-core weight gradients summed after the call equal one core's sums over
+    every example, for both kernels; an odd batch stays on one core."""
+    keys = jax.random.split(jax.random.key(0), 8)
+    x = jax.random.normal(keys[0], (4, 24, 64))
+    w1, w2 = jax.random.normal(keys[1], (64, 96)) / 8, jax.random.normal(keys[2], (96, 64)) / 8
+    b1, b2 = jax.random.normal(keys[3], (96,)), jax.random.normal(keys[4], (64,))
+    grid_x = jax.random.normal(keys[5], (4, 64, 48))  # a 6 × 8 grid
+    kernel = jax.random.normal(keys[6], (3, 3, 16, 64)) / 12
+    bias = jax.random.normal(keys[7], (64,))
+
+    def grads(cores, examples=4):
+        vmem = hardware.chip("v5p").kernel_vmem_bytes
+        mlp = lambda *a: mlp_kernel.mlp(*a, vmem_bytes=vmem, cores=cores, interpret=True).sum()
+        conv = lambda *a: decoder_kernel.conv_block(
+            *a, (6, 8), groups=4, cores=cores, interpret=True
+        ).sum()
+        return (
+            jax.grad(mlp, argnums=(1, 2, 3, 4))(x[:examples], w1, b1, w2, b2),
+            jax.grad(conv, argnums=(1, 2))(grid_x[:examples], kernel, bias),
+        )
+
+    for got, want in zip(jax.tree.leaves(grads(2)), jax.tree.leaves(grads(1)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert mlp_kernel.cores_splitting(3, 2) == 1 and mlp_kernel.cores_splitting(4, 2) == 2
+    for got, want in zip(jax.tree.leaves(grads(2, 3)), jax.tree.leaves(grads(1, 3)), strict=True):
+        np.testing.assert_array_equal(got, want)  # three examples: one core, the same program
 
 
 def test_mlp_kernel_blocks_of_rows_cover_the_sequence_in_whole_tiles():

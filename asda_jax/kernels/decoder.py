@@ -14,11 +14,12 @@ sublane tiles (on lanes they would straddle tiles), and a tap (dy, dx) of the
 convolution is a roll of the lanes by dy·W + dx with the out-of-grid positions
 masked. Per group the taps are stacked into (k²·Cin/G, S) columns and multiplied by
 the group's (Cout/G, k²·Cin/G) weights: one matmul per group. The kernel's gradient
-and the bias's are summed over the examples in VMEM-resident accumulators (the grid
-axis is sequential), then over devices. The input and the convolution live in float32
-scratch and the normalisation runs a lane tile at a time, so no (C, S) float32
-temporary outlives its chunk: the block fits the smallest VMEM of the TPUs listed in
-``hardware``.
+and the bias's are summed over the examples in VMEM-resident accumulators, then over
+devices; on a megacore chip the backward's leading "parallel" grid axis gives each
+TensorCore half the examples and accumulators of its own, summed after the call. The
+input and the convolution live in float32 scratch and the normalisation runs a lane
+tile at a time, so no (C, S) float32 temporary outlives its chunk: the block fits the
+smallest VMEM of the TPUs listed in ``hardware``.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from asda_jax import hardware, sharding
+from asda_jax.kernels import mlp
 from asda_jax.kernels.mlp import gelu_slope, normal_cdf
 
 LN_EPSILON = 1e-5  # the release's LayerNorm over the decoder's channels (no affine)
 
 
-def conv_block(x, kernel, bias, grid, *, groups, interpret=False):
+def conv_block(x, kernel, bias, grid, *, groups, cores=1, interpret=False):
     """gelu(LN(conv(x) + bias)) [+ x when the widths match] of channels-major ``x``
     (B, Cin, H·W) over a ``grid`` = (H, W) of patches; ``kernel`` (k, k, Cin/G, Cout)
-    in ``nn.Conv``'s layout, ``bias`` (Cout,): (B, Cout, H·W) in x's dtype."""
+    in ``nn.Conv``'s layout, ``bias`` (Cout,): (B, Cout, H·W) in x's dtype. The backward
+    splits a device's examples over its ``cores`` (``hardware.Chip.cores_per_device``)."""
     k, _, per_in, cout = kernel.shape
     if x.shape[1] != per_in * groups or cout % groups:
         raise ValueError(f"kernel {kernel.shape} does not take {x.shape[1]} channels in {groups}")
@@ -51,7 +54,8 @@ def conv_block(x, kernel, bias, grid, *, groups, interpret=False):
     weights = kernel.reshape(k * k, per_in, groups, cout // groups).transpose(2, 3, 0, 1)
     weights = weights.reshape(groups, cout // groups, k * k * per_in).astype(x.dtype)
     shifts, masks = tap_shifts_and_masks(grid, k)
-    return _block(x, weights, bias.astype(jnp.float32)[:, None], masks, shifts, interpret)
+    options = (shifts, cores, interpret)
+    return _block(x, weights, bias.astype(jnp.float32)[:, None], masks, options)
 
 
 def tap_shifts_and_masks(grid: tuple[int, int], k: int) -> tuple[tuple[int, ...], np.ndarray]:
@@ -71,18 +75,20 @@ def tap_shifts_and_masks(grid: tuple[int, int], k: int) -> tuple[tuple[int, ...]
     return tuple(shifts), np.stack(masks).astype(np.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _block(x, weights, bias, masks, shifts, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _block(x, weights, bias, masks, options):  # options: (shifts, cores, interpret)
+    shifts, _, interpret = options
     return _forward(x, weights, bias, masks, shifts, interpret)
 
 
-def _block_fwd(x, weights, bias, masks, shifts, interpret):
+def _block_fwd(x, weights, bias, masks, options):
+    shifts, _, interpret = options
     return _forward(x, weights, bias, masks, shifts, interpret), (x, weights, bias, masks)
 
 
-def _block_bwd(shifts, interpret, residuals, d_out):
+def _block_bwd(options, residuals, d_out):
     x, weights, bias, masks = residuals
-    dx, d_weights, d_bias = _backward(x, weights, bias, masks, d_out, shifts, interpret)
+    dx, d_weights, d_bias = _backward(x, weights, bias, masks, d_out, options)
     return dx, d_weights.astype(weights.dtype), d_bias, None
 
 
@@ -154,7 +160,7 @@ def _forward_kernel(x_ref, w_ref, b_ref, m_ref, out_ref, x32_ref, y_ref, *, shif
 def _backward_kernel(
     x_ref, w_ref, b_ref, m_ref, do_ref, dx_ref, dw_ref, db_ref, x32_ref, y_ref, *, shifts
 ):
-    @pl.when(pl.program_id(0) == 0)
+    @pl.when(pl.program_id(1) == 0)  # grid (core, example): each core's first example
     def _():
         dw_ref[...] = jnp.zeros_like(dw_ref)
         db_ref[...] = jnp.zeros_like(db_ref)
@@ -197,18 +203,27 @@ def _example(channels, size):  # one example's (C, S) block of a (B, C, S) array
     return pl.BlockSpec((None, channels, size), lambda b: (b, 0, 0))
 
 
-def _whole(shape):  # the same block at every step: weights, masks, accumulators
-    return pl.BlockSpec(shape, lambda b: (0,) * len(shape))
+def _whole(shape):  # the same block at every step: weights, masks
+    return pl.BlockSpec(shape, lambda *step: (0,) * len(shape))
 
 
-def _pallas(kernel, x, weights, out_shape, in_specs, out_specs, cost, semantics, interpret):
-    """One pass of ``kernel`` over the examples of this device's (B, C, S) arrays, with
-    float32 scratch for an example's input and its convolution (C, S) each."""
+def _core_example(channels, size, per_core):  # ``_example`` on the (core, example) grid
+    return pl.BlockSpec((None, channels, size), lambda c, b: (c * per_core + b, 0, 0))
+
+
+def _core_partial(shape):  # each core's own accumulator of a (cores, ...) array
+    return pl.BlockSpec((None, *shape[1:]), lambda c, b: (c,) + (0,) * (len(shape) - 1))
+
+
+def _pallas(kernel, x, weights, out_shape, in_specs, out_specs, cost, grid, semantics, interpret):
+    """One pass of ``kernel`` over ``grid`` (``semantics`` per axis) of this device's
+    (B, C, S) examples, with float32 scratch for an example's input and its convolution
+    (C, S) each."""
     _, channels, size = x.shape
     cout = weights.shape[0] * weights.shape[1]
     return pl.pallas_call(
         kernel,
-        grid=(x.shape[0],),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -217,7 +232,7 @@ def _pallas(kernel, x, weights, out_shape, in_specs, out_specs, cost, semantics,
             pltpu.VMEM((cout, size), jnp.float32),
         ],
         cost_estimate=cost,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=(semantics,)),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
         interpret=pltpu.InterpretParams() if interpret else False,
     )
 
@@ -246,7 +261,8 @@ def _forward(x, weights, bias, masks, shifts, interpret):  # -> (B, Cout, S)
             [_example(channels, size), *(_whole(a.shape) for a in (weights, bias, masks))],
             [_example(cout, size)],
             cost,
-            "parallel",
+            (batch,),
+            ("parallel",),
             interpret,
         )
         return call(x, weights, bias, masks)[0]
@@ -256,13 +272,18 @@ def _forward(x, weights, bias, masks, shifts, interpret):  # -> (B, Cout, S)
     return sharding.per_device(run, splits, by_example, check_vma=False)(x, weights, bias, masks)
 
 
-def _backward(x, weights, bias, masks, d_out, shifts, interpret):  # -> dx, dW, db (float32)
+def _backward(x, weights, bias, masks, d_out, options):  # -> dx, dW, db (float32)
+    shifts, cores, interpret = options
+
     def run(x, d_out, weights, bias, masks):
-        _, channels, size = x.shape
+        batch, channels, size = x.shape
+        split = mlp.cores_splitting(batch, cores)
+        per_core = batch // split
+        example = functools.partial(_core_example, size=size, per_core=per_core)
+        partials = [(split, *weights.shape), (split, *bias.shape)]
         out_shape = [
             jax.ShapeDtypeStruct(x.shape, x.dtype),
-            jax.ShapeDtypeStruct(weights.shape, jnp.float32),
-            jax.ShapeDtypeStruct(bias.shape, jnp.float32),
+            *(jax.ShapeDtypeStruct(p, jnp.float32) for p in partials),
         ]
         cost = pl.CostEstimate(
             flops=3 * _conv_flops(x, weights),  # the recomputed forward, dW and dx
@@ -275,16 +296,19 @@ def _backward(x, weights, bias, masks, d_out, shifts, interpret):  # -> dx, dW, 
             weights,
             out_shape,
             [
-                _example(channels, size),
+                example(channels),
                 *(_whole(a.shape) for a in (weights, bias, masks)),
-                _example(d_out.shape[1], size),
+                example(d_out.shape[1]),
             ],
-            [_example(channels, size), _whole(weights.shape), _whole(bias.shape)],
+            [example(channels), *map(_core_partial, partials)],
             cost,
-            "arbitrary",  # the dW and db accumulators are carried from example to example
+            (split, per_core),
+            # the dW and db accumulators are carried from example to example within a core
+            ("parallel", "arbitrary"),
             interpret,
         )
-        return tuple(call(x, weights, bias, masks, d_out))
+        dx, d_weights, d_bias = call(x, weights, bias, masks, d_out)
+        return dx, d_weights.sum(axis=0), d_bias.sum(axis=0)
 
     by_example, whole = sharding.split("batch"), sharding.WHOLE
     in_splits = (by_example, by_example, whole, whole, whole)

@@ -6,8 +6,11 @@ and stages it through on-chip memory, in the backward, where the MLP's input and
 are a fraction of that. Here a block of one example's rows and both weight matrices are
 in VMEM at once, so the hidden layer never leaves it: the backward recomputes it from x
 instead of saving anything, and the weight and bias gradients are summed in
-VMEM-resident float32 accumulators over a device's examples (the grid is sequential),
-then over devices.
+VMEM-resident float32 accumulators over a device's examples, then over devices. On a
+megacore chip (two TensorCores behind one device) the backward's leading grid axis is
+"parallel" and gives each core half the examples and its own accumulators, summed
+after the call: Mosaic splits only parallel axes over the cores, and the accumulating
+axes must stay sequential.
 
 The weights stay whole in VMEM, with their float32 gradients and the pipeline's
 buffers: the kernel asks for the chip's ``hardware.Chip.kernel_vmem_bytes``, and a
@@ -27,25 +30,29 @@ from jax.experimental.pallas import tpu as pltpu
 from asda_jax import sharding
 
 
-def mlp(x, w1, b1, w2, b2, *, vmem_bytes: int, interpret=False):
+def mlp(x, w1, b1, w2, b2, *, vmem_bytes: int, cores: int = 1, interpret=False):
     """fc2(gelu(fc1(x))) of ``x`` (B, T, D), ``w1`` (D, F), ``w2`` (F, D), biases (F,),
     (D,): (B, T, D) in x's dtype; products in the weights' dtype, sums in float32. The
-    kernel may use ``vmem_bytes`` of VMEM (the chip's ``kernel_vmem_bytes``)."""
+    kernel may use ``vmem_bytes`` of VMEM (the chip's ``kernel_vmem_bytes``); the
+    backward splits a device's examples over its ``cores`` (``cores_per_device``)."""
     bias1, bias2 = (b.astype(jnp.float32)[None] for b in (b1, b2))
-    return _mlp(x, w1.astype(x.dtype), bias1, w2.astype(x.dtype), bias2, (vmem_bytes, interpret))
+    options = (vmem_bytes, cores, interpret)
+    return _mlp(x, w1.astype(x.dtype), bias1, w2.astype(x.dtype), bias2, options)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _mlp(x, w1, b1, w2, b2, options):  # options: (VMEM bytes, interpret)
-    return _forward(x, w1, b1, w2, b2, *options)
+def _mlp(x, w1, b1, w2, b2, options):  # options: (VMEM bytes, cores, interpret)
+    vmem, _, interpret = options
+    return _forward(x, w1, b1, w2, b2, vmem, interpret)
 
 
 def _mlp_fwd(x, w1, b1, w2, b2, options):
-    return _forward(x, w1, b1, w2, b2, *options), (x, w1, b1, w2, b2)  # hidden recomputed
+    vmem, _, interpret = options
+    return _forward(x, w1, b1, w2, b2, vmem, interpret), (x, w1, b1, w2, b2)  # hidden recomputed
 
 
 def _mlp_bwd(options, residuals, d_out):
-    dx, dw1, db1, dw2, db2 = _backward(*residuals, d_out, *options)
+    dx, dw1, db1, dw2, db2 = _backward(*residuals, d_out, options)
     dtype = residuals[1].dtype  # the weights'
     return dx, dw1.astype(dtype), db1, dw2.astype(dtype), db2
 
@@ -79,7 +86,8 @@ def _backward_kernel(
     x_ref, w1_ref, b1_ref, w2_ref, b2_ref, do_ref, dx_ref, dw1_ref, db1_ref, dw2_ref, db2_ref,
     *, length,
 ):  # fmt: skip
-    @pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0))
+    # grid (core, example, block of rows): each core's accumulators start at its first step
+    @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0))
     def _():
         for ref in (dw1_ref, db1_ref, dw2_ref, db2_ref):
             ref[...] = jnp.zeros_like(ref)
@@ -87,7 +95,7 @@ def _backward_kernel(
     # rows past the sequence in its last block hold whatever was there: zeroed, they add
     # nothing to the weights' gradients
     rows = x_ref.shape[0]
-    position = pl.program_id(1) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+    position = pl.program_id(2) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
     inside = position < length
     x = jnp.where(inside, x_ref[...], jnp.zeros_like(x_ref[...]))
     d_out = jnp.where(inside, do_ref[...], jnp.zeros_like(do_ref[...]))
@@ -120,27 +128,43 @@ def _rows(x, rows):  # a block of ``rows`` of one example of a (B, T, D) array
     return pl.BlockSpec((None, rows, x.shape[2]), lambda b, r: (b, r, 0))
 
 
-def _whole(a):  # the same block at every step: weights, biases, accumulators
-    return pl.BlockSpec(a.shape, lambda b, r: (0,) * len(a.shape))
+def _whole(a):  # the same block at every step: weights, biases
+    return pl.BlockSpec(a.shape, lambda *step: (0,) * len(a.shape))
 
 
-def _pallas(kernel, inputs, out_shape, in_specs, out_specs, flops, semantics, vmem, interpret):
-    """``kernel`` over the examples of this device's (B, T, D) rows (``inputs[0]``) and
-    their blocks of rows."""
-    x = inputs[0]
+def _core_rows(x, rows, per_core):  # ``_rows`` on the (core, example, block) grid
+    return pl.BlockSpec((None, rows, x.shape[2]), lambda c, b, r: (c * per_core + b, r, 0))
+
+
+def _core_partial(a):  # each core's own accumulator of a (cores, ...) array
+    return pl.BlockSpec((None, *a.shape[1:]), lambda c, b, r: (c,) + (0,) * (len(a.shape) - 1))
+
+
+def _pallas(kernel, inputs, out_shape, in_specs, out_specs, grid, flops, semantics, vmem,
+            interpret):  # fmt: skip
+    """``kernel`` over ``grid`` (``semantics`` per axis), ``inputs[0]`` this device's
+    (B, T, D) rows."""
     moved = sum(a.size * a.dtype.itemsize for a in [*inputs, *out_shape])
     return pl.pallas_call(
         kernel,
-        grid=(x.shape[0], pl.cdiv(x.shape[1], rows_per_block(x.shape[1]))),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=moved),
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=(semantics, semantics), vmem_limit_bytes=vmem
-        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem),
         interpret=pltpu.InterpretParams() if interpret else False,
     )(*inputs)
+
+
+def _row_blocks(x) -> int:
+    return pl.cdiv(x.shape[1], rows_per_block(x.shape[1]))
+
+
+def cores_splitting(examples: int, cores: int) -> int:
+    """The cores a device's ``examples`` are split over: all where they divide evenly,
+    else one (an uneven split would leave a core idle for a step anyway)."""
+    return cores if examples % cores == 0 else 1
 
 
 def _matmul_flops(x, w1) -> int:  # one of the MLP's products over x's rows
@@ -156,8 +180,9 @@ def _forward(x, w1, b1, w2, b2, vmem, interpret):  # -> (B, T, D)
             [jax.ShapeDtypeStruct(x.shape, x.dtype)],
             [_rows(x, rows), *map(_whole, (w1, b1, w2, b2))],
             [_rows(x, rows)],
+            (x.shape[0], _row_blocks(x)),
             2 * _matmul_flops(x, w1),
-            "parallel",
+            ("parallel", "parallel"),
             vmem,
             interpret,
         )[0]
@@ -167,26 +192,33 @@ def _forward(x, w1, b1, w2, b2, vmem, interpret):  # -> (B, T, D)
     return sharding.per_device(run, splits, by_example, check_vma=False)(x, w1, b1, w2, b2)
 
 
-def _backward(x, w1, b1, w2, b2, d_out, vmem, interpret):  # -> dx, dW1, db1, dW2, db2 (float32)
+def _backward(x, w1, b1, w2, b2, d_out, options):  # -> dx, dW1, db1, dW2, db2 (float32)
+    vmem, cores, interpret = options
+
     def run(x, d_out, w1, b1, w2, b2):
         rows = rows_per_block(x.shape[1])
-        grads = [x, w1, b1, w2, b2]
-        out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)] + [
-            jax.ShapeDtypeStruct(g.shape, jnp.float32) for g in grads[1:]
-        ]
-        return tuple(
-            _pallas(
-                functools.partial(_backward_kernel, length=x.shape[1]),
-                [x, w1, b1, w2, b2, d_out],
-                out_shape,
-                [_rows(x, rows), *map(_whole, (w1, b1, w2, b2)), _rows(d_out, rows)],
-                [_rows(x, rows), *map(_whole, grads[1:])],
-                5 * _matmul_flops(x, w1),  # the recomputed fc1, dW2, dh, dW1, dx
-                "arbitrary",  # the gradients' accumulators are carried from example to example
-                vmem,
-                interpret,
-            )
+        split = cores_splitting(x.shape[0], cores)
+        per_core = x.shape[0] // split
+        weights = [w1, b1, w2, b2]
+        partials = [jax.ShapeDtypeStruct((split, *w.shape), jnp.float32) for w in weights]
+        dx, *summed = _pallas(
+            functools.partial(_backward_kernel, length=x.shape[1]),
+            [x, w1, b1, w2, b2, d_out],
+            [jax.ShapeDtypeStruct(x.shape, x.dtype), *partials],
+            [
+                _core_rows(x, rows, per_core),
+                *map(_whole, weights),
+                _core_rows(d_out, rows, per_core),
+            ],
+            [_core_rows(x, rows, per_core), *map(_core_partial, partials)],
+            (split, per_core, _row_blocks(x)),
+            5 * _matmul_flops(x, w1),  # the recomputed fc1, dW2, dh, dW1, dx
+            # the accumulators are carried from step to step within a core
+            ("parallel", "arbitrary", "arbitrary"),
+            vmem,
+            interpret,
         )
+        return dx, *(p.sum(axis=0) for p in summed)
 
     by_example, whole, summed = sharding.split("batch"), sharding.WHOLE, sharding.SUMMED
     in_splits = (by_example, by_example, whole, whole, whole, whole)

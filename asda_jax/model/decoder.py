@@ -83,13 +83,17 @@ def channels_last_block(x, kernel, bias, *, groups: int, form: str, dtype) -> ja
     return y + x if y.shape == x.shape else y
 
 
-def channels_major_block(x, kernel, bias, *, groups: int, interpret: bool, dtype) -> jax.Array:
-    """One block on (B, Cin, H, W) → (B, Cout, H, W), the whole block one Pallas kernel."""
+def channels_major_block(
+    x, kernel, bias, *, groups: int, cores: int, interpret: bool, dtype
+) -> jax.Array:
+    """One block on (B, Cin, H, W) → (B, Cout, H, W), the whole block one Pallas kernel
+    (its backward split over a device's ``cores``)."""
     batch, channels, height, width = x.shape
     flat = x.astype(dtype).reshape(batch, channels, height * width)
     y = decoder_kernel.conv_block(
-        flat, kernel.astype(dtype), bias, (height, width), groups=groups, interpret=interpret
-    )
+        flat, kernel.astype(dtype), bias, (height, width), groups=groups, cores=cores,
+        interpret=interpret,
+    )  # fmt: skip
     return y.reshape(batch, kernel.shape[-1], height, width)
 
 
@@ -127,6 +131,7 @@ class Decoder(nn.Module):
         if kernel_form:
             block = functools.partial(
                 channels_major_block, groups=c.decoder_groups, interpret=run.interpret_kernels,
+                cores=run.hardware.cores_per_device,
                 dtype=dtype,
             )  # fmt: skip
             x = grid.astype(dtype).transpose(0, 3, 1, 2)  # (B, D, Nt, Nf)

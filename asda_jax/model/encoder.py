@@ -264,7 +264,8 @@ class Mlp(nn.Module):
         if run.mlp == KERNEL_FORM:
             return mlp_kernel.mlp(
                 x.astype(dtype), w1, b1, w2, b2,
-                vmem_bytes=run.hardware.kernel_vmem_bytes, interpret=run.interpret_kernels,
+                vmem_bytes=run.hardware.kernel_vmem_bytes, cores=run.hardware.cores_per_device,
+                interpret=run.interpret_kernels,
             )  # fmt: skip
         return mlp(x, w1, b1, w2, b2, dtype)
 
