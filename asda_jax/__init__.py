@@ -42,7 +42,7 @@ LAYERS = (
     ),
     ("typed config blocks", ("config_lib", "recipes")),
     ("tasks", ("train_state", "pretraining", "finetuning")),
-    ("the loop", ("train_lib", "evaluation", "probe", "aot")),
+    ("the loop", ("selfcheck", "train_lib", "evaluation", "probe", "aot")),
     (
         "tools",
         (

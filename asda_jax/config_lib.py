@@ -15,6 +15,8 @@ so any field can be overridden as ``--config.<block>.<field>=value``:
     mesh, mesh_dcn, num_processes   sizes of the (data, fsdp, tensor) axes (one may be
                      -1), sizes across slices (multi-slice TPU), hosts expected (None: any)
     topology         the chips a mesh preset is for: launch/compile.py's default
+    selfcheck        the run's kernels against their XLA forms first: "auto" | "on" |
+                     "fastest" | "off" (asda_jax/selfcheck.py)
     and the loop's knobs: seed, num_train_steps, log_every, checkpoint_every, ...
 
 ``read`` turns it into a ``RunConfig`` for the chip of the devices in use, once: the
@@ -42,6 +44,9 @@ from asda_jax.data import datasets, pipeline
 from asda_jax.model import config as model_config
 
 TASKS = ("pretrain", "finetune", "linear_probe")
+# kernels checked against their XLA forms before a run (asda_jax/selfcheck.py): "auto"
+# where they run compiled (TPU, GPU), "fastest" also drops a kernel slower than its form
+SELFCHECK_MODES = ("auto", "on", "fastest", "off")
 EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(model_lib.Execution))
 
 
@@ -128,6 +133,7 @@ def run_config(
     config.mesh_dcn = preset.dcn
     config.num_processes = preset.processes
     config.topology = preset.compile_topology
+    config.selfcheck = "auto"
     config.seed = 0
     config.num_train_steps = 1000
     config.log_every = 100
@@ -165,6 +171,7 @@ class RunConfig:
     keep_checkpoints: int
     profile_steps: tuple[int, int] | None
     probe: dict | None  # {train_split, test_split}: a linear probe at the end
+    selfcheck: str = "auto"  # one of SELFCHECK_MODES
 
     @property
     def chip(self) -> hardware.Chip:
@@ -281,7 +288,10 @@ def read(config, chip: hardware.Chip) -> RunConfig:
         keep_checkpoints=config.keep_checkpoints,
         profile_steps=profile_steps(config.get("profile_steps"), config.num_train_steps),
         probe=dict(config.probe) if config.get("probe") else None,
+        selfcheck=config.get("selfcheck", "auto"),
     )
+    if run.selfcheck not in SELFCHECK_MODES:
+        raise ConfigError(f"selfcheck must be one of {SELFCHECK_MODES}, got {run.selfcheck!r}")
     if run.data.target_frames % run.model.patch_size:
         raise ConfigError(
             f"data.target_frames {run.data.target_frames} is not a multiple of the patch size "

@@ -35,6 +35,7 @@ from asda_jax import (
     hardware,
     optim,
     pretraining,
+    selfcheck,
     sharding,
     storage,
     throughput,
@@ -192,7 +193,9 @@ def train(config, workdir: str | os.PathLike) -> TrainResult:
     stage = storage.Stage(  # makes the workdir (or checks its bucket) first
         workdir, pull=(METRICS_FILE,) if jax.process_index() == 0 else ()
     )
-    run_config, task, mesh = validated_setup(config)
+    run_config, mesh = validated_setup(config)
+    run_config, checked = self_checked(run_config, mesh, workdir)
+    task = make_task(run_config)
     stats = pipeline.ReadStats()
     iterator = iter(pipeline.make_pipeline(task.data_cfg, train=True, stats=stats))
     ckpt = checkpoints.Checkpoints(workdir, max_to_keep=run_config.keep_checkpoints)
@@ -208,7 +211,7 @@ def train(config, workdir: str | os.PathLike) -> TrainResult:
         peak_flops=run_config.chip.peak_flops,
         production=batches.production,
     )
-    run = _Run(run_config, task, ckpt, MetricsLog(stage), stats, StopRequest(), clock)
+    run = _Run(run_config, task, ckpt, MetricsLog(stage), stats, StopRequest(), clock, checked)
     try:
         with sharding.activate(mesh):
             state = run.steps(state, train_state.jit_step(task, plan, mesh), batches, start, stage)
@@ -224,15 +227,56 @@ def train(config, workdir: str | os.PathLike) -> TrainResult:
     return TrainResult(state, task, mesh)
 
 
-def validated_setup(config) -> tuple[config_lib.RunConfig, Any, jax.sharding.Mesh]:
-    """(run config, task, mesh) of a config read for the devices present."""
+def validated_setup(config) -> tuple[config_lib.RunConfig, jax.sharding.Mesh]:
+    """(run config, mesh) of a config read for the devices present."""
     chip = hardware.of_devices(jax.devices())
     log_environment(chip)
     run = config_lib.validate(
         config, chip=chip, device_count=jax.device_count(), process_count=jax.process_count()
     )
-    mesh = sharding.make_mesh(run.mesh, dcn_shape=run.mesh_dcn)
-    return run, make_task(run), mesh
+    return run, sharding.make_mesh(run.mesh, dcn_shape=run.mesh_dcn)
+
+
+def self_checked(
+    run: config_lib.RunConfig, mesh: jax.sharding.Mesh, workdir: epath.Path
+) -> tuple[config_lib.RunConfig, dict[str, float]]:
+    """Where the run checks its kernels (``selfcheck.wanted``): each against its XLA form
+    on this host's devices, the report in the workdir, and the run with every kernel
+    that any host dropped replaced by its XLA form (all hosts must compile one
+    program); with the check's metrics. Elsewhere: the run as it is, no metrics."""
+    if not selfcheck.wanted(run):
+        return run, {}
+    checks = selfcheck.check_run(run, mesh)
+    logging.info("kernels against their XLA forms on %s:\n%s", run.chip.description,
+                 selfcheck.table(checks))  # fmt: skip
+    off = agreed_union(selfcheck.dropped(run, checks), selfcheck.KERNELS)
+    for c in checks:
+        if not c.agrees:
+            logging.error(
+                "the %s kernel (%s) disagrees with its XLA form at %s (forward error %.2g, "
+                "gradients %s; bounds %.2g, %.2g): this run uses the XLA form",
+                c.kernel, c.form, c.where, c.forward_error, c.gradient_error,
+                c.forward_bound, c.gradient_bound,
+            )  # fmt: skip
+        elif c.slower:
+            logging.warning(
+                "the %s kernel (%s) at %s takes %.3g ms, its XLA form %.3g ms%s", c.kernel,
+                c.form, c.where, c.kernel_ms, c.xla_ms,
+                ": dropped (selfcheck=fastest)" if c.kernel in off else "",
+            )  # fmt: skip
+    if jax.process_index() == 0:
+        report = selfcheck.report(checks, off, run.chip.description)
+        selfcheck.write_report(workdir, report)
+    return selfcheck.with_fallbacks(run, off), selfcheck.scalars(checks, off)
+
+
+def agreed_union(names: list[str], known: tuple[str, ...]) -> list[str]:
+    """The ``names`` (of ``known``) any process holds, the same list on every process."""
+    if jax.process_count() == 1:
+        return sorted(names)
+    mine = np.array([k in names for k in known])
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(known))
+    return [k for k, held in zip(known, every.any(axis=0), strict=True) if held]
 
 
 @dataclasses.dataclass
@@ -246,6 +290,7 @@ class _Run:
     stats: pipeline.ReadStats
     stop: StopRequest
     clock: throughput.StepClock
+    once: dict  # written with the first logged step's metrics (the self-check's)
 
     def steps(self, state, step_fn, batches, start: int, stage: storage.Stage):
         """Steps from ``start`` to the end (or a stop request); the final state. A
@@ -296,7 +341,8 @@ class _Run:
         self.task.check(step, values)
         if step % self.config.log_every == 0 or step == self.config.num_train_steps:
             skipped = {f"skipped/{r}": n for r, n in skipped_so_far(self.stats).items()}
-            self.log.write(step, values | skipped | self.clock.lap(step))
+            self.log.write(step, values | skipped | self.clock.lap(step) | self.once)
+            self.once = {}
 
     def close(self) -> None:
         self.stop.restore()

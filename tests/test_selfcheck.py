@@ -1,0 +1,189 @@
+"""The device self-check (asda_jax/selfcheck.py, launch/selfcheck.py) in interpret mode on
+CPU: the real kernels agree with their XLA forms; a kernel made wrong here is caught,
+and a run with it falls back to the XLA form, says so and trains as an XLA run does."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from asda_jax import aot, config_lib, hardware, selfcheck, sharding, train_lib
+from asda_jax.data import datasets
+from asda_jax.kernels import decoder as decoder_kernel
+from asda_jax.kernels import mlp as mlp_kernel
+from tests.train_helpers import ROOT, override, tiny_config
+
+KERNELS_INTERPRETED = {
+    "execution.interpret_kernels": True,
+    "execution.mlp_impl": "pallas",
+    "execution.decoder_conv_impl": "pallas",
+    "execution.attention_impl": "pallas_short",
+    "execution.dtype": "bfloat16",
+}
+
+
+def checked_run(config):
+    run = config_lib.validate(
+        config, chip=hardware.HOST, device_count=jax.device_count(), process_count=1,
+        require_files=False,
+    )  # fmt: skip
+    return run, selfcheck.check_run(run, sharding.make_mesh(run.mesh), timed_calls=1)
+
+
+def by_kernel(checks) -> dict[str, list[selfcheck.Check]]:
+    found: dict[str, list] = {}
+    for c in checks:
+        found.setdefault(c.kernel, []).append(c)
+    return found
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("data"))
+    datasets.prepare("synthetic", root, clips_per_class=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def interpreted_config(data_dir):
+    return tiny_config(data_dir, **KERNELS_INTERPRETED)
+
+
+def test_the_real_kernels_agree_with_their_xla_forms_in_bfloat16(interpreted_config):
+    run, checks = checked_run(interpreted_config)
+    found = by_kernel(checks)
+    # the student (2 clones of one clip per device, 7 tokens) and the teacher (33 tokens)
+    # through the short attention and the MLP kernel; the decoder's one block width
+    assert [c.where for c in found["attention"]] == ["student 2×7, 4 heads of 16",
+                                                     "teacher 1×33, 4 heads of 16"]  # fmt: skip
+    # the lengths and backends the run's own step takes, traced
+    traced = aot.lower_step(interpreted_config, jax.devices()).attention_choices
+    assert traced == ((7, "pallas_short"), (33, "pallas_short"))
+    assert [c.form for c in found["attention"]] == ["pallas_short"] * 2
+    assert len(found["mlp"]) == 2 and len(found["decoder"]) == 1
+    for c in checks:
+        assert c.agrees, c
+        assert c.dtype == "bfloat16" and (c.forward_bound, c.gradient_bound) == (2e-2, 5e-2)
+        assert c.forward_error < c.forward_bound
+        assert c.kernel_ms > 0 and c.xla_ms > 0
+    # the student's passes are differentiated, the teacher's are not
+    assert [c.gradient_error is None for c in found["mlp"]] == [False, True]
+    assert selfcheck.dropped(run, checks) == []
+    assert selfcheck.with_fallbacks(run, []) is run
+
+
+def test_a_run_on_xla_forms_only_checks_nothing(tmp_path):
+    config = tiny_config(str(tmp_path), **{"execution.dtype": "bfloat16"})
+    run, checks = checked_run(config)  # the CPU's forms: no kernel at all
+    assert checks == [] and run.execution.mlp == "xla"
+    assert not selfcheck.wanted(run)  # "auto" on a CPU
+    assert selfcheck.wanted(dataclasses.replace(run, execution=run.execution, selfcheck="on"))
+
+
+def flipped_weight_gradient(backward):
+    """The MLP kernel's backward with dW1's sign flipped."""
+
+    def wrong(*args):
+        dx, dw1, db1, dw2, db2 = backward(*args)
+        return dx, -dw1, db1, dw2, db2
+
+    return wrong
+
+
+def dropped_tail_block(forward):
+    """The decoder kernel's forward with its last example's block never written."""
+    return lambda *args: forward(*args).at[-1].set(0)
+
+
+def test_a_wrong_sign_in_a_backward_is_caught(interpreted_config, monkeypatch):
+    monkeypatch.setattr(mlp_kernel, "_backward", flipped_weight_gradient(mlp_kernel._backward))
+    run, checks = checked_run(interpreted_config)
+    found = by_kernel(checks)
+    student, teacher = found["mlp"]
+    assert student.forward_error < student.forward_bound  # the forward is right
+    assert student.gradient_error > 1.0  # dW1 off by twice its size
+    assert not student.agrees and teacher.agrees  # the teacher takes no gradient
+    assert all(c.agrees for c in found["attention"] + found["decoder"])
+    assert selfcheck.dropped(run, checks) == ["mlp"]
+
+
+def test_a_dropped_tail_block_is_caught(interpreted_config, monkeypatch):
+    monkeypatch.setattr(decoder_kernel, "_forward", dropped_tail_block(decoder_kernel._forward))
+    run, checks = checked_run(interpreted_config)
+    (decoder,) = by_kernel(checks)["decoder"]
+    assert decoder.forward_error > 0.5 and not decoder.agrees
+    assert selfcheck.dropped(run, checks) == ["decoder"]
+    fallback = selfcheck.with_fallbacks(run, ["decoder"])
+    assert fallback.execution.decoder_conv == "xla" and fallback.execution.mlp == "pallas"
+
+
+def test_fastest_drops_a_kernel_slower_than_its_xla_form(interpreted_config):
+    run = config_lib.read(override(interpreted_config.copy_and_resolve_references(),
+                                   {"selfcheck": "fastest"}), hardware.HOST)  # fmt: skip
+    check = lambda kernel, ms: selfcheck.Check(
+        kernel, "pallas", "", "bfloat16", 0.0, 0.0, 2e-2, 5e-2, kernel_ms=ms, xla_ms=1.0
+    )
+    checks = [check("mlp", 2.0), check("decoder", 0.5)]
+    assert selfcheck.dropped(run, checks) == ["mlp"]
+    assert selfcheck.dropped(dataclasses.replace(run, selfcheck="on"), checks) == []
+    with pytest.raises(config_lib.ConfigError, match="selfcheck must be one of"):
+        config_lib.read(override(interpreted_config.copy_and_resolve_references(),
+                                 {"selfcheck": "sometimes"}), hardware.HOST)  # fmt: skip
+
+
+def final_params(workdir, config):
+    state, task, _ = train_lib.train(config, workdir)
+    return task, jax.tree.map(np.asarray, state.params)
+
+
+@pytest.mark.train
+def test_a_run_with_a_wrong_kernel_falls_back_and_trains_as_an_xla_run(
+    data_dir, tmp_path, monkeypatch, caplog
+):
+    data = data_dir
+    mlp_only = {
+        "execution.interpret_kernels": True, "execution.dtype": "bfloat16",
+        "num_train_steps": 3, "checkpoint_every": 3,
+    }  # fmt: skip
+    xla_task, xla = final_params(
+        tmp_path / "xla", tiny_config(data, **mlp_only, **{"execution.mlp_impl": "xla"})
+    )
+    monkeypatch.setattr(mlp_kernel, "_backward", flipped_weight_gradient(mlp_kernel._backward))
+    config = tiny_config(data, **mlp_only, **{"execution.mlp_impl": "pallas", "selfcheck": "on"})
+    task, params = final_params(tmp_path / "checked", config)
+    assert task.run.mlp == "xla" == xla_task.run.mlp  # fell back
+    jax.tree.map(np.testing.assert_array_equal, params, xla)  # as the XLA run trained
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("mlp kernel (pallas) disagrees" in m and "uses the XLA form" in m for m in said)
+    report = json.loads((tmp_path / "checked" / "selfcheck.json").read_text())
+    assert report["dropped"] == ["mlp"] and report["device"] == "cpu"
+    assert [r["agrees"] for r in report["checks"] if r["kernel"] == "mlp"] == [False, True]
+    first = json.loads((tmp_path / "checked" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["selfcheck/mlp_agrees"] == 0.0 and first["selfcheck/dropped"] == 1.0
+    assert np.isfinite(first["loss"])
+
+
+@pytest.mark.subprocess
+def test_launch_selfcheck_reports_and_exits_by_the_verdict(tmp_path):
+    out = tmp_path / "report.json"
+    flags = [f"--config.{k}={v}" for k, v in KERNELS_INTERPRETED.items() if "attention" not in k]
+    command = [
+        sys.executable, str(ROOT / "launch" / "selfcheck.py"),
+        "--config=configs/demo.py:model=tiny",
+        "--config.data.target_frames=64", "--config.mask.clone_batch=2",
+        "--config.pretrain.average_top_k_layers=2", *flags, f"--json={out}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "mlp" in done.stdout and "agrees" in done.stdout
+    report = json.loads(out.read_text())
+    assert {r["kernel"] for r in report["checks"]} == {"mlp", "decoder"} and not report["dropped"]
+    bad = subprocess.run(
+        [*command[:3], "--config.selfcheck=never"], cwd=ROOT, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "selfcheck must be one of" in bad.stderr
