@@ -15,8 +15,9 @@ convolution is a roll of the lanes by dy·W + dx with the out-of-grid positions
 masked. Per group the taps are stacked into (k²·Cin/G, S) columns and multiplied by
 the group's (Cout/G, k²·Cin/G) weights: one matmul per group. The kernel's gradient
 and the bias's are summed over the examples in VMEM-resident accumulators, then over
-devices; on a megacore chip the backward's leading "parallel" grid axis gives each
-TensorCore half the examples and accumulators of its own, summed after the call. The
+devices; where a device holds two cores (``hardware.Chip.cores_per_device``) the
+backward's leading "parallel" grid axis gives each core half the examples and
+accumulators of its own, summed after the call. The
 input and the convolution live in float32 scratch and the normalisation runs a lane
 tile at a time, so no (C, S) float32 temporary outlives its chunk: the block fits the
 smallest VMEM of the TPUs listed in ``hardware``.

@@ -6,11 +6,11 @@ and stages it through on-chip memory, in the backward, where the MLP's input and
 are a fraction of that. Here a block of one example's rows and both weight matrices are
 in VMEM at once, so the hidden layer never leaves it: the backward recomputes it from x
 instead of saving anything, and the weight and bias gradients are summed in
-VMEM-resident float32 accumulators over a device's examples, then over devices. On a
-megacore chip (two TensorCores behind one device) the backward's leading grid axis is
-"parallel" and gives each core half the examples and its own accumulators, summed
-after the call: Mosaic splits only parallel axes over the cores, and the accumulating
-axes must stay sequential.
+VMEM-resident float32 accumulators over a device's examples, then over devices. Where
+a device holds two cores (``hardware.Chip.cores_per_device``) the backward's leading
+grid axis is "parallel" and gives each core half the examples and its own
+accumulators, summed after the call: Mosaic splits only parallel axes over the cores,
+and the accumulating axes must stay sequential.
 
 The weights stay whole in VMEM, with their float32 gradients and the pipeline's
 buffers: the kernel asks for the chip's ``hardware.Chip.kernel_vmem_bytes``, and a
