@@ -138,7 +138,8 @@ def decoder_calls(run, devices, keys) -> list[Call]:
     height, width = objectives.grid_shape(run.data.target_frames, cfg)
     groups, k = cfg.decoder_groups, cfg.decoder_kernel
     calls = []
-    for cin in sorted({cfg.embed_dim, cfg.decoder_dim}):  # the first block's, then the rest's
+    # each block input width: the first block's (embed_dim) and the others' (decoder_dim)
+    for cin in sorted({cfg.embed_dim, cfg.decoder_dim}):
         keys_ = jax.random.split(next(keys), 3)
         fan_in = cin // groups * k * k
         inputs = (
@@ -282,13 +283,9 @@ def check_run(
     device (the kernels run per device; called outside ``sharding.activate``), each
     form's time the median of ``timed_calls``."""
     dtype = jnp.dtype(run.execution.compute_dtype).name
-    calls = run_calls(run, sharding.data_parallel_size(mesh) * _slices(run))
+    # a multi-slice mesh's data axes already span every slice
+    calls = run_calls(run, sharding.data_parallel_size(mesh))
     return [check_call(c, dtype, timed_calls) for c in calls]
-
-
-def _slices(run: config_lib.RunConfig) -> int:
-    dcn = run.mesh_dcn or {}
-    return dcn.get("data", 1) * dcn.get("fsdp", 1)
 
 
 # ---------------------------------------------------------------------------- acting
