@@ -35,12 +35,15 @@ import types
 import typing
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from ml_collections import config_dict
 
 from asda_jax import checkpoints, hardware, masking, objectives, optim, sharding
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline
+from asda_jax.kernels import decoder as decoder_kernel
 from asda_jax.model import config as model_config
 
 TASKS = ("pretrain", "finetune", "linear_probe")
@@ -302,7 +305,40 @@ def read(config, chip: hardware.Chip) -> RunConfig:
             f"pretrain.average_top_k_layers {run.pretrain.average_top_k_layers} must be in "
             f"1..{run.model.depth}"
         )
-    return run
+    return _decoder_form_that_fits(run) if pretraining else run
+
+
+def decoder_kernel_vmem(run: RunConfig) -> int:
+    """The VMEM the decoder kernel's widest block needs at this run's patch grid."""
+    cfg = run.model
+    return decoder_kernel.vmem_bytes(
+        channels=max(cfg.embed_dim, cfg.decoder_dim),
+        cout=cfg.decoder_dim,
+        positions=math.prod(objectives.grid_shape(run.data.target_frames, cfg)),
+        groups=cfg.decoder_groups,
+        k=cfg.decoder_kernel,
+        itemsize=jnp.dtype(run.execution.compute_dtype).itemsize,
+    )
+
+
+def _decoder_form_that_fits(run: RunConfig) -> RunConfig:
+    """The decoder kernel holds an example's whole patch grid in VMEM: where the chip
+    lends a kernel less than that grid needs, the "auto" form is the XLA one (logged),
+    and the kernel asked for by name is refused."""
+    budget, ex = run.chip.kernel_vmem_bytes, run.execution
+    if ex.decoder_conv != model_config.KERNEL_FORM or budget is None:
+        return run
+    if (need := decoder_kernel_vmem(run)) <= budget:
+        return run
+    why = (
+        f"the decoder kernel needs about {need / 2**20:.0f} MiB of VMEM at "
+        f"{run.data.target_frames} frames, more than the {budget / 2**20:.0f} MiB "
+        f"a {run.chip.name} kernel may use"
+    )
+    if ex.decoder_conv_impl != "auto":
+        raise ConfigError(f"{why}; set execution.decoder_conv_impl=xla or fewer frames")
+    logging.info("%s: the decoder runs XLA's form", why)
+    return dataclasses.replace(run, execution=dataclasses.replace(ex, decoder_conv_impl="xla"))
 
 
 # ---------------------------------------------------------------------------- validating
@@ -364,6 +400,7 @@ def _validate_mesh(run: RunConfig, device_count: int, process_count: int) -> Non
         )
     for what, size, axis, width in (
         ("embed_dim", run.model.embed_dim, "fsdp", fsdp),
+        ("decoder_dim", run.model.decoder_dim, "fsdp", fsdp),
         ("num_heads", run.model.num_heads, "tensor", tensor),
         ("mlp width", run.model.mlp_dim, "tensor", tensor),
     ):

@@ -152,7 +152,7 @@ def decoder_calls(run, devices, keys) -> list[Call]:
             w,
             b,
             groups=groups,
-            cores=run.chip.cores_per_device,
+            chip=run.chip,
             interpret=run.execution.interpret_kernels,
             dtype=dtype,
         )

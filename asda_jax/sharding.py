@@ -133,22 +133,56 @@ def current_mesh_spec(logical_axes: Sequence[str | None]) -> P | None:
 class Split:
     """How one array of a per-device function lies over the mesh: split along the mesh
     axes the active rules give its dims' logical ``names`` (none: whole on every
-    device), or, for an output, each device's partial sum over its own examples."""
+    device), or, ``summed``, an output that is each device's partial sum over its own
+    examples (see ``_summed_over_batch``)."""
 
     names: tuple[str | None, ...] = ()
     summed: bool = False
 
 
 WHOLE = Split()
-SUMMED = Split(summed=True)  # summed over the batch axes on the way out
 
 
 def split(*names: str | None) -> Split:
     return Split(names)
 
 
+def summed(*names: str | None) -> Split:
+    """A partial sum over a device's examples (a weight gradient) that leaves summed
+    over the batch axes, laid out as its dims' logical ``names`` say (the parameter's)."""
+    return Split(names, summed=True)
+
+
 def _is_split(x) -> bool:
     return isinstance(x, Split)
+
+
+def _axes(entry) -> tuple[str, ...]:  # one PartitionSpec entry as a tuple of mesh axes
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _summed_spec(s: Split) -> P:
+    """Where a summed output lies: along the batch axes its names map to, replicated
+    over the other axes (every rank of those computed the same whole sum)."""
+    batch = _axes(current_mesh_spec(("batch",))[0])
+    spec = current_mesh_spec(s.names) if s.names else P()
+    return P(*(tuple(a for a in _axes(entry) if a in batch) or None for entry in spec))
+
+
+def _summed_over_batch(partial: jax.Array, s: Split) -> jax.Array:
+    """A device's partial sum summed over every batch axis: reduce-scattered along the
+    dims laid out over a batch axis (an FSDP-sharded parameter's gradient: each device
+    receives only its own shard, as XLA's form of the same gradient does, and fewer
+    bytes cross the slower links than in a whole all-reduce), all-reduced over the rest.
+    The sum runs in the partial's dtype: float32, the parameters' own."""
+    batch = _axes(current_mesh_spec(("batch",))[0])
+    scattered: list[str] = []
+    for dim, entry in enumerate(_summed_spec(s)):
+        if axes := _axes(entry):
+            partial = jax.lax.psum_scatter(partial, axes, scatter_dimension=dim, tiled=True)
+            scattered += axes
+    rest = tuple(a for a in batch if a not in scattered)
+    return jax.lax.psum(partial, rest) if rest else partial
 
 
 def per_device(fn: Callable, in_splits, out_splits, *, check_vma: bool = True) -> Callable:
@@ -161,15 +195,16 @@ def per_device(fn: Callable, in_splits, out_splits, *, check_vma: bool = True) -
     (they carry no rule for which mesh axes their results vary over)."""
     if jax.sharding.get_abstract_mesh().empty:
         return fn
-    batch_axes = current_mesh_spec(("batch",))[0]
 
     def spec(s: Split) -> P:
-        return P() if s.summed or not s.names else current_mesh_spec(s.names)
+        if s.summed:
+            return _summed_spec(s)
+        return current_mesh_spec(s.names) if s.names else P()
 
     def body(*args):
         outs = fn(*args)
         return jax.tree.map(
-            lambda s, o: jax.lax.psum(o, batch_axes) if s.summed else o,
+            lambda s, o: _summed_over_batch(o, s) if s.summed else o,
             out_splits,
             outs,
             is_leaf=_is_split,

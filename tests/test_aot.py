@@ -20,6 +20,7 @@ import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
 
 from asda_jax import aot, attention, config_lib, hardware, sharding, train_lib
+from asda_jax.kernels import decoder as decoder_kernel
 from benchmarks import hlo
 from tests.train_helpers import ROOT, load_config
 
@@ -265,6 +266,47 @@ def test_tensor_parallelism_is_refused_for_the_kernels_that_would_repeat_work_pe
         validate("configs/finetune_as20k.py")  # no decoder in fine-tuning
     run = validate("configs/pretrain_as2m.py", mlp_impl="xla", decoder_conv_impl="xla")
     assert run.mesh["tensor"] == 2 and run.execution.mlp == "xla"
+
+
+def test_a_decoder_grid_beyond_the_chips_kernel_vmem_takes_the_xla_form():
+    """The decoder kernel holds an example's whole grid: 10 s (64 × 8 patches) fits
+    v4's 16 MiB, 20 s does not (the compiler's own count: BENCHMARKS.md) and
+    takes XLA's form on v4 but not on v5p's 64 MiB; asked for by name it is refused."""
+
+    def read(chip, frames, **execution):
+        config = load_config("configs/pretrain_as2m.py", "mesh=v5e-8")
+        config.data.target_frames = frames
+        config.execution.update(execution)
+        return config_lib.read(config, hardware.chip(chip))
+
+    v4_budget = hardware.chip("v4").kernel_vmem_bytes
+    ten_seconds, twenty_seconds = read("v4", 1024), read("v4", 2048)
+    assert ten_seconds.execution.decoder_conv == "pallas"
+    assert config_lib.decoder_kernel_vmem(ten_seconds) <= v4_budget
+    assert twenty_seconds.execution.decoder_conv == "xla"
+    assert config_lib.decoder_kernel_vmem(twenty_seconds) > v4_budget
+    assert read("v5p", 2048).execution.decoder_conv == "pallas"
+    assert read("v4", 2048, dtype="float32").execution.decoder_conv == "xla"
+    with pytest.raises(config_lib.ConfigError, match=r"needs about 26 MiB of VMEM at 2048 frames"):
+        read("v4", 2048, decoder_conv_impl="pallas")
+    finetuning = load_config("configs/finetune_as20k.py", "mesh=v5e-8")
+    finetuning.data.target_frames = 2048  # no decoder: nothing to decide
+    assert config_lib.read(finetuning, hardware.chip("v4")).execution.decoder_conv_impl == "auto"
+
+
+def test_the_decoder_backward_splits_over_the_cores_only_where_vmem_holds_the_split():
+    """At base size (768 channels, 64 × 8 patches, bfloat16) v4's 16 MiB holds one core's
+    blocks but not the two cores' split (the compiler ran out of VMEM there), v5p's
+    64 MiB holds both; an odd batch stays on one core whatever the VMEM."""
+    base = dict(cout=768, groups=16, k=3, itemsize=2)
+    per_device = (192, 768, 512)
+    v4, v5p = (hardware.chip(name).kernel_vmem_bytes for name in ("v4", "v5p"))
+    one_core = decoder_kernel.vmem_bytes(768, 768, 512, 16, 3, 2)
+    assert one_core <= v4 < decoder_kernel.vmem_bytes(768, 768, 512, 16, 3, 2, cores=2)
+    assert decoder_kernel.backward_cores(per_device, **base, cores=2, vmem=v4) == 1
+    assert decoder_kernel.backward_cores(per_device, **base, cores=2, vmem=v5p) == 2
+    assert decoder_kernel.backward_cores((191, 768, 512), **base, cores=2, vmem=v5p) == 1
+    assert decoder_kernel.backward_cores(per_device, **base, cores=2, vmem=None) == 2
 
 
 def test_the_preset_batch_is_the_recipe_where_it_splits_else_whole_clips_per_chip():

@@ -15,12 +15,16 @@ convolution is a roll of the lanes by dy·W + dx with the out-of-grid positions
 masked. Per group the taps are stacked into (k²·Cin/G, S) columns and multiplied by
 the group's (Cout/G, k²·Cin/G) weights: one matmul per group. The kernel's gradient
 and the bias's are summed over the examples in VMEM-resident accumulators, then over
-devices; where a device holds two cores (``hardware.Chip.cores_per_device``) the
-backward's leading "parallel" grid axis gives each core half the examples and
-accumulators of its own, summed after the call. The
-input and the convolution live in float32 scratch and the normalisation runs a lane
-tile at a time, so no (C, S) float32 temporary outlives its chunk: the block fits the
-smallest VMEM of the TPUs listed in ``hardware``.
+devices (in the parameters' layout, reduce-scattered where FSDP shards them). Where a
+device holds two cores (``hardware.Chip.cores_per_device``) the backward's leading
+"parallel" grid axis gives each core half the examples and accumulators of its own,
+summed after the call, where the chip's VMEM holds the split (``backward_cores``).
+
+The input and the convolution live in float32 scratch and the normalisation runs a
+lane tile at a time, so no (C, S) float32 temporary outlives its chunk. An example's
+whole grid is one block, so VMEM bounds the grid: the kernel asks for the chip's
+``hardware.Chip.kernel_vmem_bytes``, and ``vmem_bytes`` estimates what a grid needs
+(``config_lib`` sends a pretraining grid that does not fit to the XLA form).
 """
 
 from __future__ import annotations
@@ -41,22 +45,68 @@ from asda_jax.kernels.mlp import gelu_slope, normal_cdf
 LN_EPSILON = 1e-5  # the release's LayerNorm over the decoder's channels (no affine)
 
 
-def conv_block(x, kernel, bias, grid, *, groups, cores=1, interpret=False):
+def conv_block(x, kernel, bias, grid, *, groups, vmem_bytes=None, cores=1, interpret=False):
     """gelu(LN(conv(x) + bias)) [+ x when the widths match] of channels-major ``x``
     (B, Cin, H·W) over a ``grid`` = (H, W) of patches; ``kernel`` (k, k, Cin/G, Cout)
-    in ``nn.Conv``'s layout, ``bias`` (Cout,): (B, Cout, H·W) in x's dtype. The backward
-    splits a device's examples over its ``cores`` (``hardware.Chip.cores_per_device``)."""
+    in ``nn.Conv``'s layout, ``bias`` (Cout,): (B, Cout, H·W) in x's dtype. The kernel
+    may use ``vmem_bytes`` of VMEM (the chip's ``kernel_vmem_bytes``; None: Mosaic's
+    default); the backward splits a device's examples over its ``cores``
+    (``hardware.Chip.cores_per_device``)."""
     k, _, per_in, cout = kernel.shape
     if x.shape[1] != per_in * groups or cout % groups:
         raise ValueError(f"kernel {kernel.shape} does not take {x.shape[1]} channels in {groups}")
     if x.shape[2] != math.prod(grid):
         raise ValueError(f"{x.shape[2]} positions are not a {grid} grid")
-    # (k, k, i, G·o) -> (G, o, k²·i): row o of group g, column tap·i + channel
-    weights = kernel.reshape(k * k, per_in, groups, cout // groups).transpose(2, 3, 0, 1)
-    weights = weights.reshape(groups, cout // groups, k * k * per_in).astype(x.dtype)
     shifts, masks = tap_shifts_and_masks(grid, k)
-    options = (shifts, cores, interpret)
-    return _block(x, weights, bias.astype(jnp.float32)[:, None], masks, options)
+    options = (shifts, groups, vmem_bytes, cores, interpret)
+    return _block(x, kernel.astype(x.dtype), bias.astype(jnp.float32)[:, None], masks, options)
+
+
+def vmem_bytes(
+    channels: int, cout: int, positions: int, groups: int, k: int, itemsize: int, cores: int = 1
+) -> int:
+    """An estimate of the VMEM one example's backward holds (the larger pass) for a
+    block of ``channels`` in, ``cout`` out over ``positions`` in ``itemsize``-byte
+    activations: its double-buffered blocks (input, output gradient, input gradient,
+    weights, masks, float32 weight-gradient accumulators), the two float32 (C, S)
+    scratch planes, one group's columns with their float32 gradient, and where the
+    examples are split over ``cores`` the input-sized float32 plane per extra core that
+    the compiler adds; a tenth more for the compiler's own temporaries (the estimate
+    and the compiler's count are compared in BENCHMARKS.md)."""
+    width = k * k * channels // groups  # a group's columns
+    blocks = (
+        (2 * channels + cout) * positions * itemsize
+        + cout * width * (itemsize + 4)
+        + k * k * positions * 4
+        + cout * hardware.LANES * 4  # the bias gradient, one lane tile wide
+    )
+    scratch = (channels + cout) * positions * 4
+    columns = width * positions * (itemsize + 4 + 4)
+    per_core = (cores - 1) * channels * positions * 4
+    return int(1.1 * (2 * blocks + scratch + columns + per_core))
+
+
+def backward_cores(x_shape, cout: int, groups: int, k: int, itemsize: int, cores: int, vmem):
+    """Over how many of a device's ``cores`` the backward splits its (B, C, S) examples:
+    all of them where the split's blocks fit the kernel's ``vmem`` (None: no bound),
+    else one (a device's examples on one core fit where the kernel was chosen)."""
+    split = mlp.cores_splitting(x_shape[0], cores)
+    _, channels, positions = x_shape
+    need = vmem_bytes(channels, cout, positions, groups, k, itemsize, split)
+    return split if vmem is None or need <= vmem else 1
+
+
+def _grouped(kernel, groups: int):  # (k, k, i, G·o) -> (G, o, k²·i)
+    """The kernel as each group's matrix: row o of group g, column tap·i + channel."""
+    k, _, per_in, cout = kernel.shape
+    weights = kernel.reshape(k * k, per_in, groups, cout // groups).transpose(2, 3, 0, 1)
+    return weights.reshape(groups, cout // groups, k * k * per_in)
+
+
+def _ungrouped(weights, k: int):  # (G, o, k²·i) -> (k, k, i, G·o), ``_grouped``'s inverse
+    groups, per_out, width = weights.shape
+    columns = weights.reshape(groups, per_out, k * k, width // (k * k)).transpose(2, 3, 0, 1)
+    return columns.reshape(k, k, width // (k * k), groups * per_out)
 
 
 def tap_shifts_and_masks(grid: tuple[int, int], k: int) -> tuple[tuple[int, ...], np.ndarray]:
@@ -77,20 +127,21 @@ def tap_shifts_and_masks(grid: tuple[int, int], k: int) -> tuple[tuple[int, ...]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _block(x, weights, bias, masks, options):  # options: (shifts, cores, interpret)
-    shifts, _, interpret = options
-    return _forward(x, weights, bias, masks, shifts, interpret)
+def _block(x, kernel, bias, masks, options):  # (shifts, groups, VMEM, cores, interpret)
+    shifts, groups, vmem, _, interpret = options
+    return _forward(x, kernel, bias, masks, (shifts, groups, vmem, interpret))
 
 
-def _block_fwd(x, weights, bias, masks, options):
-    shifts, _, interpret = options
-    return _forward(x, weights, bias, masks, shifts, interpret), (x, weights, bias, masks)
+def _block_fwd(x, kernel, bias, masks, options):
+    shifts, groups, vmem, _, interpret = options
+    out = _forward(x, kernel, bias, masks, (shifts, groups, vmem, interpret))
+    return out, (x, kernel, bias, masks)
 
 
 def _block_bwd(options, residuals, d_out):
-    x, weights, bias, masks = residuals
-    dx, d_weights, d_bias = _backward(x, weights, bias, masks, d_out, options)
-    return dx, d_weights.astype(weights.dtype), d_bias, None
+    x, kernel, bias, masks = residuals
+    dx, d_kernel, d_bias = _backward(x, kernel, bias, masks, d_out, options)
+    return dx, d_kernel.astype(kernel.dtype), d_bias, None
 
 
 _block.defvjp(_block_fwd, _block_bwd)
@@ -216,10 +267,11 @@ def _core_partial(shape):  # each core's own accumulator of a (cores, ...) array
     return pl.BlockSpec((None, *shape[1:]), lambda c, b: (c,) + (0,) * (len(shape) - 1))
 
 
-def _pallas(kernel, x, weights, out_shape, in_specs, out_specs, cost, grid, semantics, interpret):
+def _pallas(kernel, x, weights, out_shape, in_specs, out_specs, cost, grid, semantics, options):
     """One pass of ``kernel`` over ``grid`` (``semantics`` per axis) of this device's
     (B, C, S) examples, with float32 scratch for an example's input and its convolution
-    (C, S) each."""
+    (C, S) each; ``options`` = (VMEM limit, interpret)."""
+    vmem, interpret = options
     _, channels, size = x.shape
     cout = weights.shape[0] * weights.shape[1]
     return pl.pallas_call(
@@ -233,7 +285,7 @@ def _pallas(kernel, x, weights, out_shape, in_specs, out_specs, cost, grid, sema
             pltpu.VMEM((cout, size), jnp.float32),
         ],
         cost_estimate=cost,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem),
         interpret=pltpu.InterpretParams() if interpret else False,
     )
 
@@ -243,11 +295,13 @@ def _conv_flops(x, weights) -> int:  # one pass of the grouped convolution over 
     return 2 * x.shape[0] * x.shape[2] * groups * per_out * width
 
 
-def _forward(x, weights, bias, masks, shifts, interpret):  # -> (B, Cout, S)
-    cout = weights.shape[0] * weights.shape[1]
+def _forward(x, kernel, bias, masks, options):  # -> (B, Cout, S)
+    shifts, groups, vmem, interpret = options
+    cout = kernel.shape[3]
 
-    def run(x, weights, bias, masks):
+    def run(x, kernel, bias, masks):
         batch, channels, size = x.shape
+        weights = _grouped(kernel, groups)
         out = jax.ShapeDtypeStruct((batch, cout, size), x.dtype)
         cost = pl.CostEstimate(
             flops=_conv_flops(x, weights),
@@ -264,21 +318,24 @@ def _forward(x, weights, bias, masks, shifts, interpret):  # -> (B, Cout, S)
             cost,
             (batch,),
             ("parallel",),
-            interpret,
+            (vmem, interpret),
         )
         return call(x, weights, bias, masks)[0]
 
     by_example, whole = sharding.split("batch"), sharding.WHOLE
     splits = (by_example, whole, whole, whole)
-    return sharding.per_device(run, splits, by_example, check_vma=False)(x, weights, bias, masks)
+    return sharding.per_device(run, splits, by_example, check_vma=False)(x, kernel, bias, masks)
 
 
-def _backward(x, weights, bias, masks, d_out, options):  # -> dx, dW, db (float32)
-    shifts, cores, interpret = options
+def _backward(x, kernel, bias, masks, d_out, options):  # -> dx, d_kernel, d_bias (float32)
+    shifts, groups, vmem, cores, interpret = options
 
-    def run(x, d_out, weights, bias, masks):
+    def run(x, d_out, kernel, bias, masks):
         batch, channels, size = x.shape
-        split = mlp.cores_splitting(batch, cores)
+        weights = _grouped(kernel, groups)
+        split = backward_cores(
+            x.shape, kernel.shape[3], groups, kernel.shape[0], x.dtype.itemsize, cores, vmem
+        )
         per_core = batch // split
         example = functools.partial(_core_example, size=size, per_core=per_core)
         partials = [(split, *weights.shape), (split, *bias.shape)]
@@ -306,14 +363,19 @@ def _backward(x, weights, bias, masks, d_out, options):  # -> dx, dW, db (float3
             (split, per_core),
             # the dW and db accumulators are carried from example to example within a core
             ("parallel", "arbitrary"),
-            interpret,
+            (vmem, interpret),
         )
         dx, d_weights, d_bias = call(x, weights, bias, masks, d_out)
-        return dx, d_weights.sum(axis=0), d_bias.sum(axis=0)
+        return dx, _ungrouped(d_weights.sum(axis=0), kernel.shape[0]), d_bias.sum(axis=0)
 
     by_example, whole = sharding.split("batch"), sharding.WHOLE
     in_splits = (by_example, by_example, whole, whole, whole)
-    out_splits = (by_example, sharding.SUMMED, sharding.SUMMED)
+    # the gradients leave laid out as the parameters are (``model.decoder.DecoderBlock``)
+    out_splits = (
+        by_example,
+        sharding.summed("conv_time", "conv_freq", "conv_in", "embed"),
+        sharding.summed("embed", None),
+    )
     return sharding.per_device(run, in_splits, out_splits, check_vma=False)(
-        x, d_out, weights, bias, masks
+        x, d_out, kernel, bias, masks
     )

@@ -6,7 +6,8 @@ and stages it through on-chip memory, in the backward, where the MLP's input and
 are a fraction of that. Here a block of one example's rows and both weight matrices are
 in VMEM at once, so the hidden layer never leaves it: the backward recomputes it from x
 instead of saving anything, and the weight and bias gradients are summed in
-VMEM-resident float32 accumulators over a device's examples, then over devices. Where
+VMEM-resident float32 accumulators over a device's examples, then over devices
+(reduce-scattered where FSDP shards the weights: ``sharding.summed``). Where
 a device holds two cores (``hardware.Chip.cores_per_device``) the backward's leading
 grid axis is "parallel" and gives each core half the examples and its own
 accumulators, summed after the call: Mosaic splits only parallel axes over the cores,
@@ -220,9 +221,16 @@ def _backward(x, w1, b1, w2, b2, d_out, options):  # -> dx, dW1, db1, dW2, db2 (
         )
         return dx, *(p.sum(axis=0) for p in summed)
 
-    by_example, whole, summed = sharding.split("batch"), sharding.WHOLE, sharding.SUMMED
+    by_example, whole, summed = sharding.split("batch"), sharding.WHOLE, sharding.summed
     in_splits = (by_example, by_example, whole, whole, whole, whole)
-    out_splits = (by_example, summed, summed, summed, summed)
+    # each weight's gradient leaves laid out as the weight is (``model.encoder.Mlp``)
+    out_splits = (
+        by_example,
+        summed("embed", "mlp"),
+        summed(None, "mlp"),
+        summed("mlp", "embed"),
+        summed(None, "embed"),
+    )
     return sharding.per_device(run, in_splits, out_splits, check_vma=False)(
         x, d_out, w1, b1, w2, b2
     )

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from asda_jax import sharding
+from asda_jax import hardware, sharding
 from asda_jax.kernels import decoder as decoder_kernel
 from asda_jax.model.config import (
     GROUPED_CONV_FORMS,
@@ -84,15 +84,15 @@ def channels_last_block(x, kernel, bias, *, groups: int, form: str, dtype) -> ja
 
 
 def channels_major_block(
-    x, kernel, bias, *, groups: int, cores: int, interpret: bool, dtype
+    x, kernel, bias, *, groups: int, chip: hardware.Chip, interpret: bool, dtype
 ) -> jax.Array:
     """One block on (B, Cin, H, W) → (B, Cout, H, W), the whole block one Pallas kernel
-    (its backward split over a device's ``cores``)."""
+    in the VMEM ``chip`` lends a kernel (its backward split over the device's cores)."""
     batch, channels, height, width = x.shape
     flat = x.astype(dtype).reshape(batch, channels, height * width)
     y = decoder_kernel.conv_block(
-        flat, kernel.astype(dtype), bias, (height, width), groups=groups, cores=cores,
-        interpret=interpret,
+        flat, kernel.astype(dtype), bias, (height, width), groups=groups,
+        vmem_bytes=chip.kernel_vmem_bytes, cores=chip.cores_per_device, interpret=interpret,
     )  # fmt: skip
     return y.reshape(batch, kernel.shape[-1], height, width)
 
@@ -131,8 +131,7 @@ class Decoder(nn.Module):
         if kernel_form:
             block = functools.partial(
                 channels_major_block, groups=c.decoder_groups, interpret=run.interpret_kernels,
-                cores=run.hardware.cores_per_device,
-                dtype=dtype,
+                chip=run.hardware, dtype=dtype,
             )  # fmt: skip
             x = grid.astype(dtype).transpose(0, 3, 1, 2)  # (B, D, Nt, Nf)
         else:
