@@ -76,6 +76,22 @@ def test_the_real_kernels_agree_with_their_xla_forms_in_bfloat16(interpreted_con
     assert selfcheck.with_fallbacks(run, []) is run
 
 
+def test_a_multi_slice_mesh_checks_one_devices_share_of_the_batch(interpreted_config, monkeypatch):
+    """Two slices of four v5e devices (libtpu's abstract ones): a device's share is the
+    batch over all eight, as the hybrid mesh's data axis spans the slices."""
+    devices = aot.abstract_devices("v5e:2x2", num_slices=2)
+    mesh = sharding.make_mesh(sharding.DATA_PARALLEL, devices, dcn_shape={"data": 2})
+    run = config_lib.read(interpreted_config, hardware.HOST)
+    run = dataclasses.replace(run, data=dataclasses.replace(run.data, batch_size=16))
+    seen = []
+    monkeypatch.setattr(selfcheck, "check_call", lambda call, *_: seen.append(call))
+    selfcheck.check_run(run, mesh)
+    student, teacher = (c.inputs[0].shape[0] for c in seen if c.kernel == "mlp")
+    assert (student, teacher) == (16 // 8 * run.mask.clone_batch, 16 // 8)
+    (decoder,) = (c.inputs[0].shape[0] for c in seen if c.kernel == "decoder")
+    assert decoder == student
+
+
 def test_a_run_on_xla_forms_only_checks_nothing(tmp_path):
     config = tiny_config(str(tmp_path), **{"execution.dtype": "bfloat16"})
     run, checks = checked_run(config)  # the CPU's forms: no kernel at all
