@@ -280,39 +280,51 @@ def test_the_kernels_backward_split_over_two_cores_sums_to_one_cores():
         np.testing.assert_array_equal(got, want)  # three examples: one core, the same program
 
 
-def test_the_mlp_kernels_weight_gradients_reach_fsdp_shards_by_reduce_scatter():
-    """Under a (data 2, fsdp 4) mesh the MLP kernel's weight gradients equal XLA's
-    form's, leave its per-device program reduce-scattered over ``fsdp`` (each device
-    gets its own shard of the parameter's gradient, as the parameter is laid out) and
-    all-reduced only over ``data``; no whole weight gradient is all-reduced. (The
-    decoder kernel, interpreted under this mesh on CPU, did not finish: not run here.)"""
-    cfg = model_lib.preset("tiny")  # embed 192: 48 per fsdp rank
+def test_the_kernels_weight_gradients_reach_fsdp_shards_by_reduce_scatter():
+    """Under a (data 2, fsdp 4) mesh both kernels' weight gradients equal XLA's forms',
+    leave their per-device programs reduce-scattered over ``fsdp`` (each device gets
+    its own shard of the parameter's gradient, as the parameter is laid out) and
+    all-reduced only over ``data``; no whole weight gradient is all-reduced."""
+    cfg = model_lib.preset("tiny")  # embed 192 (48 per fsdp rank), decoder 64 (16)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     x = jax.random.normal(jax.random.key(0), (8, 12, cfg.embed_dim))
+    grid = x.reshape(8, 4, 3, cfg.embed_dim)
     weights = jax.random.normal(jax.random.key(1), x.shape)
 
-    def grads_and_program(mlp_impl):
-        run = model_lib.Execution(interpret_kernels=True, dtype="float32", mlp_impl=mlp_impl)
-        module = model_lib.Mlp(cfg, run)
-        boxed = module.init(jax.random.key(2), x)["params"]
+    def grads_and_program(module_class, inputs, **forms):
+        run = model_lib.Execution(interpret_kernels=True, dtype="float32", **forms)
+        module = module_class(cfg, run)
+        boxed = module.init(jax.random.key(2), inputs)["params"]
         shardings = sharding.logical_shardings(boxed, mesh)
         params = jax.device_put(nn.unbox(boxed), shardings)
-        loss = lambda p: jnp.sum(module.apply({"params": p}, x) * weights)
+        loss = lambda p: jnp.sum(module.apply({"params": p}, inputs).reshape(x.shape) * weights)
         with sharding.activate(mesh):
             step = jax.jit(jax.grad(loss))
-            sharded = sum("fsdp" in tuple(s.spec) for s in jax.tree.leaves(shardings))
-            return step(params), step.lower(params).as_text(), sharded
+            # finished before anything else is dispatched (model.Execution.interpret_kernels)
+            return jax.block_until_ready(step(params)), step.lower(params).as_text(), shardings
+
+    def kernels_layouts(shardings, kernels_modules):  # the specs of what a kernel computes
+        leaves = jax.tree_util.tree_leaves_with_path(shardings)
+        return [s.spec for path, s in leaves if path[0].key.startswith(kernels_modules)]
 
     everywhere, data_only = "[[0, 1, 2, 3, 4, 5, 6, 7]]", "[[0, 4], [1, 5], [2, 6], [3, 7]]"
-    got, program, sharded = grads_and_program("pallas")
-    want, _, _ = grads_and_program("xla")
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
-    reductions = [line for line in program.splitlines() if "stablehlo.all_reduce" in line]
-    assert sharded > 0 and program.count("stablehlo.reduce_scatter") == sharded
-    assert sum(data_only in line for line in reductions) == sharded  # then over data
-    whole = sum(everywhere in line for line in reductions)  # the unsharded bias
-    assert whole == len(jax.tree.leaves(got)) - sharded == len(reductions) - sharded
+    for module_class, inputs, kernel, xla, kernels_modules in (
+        (model_lib.Mlp, x, {"mlp_impl": "pallas"}, {"mlp_impl": "xla"}, "fc"),
+        # the decoder's final projection is XLA's, partitioned after lowering
+        (model_lib.Decoder, grid, {"decoder_conv_impl": "pallas"}, {"decoder_conv_impl": "xla"},
+         "blocks_"),
+    ):  # fmt: skip
+        got, program, shardings = grads_and_program(module_class, inputs, **kernel)
+        want, _, _ = grads_and_program(module_class, inputs, **xla)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
+        layouts = kernels_layouts(shardings, kernels_modules)
+        sharded = sum("fsdp" in tuple(spec) for spec in layouts)
+        reductions = [line for line in program.splitlines() if "stablehlo.all_reduce" in line]
+        assert sharded > 0 and program.count("stablehlo.reduce_scatter") == sharded
+        assert sum(data_only in line for line in reductions) == sharded  # then over data
+        whole = sum(everywhere in line for line in reductions)  # unsharded biases
+        assert whole == len(layouts) - sharded == len(reductions) - sharded
 
 
 def test_mlp_kernel_blocks_of_rows_cover_the_sequence_in_whole_tiles():

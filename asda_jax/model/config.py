@@ -92,7 +92,10 @@ class Execution:
 
     A form asked for by name runs or the config is refused: a Pallas kernel runs on a
     TPU, or anywhere with ``interpret_kernels`` (which switches every kernel to
-    interpret mode: the tests' way of running them on CPU)."""
+    interpret mode: the tests' way of running them on CPU). On several devices wait for
+    an interpreted step to finish before dispatching other JAX work: JAX's TPU
+    interpreter runs JAX operations inside its callbacks, and those deadlock against
+    operations dispatched meanwhile to the devices the step holds."""
 
     chip: str = "cpu"
     dtype: str = "auto"  # compute dtype; parameters stay float32
