@@ -124,6 +124,8 @@ def run_config(
     config.task = task
     config.model = model_block(model)
     config.execution = block(model_lib.Execution, exclude=("chip",))
+    if task in preset.remat:
+        config.execution.remat_policy = preset.remat[task]
     if task == "pretrain":
         config.mask = block(masking.MaskConfig)
         config.pretrain = block(objectives.PretrainConfig)

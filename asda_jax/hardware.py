@@ -313,6 +313,9 @@ class MeshPreset:
     processes: int | None
     topology: str | None = None  # "v5e:2x4": chip and chip grid; GPUs as "h100:1x1x8"
     dcn: dict | None = None
+    # task -> Execution.remat_policy, where the task's recipe batch fits the chips' HBM
+    # only with its blocks rematerialised (the numbers stay the same; the step does more)
+    remat: dict = dataclasses.field(default_factory=dict)
 
     @property
     def devices(self) -> int | None:
@@ -350,7 +353,9 @@ MESH_PRESETS = {
     "v6e-8": MeshPreset("tpu", DATA_PARALLEL, 1, "v6e:2x4"),
     "v6e-256": MeshPreset("tpu", DATA_PARALLEL, 64, "v6e:16x16"),
     # Colab's single-chip TPUs
-    "v5e-1": MeshPreset("tpu", DATA_PARALLEL, 1, "v5e:1x1"),
+    # one v5e chip (16 GiB) holds base pretraining's 48 clips only with remat: without it
+    # the step needs about 30 GB (as on one v6e chip)
+    "v5e-1": MeshPreset("tpu", DATA_PARALLEL, 1, "v5e:1x1", remat={"pretrain": "full"}),
     "v6e-1": MeshPreset("tpu", DATA_PARALLEL, 1, "v6e:1x1"),
     # Ironwood, named by TensorCores (= devices) as v4's and v5p's slices are
     "tpu7x-8": MeshPreset("tpu", DATA_PARALLEL, 1, "tpu7x:2x2x1"),  # 4 chips, 1 host

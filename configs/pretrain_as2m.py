@@ -3,7 +3,8 @@
     python launch/train.py --config=configs/pretrain_as2m.py:mesh=v4-32 --workdir=...
 
 Arguments (after the colon): ``mesh`` (a preset of hardware.MESH_PRESETS: cpu, gpu,
-gpu_fsdp, v4-8, v4-32, v5e-8, v5e-32, v5e-256, v5p-128, 2x-v5e-256), ``model`` (base,
+gpu_fsdp, v4-8, v4-32, v5e-8, v5e-32, v5e-256, v5p-128, 2x-v5e-256, v6e-8, v6e-256,
+tpu7x-8, tpu7x-128, v5e-1, v6e-1), ``model`` (base,
 small, tiny), ``data_dir``. Everything else is overridable as --config.block.field=...
 
 The recipe (docs/method.md) is the defaults of the config blocks: 48 clips per
@@ -13,6 +14,7 @@ update × 16 clones, inverse block masks keeping 102 of 512 patches, EMA teacher
 divide 48 clips rounds the batch up to whole clips per chip (v5e-32 and v5p-128: 64,
 v5e-256: 256, 2x-v5e-256: 512; ``hardware.MeshPreset.batch_for``), the learning rate
 unchanged: scale ``--config.optim.lr`` with the batch if you want the linear rule.
+``v5e-1`` (one 16 GiB chip) rematerialises every block (``MeshPreset.remat``).
 """
 
 from asda_jax import config_lib

@@ -161,6 +161,24 @@ def test_every_preset_batch_splits_into_whole_clips_over_its_chips(preset, path,
     )
 
 
+def test_only_a_preset_whose_chips_cannot_hold_a_task_rematerialises_it():
+    """One v5e chip (16 GiB) holds base pretraining's 48 clips only with every block
+    rematerialised (BENCHMARKS.md: about 30 GB without, 11.8 GB with); its fine-tunings
+    fit as they are, and no other preset changes the recipe's execution."""
+    tasks = {"pretrain": "configs/pretrain_as2m.py", "as2m": "configs/finetune_as2m.py"}
+    tasks["as20k"] = "configs/finetune_as20k.py"
+    for preset in hardware.MESH_PRESETS:
+        for task, path in tasks.items():
+            policy = load_config(path, f"mesh={preset}").execution.remat_policy
+            want = "full" if (preset, task) == ("v5e-1", "pretrain") else "none"
+            assert policy == want, (preset, task)
+    # a flag still overrides the preset's rule
+    config = load_config("configs/pretrain_as2m.py", "mesh=v5e-1")
+    config.execution.remat_policy = "dots"
+    run = config_lib.read(config, hardware.chip("v5e"))
+    assert run.execution.remat_policy == "dots"
+
+
 @needs_libtpu
 def test_every_tpu_preset_has_its_devices_and_hosts_and_resolves_to_its_chip_row():
     """As a TPU VM's JAX shows them: a v4's two TensorCores are one device, a TPU7x's
