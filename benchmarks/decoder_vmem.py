@@ -68,9 +68,12 @@ def compile_block(topology: str, positions: int, per_device: int, cores: int, li
 
 
 def libtpu_need(message: str) -> str:
-    """'needs 17.23 MiB' from libtpu's "Used 17.23M of 16.00M vmem", else the message's head."""
-    used = re.search(r"Used ([\d.]+)M of ([\d.]+)M vmem", message)
-    return f"needs {used.group(1)} MiB" if used else f"failed: {message[:120]}"
+    """'needs 17.23 MiB' from libtpu's refusal ("Used 17.23M of 16.00M vmem", or "Scoped
+    allocation with size 15.35M and limit 15.00M"), else the message's first line."""
+    used = re.search(r"Used ([\d.]+)M of [\d.]+M vmem|allocation with size ([\d.]+)M", message)
+    if used:
+        return f"needs {used.group(1) or used.group(2)} MiB"
+    return f"failed: {message.splitlines()[0][:120]}"
 
 
 def main() -> None:
