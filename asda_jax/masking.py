@@ -13,9 +13,12 @@ Pure functions of a PRNG key, so the same key gives the same mask on any device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from asda_jax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,14 @@ def clone_masks(
     """
     rows = batch * cfg.clone_batch
     kept = jax.vmap(lambda k: kept_patches(k, grid, cfg))(jax.random.split(key, rows))
-    num_patches = grid[0] * grid[1]
-    masked = jnp.ones((rows, num_patches), bool).at[jnp.arange(rows)[:, None], kept].set(False)
-    return kept.astype(jnp.int32), masked
+    kept = kept.astype(jnp.int32)
+    # per device over its own rows: the partitioner may otherwise gather every row's
+    # indices to scatter them whole on each device
+    unkept = functools.partial(_masked_of, num_patches=grid[0] * grid[1])
+    by_row = sharding.split("batch")
+    return kept, sharding.per_device(unkept, (by_row,), by_row)(kept)
+
+
+def _masked_of(kept: jax.Array, num_patches: int) -> jax.Array:  # (R, K) -> (R, L) bool
+    rows = kept.shape[0]
+    return jnp.ones((rows, num_patches), bool).at[jnp.arange(rows)[:, None], kept].set(False)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import masking
+from asda_jax import masking, sharding
 from asda_jax import model as model_lib
 
 
@@ -140,7 +140,11 @@ def student_forward(
     enc = {"params": params["encoder"]}
     patches = encoder.apply(enc, spec, method=model_lib.Encoder.embed)  # (B, L, D)
     patches = jnp.repeat(patches, clones, axis=0)  # (B·C, L, D), clone-minor
-    visible = jnp.take_along_axis(patches, kept[..., None], axis=1)  # (B·C, K, D)
+    by_row = sharding.split("batch")
+    # each device picks and places its own rows: left to the partitioner, a gather by
+    # indices may all-gather every device's rows and compute it whole on each
+    pick = lambda rows, kept: jnp.take_along_axis(rows, kept[..., None], axis=1)
+    visible = sharding.per_device(pick, (by_row, by_row), by_row)(patches, kept)  # (B·C, K, D)
     out = encoder.apply(
         enc,
         visible,
@@ -150,7 +154,7 @@ def student_forward(
         rngs={"dropout": dropout_key},
     )
     grid = grid_shape(spec.shape[1], encoder.cfg)
-    full = decoder_input(out.tokens[:, 1:], kept, noise)
+    full = sharding.per_device(decoder_input, (by_row,) * 3, by_row)(out.tokens[:, 1:], kept, noise)
     predictions = decoder.apply(
         {"params": params["decoder"]}, full.reshape(-1, *grid, full.shape[-1])
     )

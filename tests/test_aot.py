@@ -258,6 +258,9 @@ def test_the_new_chips_compile_the_pretraining_step_with_the_kernels(
     splash = {"splash"} if choices == SPLASH_TEACHER else set()
     assert kernels == {"attention", "mlp", "decoder"} | splash
     assert rep.analytic_flops <= rep.compiler_flops and 0 < rep.mfu <= 1
+    # data parallelism: the masks are drawn where their clips lie, so no device gathers
+    # another's kept patches (Ironwood's program once all-gathered them)
+    assert {c["kind"] for c in program_of(step).collectives} <= {"all-reduce"}
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused():
