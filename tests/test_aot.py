@@ -258,8 +258,8 @@ def test_the_new_chips_compile_the_pretraining_step_with_the_kernels(
     splash = {"splash"} if choices == SPLASH_TEACHER else set()
     assert kernels == {"attention", "mlp", "decoder"} | splash
     assert rep.analytic_flops <= rep.compiler_flops and 0 < rep.mfu <= 1
-    # data parallelism: the masks are drawn where their clips lie, so no device gathers
-    # another's kept patches (Ironwood's program once all-gathered them)
+    # data parallelism: each device masks, picks and places its own clips' patches
+    # (objectives.student_forward), so no device gathers another's kept patches
     assert {c["kind"] for c in program_of(step).collectives} <= {"all-reduce"}
 
 
