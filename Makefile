@@ -12,7 +12,8 @@ WORKDIR ?= workdirs/demo
 REAL_AUDIO_WORK ?= workdirs/real_audio
 
 FAST := not subprocess and not compile and not notebook and not train
-# pytest-xdist workers; each takes whole test modules, so a module fixture is built once.
+# pytest-xdist workers; each takes whole test modules, so a module fixture is built once,
+# in tests/conftest.py's order (the longest first), not xdist's (the most tests first).
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint format real-audio
@@ -44,7 +45,7 @@ format: $(BIN)/.dev
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15 tests
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=10 -m "$(FAST)" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=10 -m "$(FAST)" tests
