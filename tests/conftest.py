@@ -24,7 +24,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="asda-jax-cache-"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="asda-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
@@ -70,7 +71,7 @@ LONGEST_MODULES_FIRST = (
 
 
 def module_rank(item) -> int:
-    name = item.module.__name__.rsplit(".", 1)[-1]
+    name = item.path.stem
     return (
         LONGEST_MODULES_FIRST.index(name)
         if name in LONGEST_MODULES_FIRST
