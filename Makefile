@@ -15,6 +15,7 @@ FAST := not subprocess and not compile and not notebook and not train
 # pytest-xdist workers; each takes whole test modules, so a module fixture is built once,
 # in tests/conftest.py's order (the longest first), not xdist's (the most tests first).
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 .PHONY: demo test test-fast lint format real-audio
 
@@ -45,7 +46,7 @@ format: $(BIN)/.dev
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15 tests
+	$(PYTEST) --durations=15 tests
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=10 -m "$(FAST)" tests
+	$(PYTEST) --durations=10 -m "$(FAST)" tests
