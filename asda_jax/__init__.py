@@ -50,6 +50,7 @@ LAYERS = (
             "embeddings",
             "file_probe",
             "timeline",
+            "streaming",
             "hear",
             "torch_import",
             "hf_weights",

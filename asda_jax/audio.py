@@ -138,19 +138,35 @@ def read_blocks(path: str | os.PathLike, block_seconds: float = 60.0) -> Iterato
         raise AudioError(f"{name}: no such file", "missing")
     try:
         with _opened(path) as handle, sf.SoundFile(handle) as f:
-            rate = f.samplerate
-            stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1)
-            size = max(1, round(block_seconds * rate))
+            to_mono_16k = MonoResampler(f.samplerate)
+            size = max(1, round(block_seconds * f.samplerate))
             for block in f.blocks(blocksize=size, dtype="float32", always_2d=True):
-                mono = block.mean(axis=1)  # (N, channels) -> (N,)
-                out = mono if stream is None else stream.resample_chunk(mono, last=False)
-                yield _finite(out, name)
-            if stream is not None:
-                yield _finite(stream.resample_chunk(np.zeros(0, np.float32), last=True), name)
+                yield _finite(to_mono_16k(block), name)
+            yield _finite(to_mono_16k.flush(), name)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
         raise AudioError(f"{name}: unreadable audio ({e})", "unreadable") from e
+
+
+class MonoResampler:
+    """Consecutive blocks of (N, channels) float samples at ``rate`` as mono float32 at
+    16 kHz: channels mixed down by their mean, then soxr's streaming resampler (none at
+    16 kHz), so that the blocks' outputs, joined, do not depend on where the blocks were
+    cut. ``flush`` returns what the resampler still holds at the end."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1)
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:  # (N, channels) -> (N',)
+        mono = block.mean(axis=1, dtype=np.float32)
+        return mono if self.stream is None else self.stream.resample_chunk(mono, last=False)
+
+    def flush(self) -> np.ndarray:
+        if self.stream is None:
+            return np.zeros(0, np.float32)
+        return self.stream.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 def _opened(source: str | os.PathLike | bytes):

@@ -98,14 +98,18 @@ class Embedder:
 
     def of_windows(self, stream: Iterable[windows.Window]) -> Iterator[WindowOutput]:
         for batch in windows.batches(stream, self.batch_size):
-            yield from self._encoded(batch)
+            yield from self.encode_batch(batch)
 
-    def _encoded(self, batch: list[windows.Window]) -> list[WindowOutput]:
+    def encode_batch(
+        self, batch: list[windows.Window], rows: int | None = None
+    ) -> list[WindowOutput]:
+        """Window outputs of up to ``batch_size`` windows, in one call of ``rows`` rows
+        (default: ``windows.padded_rows``)."""
         patch = self.cfg.patch_size
         lengths = [-(-w.num_frames // patch) * patch for w in batch]  # whole patches
         bucket = BUCKET_PATCHES * patch
         frames = min(-(-max(lengths) // bucket) * bucket, self.windowing.frames)
-        size = windows.padded_rows(len(batch), self.batch_size)
+        size = rows or windows.padded_rows(len(batch), self.batch_size)
         spec = np.zeros((size, frames, self.cfg.num_mel_bins), np.float32)
         for row, w in enumerate(batch):
             spec[row] = w.spectrogram[:frames]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import json
 import os
@@ -23,10 +22,12 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 from asda_jax import checkpoints, config_lib, hardware, objectives, sharding, storage
 from asda_jax import model as model_lib
+from asda_jax.data import datasets
 
 
 def saved_config(workdir: str | os.PathLike) -> dict:
@@ -156,9 +157,17 @@ def _loaded(encoder: model_lib.Encoder, params, inputs: ModelInput) -> LoadedEnc
     return LoadedEncoder(encode, encoder.cfg, encoder.run, inputs)
 
 
-def load_classifier(path: str | os.PathLike, step: int | None = None):
-    """(classify, ModelInput) of a fine-tuning workdir or a classifier export;
-    ``classify`` maps (B, T, F) spectrograms to (B, C) scores (softmax or sigmoid)."""
+class LoadedClassifier(NamedTuple):
+    classify: object  # (B, T, F) spectrograms[, (B,) frame lengths] -> (B, C) scores, jitted
+    cfg: model_lib.ModelConfig
+    input: ModelInput  # what it was trained on, with its class count
+
+
+def load_classifier(path: str | os.PathLike, step: int | None = None) -> LoadedClassifier:
+    """The classifier of a fine-tuning workdir or a classifier export, computing in this
+    chip's forms; ``classify(spec, frame_lengths)`` maps (B, T, F) spectrograms to (B, C) scores
+    (softmax or sigmoid), masking the tokens past each row's real frames, rounded up to
+    whole time patches (None: every token is real)."""
     description = describe(path)
     if description.head is None:
         raise checkpoints.CheckpointMismatch(
@@ -170,9 +179,34 @@ def load_classifier(path: str | os.PathLike, step: int | None = None):
     classifier = model_lib.Classifier(cfg, num_classes, description.head["pooling"], run=here())
     params = checkpoints.restore_item(item, prefix, _params_target(classifier, cfg))
     squash = jax.nn.softmax if description.head["scores"] == "softmax" else jax.nn.sigmoid
-    scores = jax.jit(lambda params, spec: squash(classifier.apply({"params": params}, spec)))
-    classify = functools.partial(scores, params)  # parameters as an argument: see load_encoder
-    return classify, dataclasses.replace(description.input, num_classes=num_classes)
+
+    @jax.jit  # the parameters are an argument: see _loaded
+    def scores(params, spec, frame_lengths):
+        return squash(classifier.apply({"params": params}, spec, frame_lengths))
+
+    def classify(spec, frame_lengths=None):
+        if frame_lengths is not None:  # a part patch at the end counts as real, as in extract
+            frame_lengths = -(-np.asarray(frame_lengths) // cfg.patch_size) * cfg.patch_size
+        return scores(params, spec, frame_lengths)
+
+    inputs = dataclasses.replace(description.input, num_classes=num_classes)
+    return LoadedClassifier(classify, cfg, inputs)
+
+
+def class_names(inputs: ModelInput, labels: str | os.PathLike | None = None) -> list[str]:
+    """A classifier's display names: from ``labels`` (a label CSV), else its run's
+    prepared dataset, else AudioSet's for a model that says it was trained on them."""
+    if labels:
+        names = read_label_names(labels)
+    elif inputs.dataset is not None:
+        names = datasets.load(inputs.dataset, inputs.data_dir).class_names
+    elif inputs.labels == "audioset":
+        names = audioset_label_names()
+    else:
+        raise ValueError("this checkpoint does not name its classes: pass --labels")
+    if len(names) != inputs.num_classes:
+        raise ValueError(f"{len(names)} label names for a head of {inputs.num_classes} classes")
+    return names
 
 
 AUDIOSET_LABELS = epath.resource_path("asda_jax.data") / "audioset_labels.csv"

@@ -66,6 +66,21 @@ def hop_frames(seconds: float, opts: audio.FbankOptions = audio.RELEASE_FBANK) -
     return max(1, round(seconds * opts.sample_rate / opts.window_shift))
 
 
+def window_frames(
+    seconds: float, patch: int, limit: int, opts: audio.FbankOptions = audio.RELEASE_FBANK
+) -> int:
+    """A window given in seconds as whole time patches of ``patch`` frames (the encoder
+    reads no part of a patch), the nearest count, from one patch to ``limit`` frames."""
+    if seconds <= 0:
+        raise ValueError(f"a window must be longer than 0 s, got {seconds}")
+    frames = seconds * opts.sample_rate / opts.window_shift
+    patches = max(1, int(frames / patch + 0.5))  # half a patch rounds up
+    if patches * patch > limit:
+        longest = limit * opts.window_shift / opts.sample_rate
+        raise ValueError(f"a window of {seconds} s is longer than the model's input ({longest} s)")
+    return patches * patch
+
+
 class Window(NamedTuple):
     index: int
     start: float  # seconds from the recording's start
@@ -89,29 +104,64 @@ def _window(index: int, segment: np.ndarray, windowing: Windowing, norm) -> Wind
     )
 
 
+class WindowCutter:
+    """Cuts samples given block by block into windows as each one completes.
+
+    ``add`` appends a block; ``complete`` yields the windows the samples so far hold
+    whole; ``remaining`` yields, at the end of the recording, the ones left (the last
+    one partial). Holds at most one window plus the block being added: what no later
+    window reaches is dropped as the windows are yielded.
+    """
+
+    def __init__(self, windowing: Windowing, norm: tuple[float, float]):
+        self.windowing, self.norm = windowing, norm
+        self.buffer = np.zeros(0, np.float32)
+        self.offset = 0  # recording sample index of buffer[0]
+        self.index = 0  # the next window's
+
+    @property
+    def total(self) -> int:
+        """Samples added so far."""
+        return self.offset + self.buffer.size
+
+    def add(self, block: np.ndarray) -> None:
+        self.buffer = np.concatenate([self.buffer, np.asarray(block, np.float32)])
+
+    def complete(self) -> Iterator[Window]:
+        hop, size = self.windowing.hop_samples, self.windowing.samples
+        while self.index * hop + size <= self.total:
+            first = self.index * hop - self.offset
+            yield self._next(self.buffer[first : first + size])
+
+    def remaining(self) -> Iterator[Window]:
+        yield from self.complete()
+        if self.index == 0 and self.total < self.windowing.opts.window_size:
+            raise audio.AudioError(
+                f"{self.total} samples, shorter than one 25 ms frame", "too_short"
+            )
+        while self.windowing.holds_window(self.index, self.total):
+            yield self._next(self.buffer[self.index * self.windowing.hop_samples - self.offset :])
+
+    def _next(self, segment: np.ndarray) -> Window:
+        """The window of ``segment`` at the current index; the cutter moves past it
+        before the window is handed out, so a consumer that stops early loses nothing."""
+        window = _window(self.index, segment, self.windowing, self.norm)
+        self.index += 1
+        drop = min(self.index * self.windowing.hop_samples - self.offset, self.buffer.size)
+        self.buffer, self.offset = self.buffer[drop:], self.offset + drop
+        return window
+
+
 def windows_of_blocks(
     blocks: Iterable[np.ndarray], windowing: Windowing, norm: tuple[float, float]
 ) -> Iterator[Window]:
     """The windows of a recording given as consecutive blocks of samples; holds at most
     one window plus one block of samples at a time."""
-    buffer = np.zeros(0, np.float32)
-    offset = 0  # recording sample index of buffer[0]
-    index = 0
+    cutter = WindowCutter(windowing, norm)
     for block in blocks:
-        buffer = np.concatenate([buffer, np.asarray(block, np.float32)])
-        while index * windowing.hop_samples + windowing.samples <= offset + buffer.size:
-            first = index * windowing.hop_samples - offset
-            yield _window(index, buffer[first : first + windowing.samples], windowing, norm)
-            index += 1
-            drop = min(index * windowing.hop_samples - offset, buffer.size)
-            buffer, offset = buffer[drop:], offset + drop
-    total = offset + buffer.size
-    if index == 0 and total < windowing.opts.window_size:
-        raise audio.AudioError(f"{total} samples, shorter than one 25 ms frame", "too_short")
-    while windowing.holds_window(index, total):
-        first = index * windowing.hop_samples - offset
-        yield _window(index, buffer[first:], windowing, norm)
-        index += 1
+        cutter.add(block)
+        yield from cutter.complete()
+    yield from cutter.remaining()
 
 
 def windows_of_file(

@@ -1,12 +1,14 @@
 """Labels of audio files of any length from a fine-tuned checkpoint (a workdir or an export).
 
     python launch/infer.py --checkpoint=/ckpt/as20k --audio=recording.flac \
-        [--labels=class_labels_indices.csv] [--top_k=5] [--hop=5.12] [--pooling=max] \
+        [--labels=class_labels_indices.csv] [--top_k=5] [--window=2] [--hop=5.12] [--pooling=max] \
         [--events --threshold=0.5] [--output=timeline.csv|timeline.json]
 
 Each file is cut into windows of the run's training length (``--hop`` seconds apart,
 default: the window, rounded to 10 ms frames) and read in blocks, so recordings of any
-length work in bounded memory. A file that fits one window prints one line of top-k
+length work in bounded memory. ``--window`` sets a shorter window (rounded to whole
+0.16 s time patches), each scored on its own frames with the padding masked: what
+``launch/stream.py`` computes as audio arrives. A file that fits one window prints one line of top-k
 labels, as a clip is scored in evaluation (padded to the training length). A longer one
 prints a timeline (per window its start, end and top-k labels) and the file's labels
 pooled over the windows (``--pooling``: max or mean). ``--events`` merges consecutive
@@ -40,7 +42,6 @@ from absl import app, flags
 from etils import epath
 
 from asda_jax import checkpoints, cli, inference, storage, timeline, windows
-from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A fine-tuning run's workdir, or a classifier export.")
@@ -48,6 +49,7 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("audio", None, "An audio file or a folder of them.")
 flags.DEFINE_string("labels", None, "Label CSV with display names.")
 flags.DEFINE_integer("top_k", 5, "Labels shown per file and per window.")
+flags.DEFINE_float("window", None, "Window seconds, at most the model's input (default).")
 flags.DEFINE_float("hop", None, "Seconds between window starts (default: the window).")
 flags.DEFINE_enum("pooling", "max", timeline.FILE_POOLINGS, "File scores over the windows.")
 flags.DEFINE_bool("events", False, "Merge consecutive windows into sound events.")
@@ -58,22 +60,10 @@ flags.DEFINE_string("output", None, "Write the results here: a .csv or .json fil
 flags.mark_flags_as_required(["checkpoint", "audio"])
 
 
-def class_names(inputs: inference.ModelInput) -> list[str]:
-    if FLAGS.labels:
-        names = inference.read_label_names(FLAGS.labels)
-    elif inputs.dataset is not None:
-        names = datasets.load(inputs.dataset, inputs.data_dir).class_names
-    elif inputs.labels == "audioset":
-        names = inference.audioset_label_names()
-    else:
-        raise ValueError("this checkpoint does not name its classes: pass --labels")
-    if len(names) != inputs.num_classes:
-        raise ValueError(f"{len(names)} label names for a head of {inputs.num_classes} classes")
-    return names
-
-
-def windowing_of(inputs: inference.ModelInput) -> windows.Windowing:
-    frames = inputs.target_frames
+def windowing_of(loaded: inference.LoadedClassifier) -> windows.Windowing:
+    frames = loaded.input.target_frames
+    if FLAGS.window is not None:
+        frames = windows.window_frames(FLAGS.window, loaded.cfg.patch_size, frames)
     hop = frames if FLAGS.hop is None else windows.hop_frames(FLAGS.hop)
     return windows.Windowing(frames, hop)
 
@@ -82,11 +72,12 @@ def shown(labels) -> str:
     return "  ".join(f"{n} {s:.3f}" for n, s in labels)
 
 
-def labelled(path: epath.Path, classify, inputs, windowing, names) -> dict:
+def labelled(path: epath.Path, loaded: inference.LoadedClassifier, windowing, names) -> dict:
     """Everything known of one file: its windows' labels, its own, its events."""
-    stream = windows.windows_of_file(path, windowing, inputs.norm)
+    stream = windows.windows_of_file(path, windowing, loaded.input.norm)
     batch = FLAGS.batch_size or inference.here().hardware.forms.windows_per_call
-    rows = list(timeline.classify_windows(classify, stream, batch))
+    masked = timeline.masks_padding(windowing, loaded.input.target_frames)
+    rows = list(timeline.classify_windows(loaded.classify, stream, batch, masked))
     result = {
         "file": str(path),
         "seconds": rows[-1].end,
@@ -147,9 +138,9 @@ def main(argv):
     try:
         if FLAGS.output and storage.path(FLAGS.output).suffix not in (".csv", ".json"):
             raise ValueError(f"--output must end in .csv or .json, got {FLAGS.output}")
-        classify, inputs = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
-        names = class_names(inputs)
-        windowing = windowing_of(inputs)
+        loaded = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
+        names = inference.class_names(loaded.input, FLAGS.labels)
+        windowing = windowing_of(loaded)
         files, _ = cli.audio_inputs(FLAGS.audio)
         if FLAGS.output:
             storage.make_folder(storage.path(FLAGS.output).parent)
@@ -159,7 +150,7 @@ def main(argv):
     results = []
 
     def label(path: epath.Path) -> str:
-        results.append(labelled(path, classify, inputs, windowing, names))
+        results.append(labelled(path, loaded, windowing, names))
         return report(results[-1])
 
     code = cli.run_over_files(files, label)

@@ -134,7 +134,7 @@ def test_a_fine_tuned_checkpoint_converts_to_the_same_logits(tmp_path):
     save_release(tmp_path / "finetuned.pt", model, finetuned=True)
     done = convert(tmp_path / "finetuned.pt", tmp_path / "export", f"--target_frames={FRAMES}")
     assert done.returncode == 0, done.stderr[-3000:]
-    classify, inputs = inference.load_classifier(tmp_path / "export")
+    classify, _, inputs = inference.load_classifier(tmp_path / "export")
     assert inputs.target_frames == FRAMES and inputs.num_classes == CLASSES
     spec = spectrogram(1)
     with torch.no_grad():
