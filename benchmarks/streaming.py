@@ -1,7 +1,7 @@
 """Labels as audio arrives (asda_jax/streaming.py): real-time factor and latency.
 
     python -m benchmarks.streaming [--seconds 40] [--chunk 0.1] [--models demo,base] \
-        [--windows_per_call 1]
+        [--windows 1,2,input] [--hops 0.5,1,2] [--windows_per_call 1]
 
 A recording of ``--seconds`` (faint noise with two synthetic events, 16 kHz int16) is
 fed to a classifier's stream in ``--chunk`` pieces, as ``arecord`` or ``ffmpeg`` would
@@ -149,6 +149,8 @@ def main():
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--chunk", type=float, default=0.1)
     parser.add_argument("--models", default="demo,base")
+    parser.add_argument("--windows", default="1,2,input", help="seconds, or the model's input")
+    parser.add_argument("--hops", default="0.5,1,2")
     parser.add_argument("--windows_per_call", type=int, default=1)
     args = parser.parse_args()
     print(common.machine())
@@ -165,11 +167,12 @@ def main():
         for preset in args.models.split(","):
             export = classifier_export(root, preset)
             target, patch = MODELS[preset], model_lib.preset(preset).patch_size
-            for window in (1.0, 2.0, target / 100):
+            for name in args.windows.split(","):
+                window = target / 100 if name == "input" else float(name)
                 if window * 100 > target:
                     continue  # longer than the model's input
                 frames = windows.window_frames(window, patch, target)
-                for hop in (0.5, 1.0, 2.0):
+                for hop in map(float, args.hops.split(",")):
                     found = timed_row(export, preset, frames, hop, chunks, args)
                     if found:
                         rows.append(found)

@@ -1,12 +1,13 @@
 """Embeddings of audio files of any length: per file, per window and per 160 ms step.
 
     python launch/extract.py --checkpoint=<workdir or exported encoder> --audio=clip.wav \
-        --output=embeddings/ [--hop=5.12] [--frames=concat|mean]
+        --output=embeddings/ [--window=2.56] [--hop=5.12] [--frames=concat|mean]
 
-Each file is cut into windows of the encoder's training length (``--hop`` seconds
-apart, a multiple of 0.16 s; default: the window), read in blocks and encoded in
-batches with padding masks (asda_jax/embeddings.py). Written under --output, mirroring
-a folder's layout, per file:
+Each file is cut into windows of the encoder's training length (or ``--window``
+seconds, shorter, in whole 0.16 s time patches; ``--hop`` seconds apart, a multiple of
+0.16 s; default: the window), read in blocks and encoded in batches with padding masks
+(asda_jax/embeddings.py): what ``launch/stream.py`` computes as audio arrives.
+Written under --output, mirroring a folder's layout, per file:
 
   <name>.utterance.npy       (D,)     the windows' CLS outputs averaged, each weighted
                                       by its real frames (one window: its CLS output)
@@ -45,6 +46,7 @@ flags.DEFINE_string("checkpoint", None, "A training workdir or an exported encod
 flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the latest).")
 flags.DEFINE_string("audio", None, "An audio file or a folder of them.")
 flags.DEFINE_string("output", None, "Folder for the .npy files.")
+flags.DEFINE_float("window", None, "Window seconds, at most the model's input (default).")
 flags.DEFINE_float("hop", None, "Seconds between window starts (default: the window).")
 flags.DEFINE_enum("frames", "concat", embeddings.POOLINGS, "A time step's frequency patches.")
 flags.DEFINE_integer("batch_size", None, "Windows per call (default: the chip's).")
@@ -61,13 +63,22 @@ def norm_override() -> tuple[float, float] | None:
     return None if None in given else given
 
 
+def window_frames(encoder: inference.LoadedEncoder) -> int | None:
+    """--window as whole time patches; None: the encoder's input."""
+    if FLAGS.window is None:
+        return None
+    return windows.window_frames(FLAGS.window, encoder.cfg.patch_size, encoder.input.target_frames)
+
+
 def main(argv):
     del argv
     cli.quiet_library_logs()
     try:
+        encoder = inference.load_encoder(FLAGS.checkpoint, FLAGS.step)
         embedder = embeddings.Embedder(
-            inference.load_encoder(FLAGS.checkpoint, FLAGS.step),
+            encoder,
             norm_override(),
+            window_frames=window_frames(encoder),
             hop_frames=None if FLAGS.hop is None else windows.hop_frames(FLAGS.hop),
             batch_size=FLAGS.batch_size,
         )

@@ -8,10 +8,11 @@ Each file is cut into windows of the run's training length (``--hop`` seconds ap
 default: the window, rounded to 10 ms frames) and read in blocks, so recordings of any
 length work in bounded memory. ``--window`` sets a shorter window (rounded to whole
 0.16 s time patches), each scored on its own frames with the padding masked: what
-``launch/stream.py`` computes as audio arrives. A file that fits one window prints one line of top-k
-labels, as a clip is scored in evaluation (padded to the training length). A longer one
-prints a timeline (per window its start, end and top-k labels) and the file's labels
-pooled over the windows (``--pooling``: max or mean). ``--events`` merges consecutive
+``launch/stream.py`` computes as audio arrives. A file that fits one window prints one
+line of top-k labels, as a clip is scored in evaluation (padded to the training
+length; with a shorter ``--window``, masked). A longer one prints a timeline (per
+window its start, end and top-k labels) and the file's labels pooled over the windows
+(``--pooling``: max or mean). ``--events`` merges consecutive
 windows with the same top label of at least ``--threshold`` into events; windows below
 ``--silence_db`` are silence (asda_jax/timeline.py). ``--output`` writes everything as
 CSV (one row per file, window or event label) or JSON, by its suffix.
