@@ -294,3 +294,23 @@ def test_stream_py_on_piped_pcm_equals_infer_py_on_the_file(classifier_export, r
     assert empty.returncode == 1 and b"shorter than one 25 ms frame" in empty.stderr
     bad = launch_stream(f"--checkpoint={export}", f"--labels={labels}", "--window=9", stdin=b"")
     assert bad.returncode == 2 and b"longer than the model's input" in bad.stderr
+
+
+@pytest.mark.subprocess
+def test_extract_py_with_a_window_equals_an_encoder_stream(encoder_export, tmp_path):
+    path = tmp_path / "stereo.wav"
+    stereo = stereo_44k(path)
+    stream, _ = streaming.open_stream(
+        encoder_export, window=0.64, hop=0.32, rate=44_100, channels=2
+    )
+    live = streamed(stream, random_chunks(stereo, seed=2))
+    command = [sys.executable, "launch/extract.py", f"--checkpoint={encoder_export}",
+               f"--audio={path}", f"--output={tmp_path / 'emb'}", "--window=0.64",
+               "--hop=0.32"]  # fmt: skip
+    done = subprocess.run(command, cwd=th.ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spans = np.load(tmp_path / "emb" / "stereo.window_spans.npy")
+    np.testing.assert_array_equal(spans, [(out.start, out.end) for out in live])
+    np.testing.assert_allclose(
+        np.load(tmp_path / "emb" / "stereo.windows.npy"), [out.cls for out in live], atol=1e-5
+    )
