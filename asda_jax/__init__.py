@@ -51,6 +51,7 @@ LAYERS = (
             "file_probe",
             "timeline",
             "streaming",
+            "serving",
             "hear",
             "torch_import",
             "hf_weights",

@@ -446,16 +446,18 @@ def _local_spectrogram(waves, num_samples, norm, opts, forms, per_pass):
         raise ValueError(f"per_pass={per_pass} does not divide the {batch} clips of a device")
     passes = batch // per_pass
     if passes == 1:
-        return _normalised_spectrogram(waves, num_samples, norm, opts, forms)
+        return normalised_spectrogram(waves, num_samples, norm, opts, forms)
     specs, frames = jax.lax.map(
-        lambda args: _normalised_spectrogram(*args, norm, opts, forms),
+        lambda args: normalised_spectrogram(*args, norm, opts, forms),
         (waves.reshape(passes, per_pass, -1), num_samples.reshape(passes, per_pass)),
     )  # (P, B/P, T, M), (P, B/P)
     return specs.reshape(batch, *specs.shape[2:]), frames.reshape(batch)
 
 
-def _normalised_spectrogram(waves, num_samples, norm, opts, forms):
-    """Normalised spectrograms and real frame counts of one pass's clips."""
+def normalised_spectrogram(waves, num_samples, norm, opts, forms):
+    """(B, T, M) normalised spectrograms and (B,) real frame counts of (B, S) waveforms
+    holding ``num_samples`` real samples each, in one pass (no mesh: a device's rows,
+    or a program exported for serving)."""
     spec = fbank(waves, opts, xp=jnp, preemphasis=forms.preemphasis, mel=forms.mel)  # (B, T, M)
     target = spec.shape[-2]
     real = (num_samples - opts.window_size) // opts.window_shift + 1

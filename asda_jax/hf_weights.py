@@ -1,16 +1,20 @@
-"""Hugging Face model directories of the EAT layout (EAT, SSLAM) ↔ our parameters.
+"""Hugging Face model directories ↔ our parameters: EAT's layout (EAT, SSLAM) read, and
+our models (both attention forms) written as folders transformers loads as they stand.
 
-A directory holds ``config.json`` (the fields of EAT's ``EATConfig``) and
-``model.safetensors`` (the fairseq names renamed one to one: ``release_weights.HUGGING_FACE``).
-Reading runs no code of theirs: the JSON is parsed, the safetensors header is checked
-here before any tensor is read, then the tensors come through safetensors' NumPy API.
-Every config field our model cannot represent, and every tensor the layout does not
-name or names with another shape, is refused by name (``docs/weights.md``).
+A directory holds ``config.json`` and ``model.safetensors`` (the fairseq names renamed
+one to one: ``release_weights.HUGGING_FACE``). Reading runs no code of theirs: the JSON
+is parsed, the safetensors header is checked here before any tensor is read, then the
+tensors come through safetensors' NumPy API. Every config field our model cannot
+represent, and every tensor the layout does not name or names with another shape, is
+refused by name (``docs/weights.md``). Two configs are read: EAT's (``model_type``
+"eat", plain attention) and ours ("asda", either form).
 
-Writing is the same table the other way: the plain-attention models of ours (EAT's
-architecture) as ``config.json`` + ``model.safetensors``. The release form (ASDA's
-differential attention) has no Hugging Face layout; it goes to the fairseq ``.pt``
-(``torch_import.write_release_checkpoint``).
+Writing (``export_model``) makes a folder of ours: the same tensor names (the
+differential form's ``attn.qk``, ``v``, ``norm`` and ``proj`` beside EAT's
+``attn.qkv``), a config.json whose ``auto_map`` names the PyTorch code written into
+the folder (``asda_jax/hf_code``: the model, its configuration and its feature
+extractor, the project's own, needing torch and transformers only), the feature
+extractor's ``preprocessor_config.json``, the class names, and a model card.
 """
 
 from __future__ import annotations
@@ -32,6 +36,17 @@ from asda_jax.release_weights import HUGGING_FACE
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+CARD_FILE = "README.md"
+CODE = epath.resource_path("asda_jax") / "hf_code"  # written into every folder we export
+CODE_FILES = ("configuration_asda.py", "modeling_asda.py", "feature_extraction_asda.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_asda.ASDAConfig",
+    "AutoModel": "modeling_asda.ASDAModel",
+    "AutoModelForAudioClassification": "modeling_asda.ASDAForAudioClassification",
+    "AutoFeatureExtractor": "feature_extraction_asda.ASDAFeatureExtractor",
+}
+PROBLEM_TYPES = {"sigmoid": "multi_label_classification", "softmax": "single_label_classification"}
 VARIANTS = {"pretrain": "pretrained", "finetune": "finetuned"}  # HF variant → export kind
 AUDIOSET_CLASSES = release_weights.AUDIOSET_CLASSES  # a pretrained config's default
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2}  # what safetensors' NumPy API reads
@@ -192,12 +207,17 @@ class HubModel:
     num_classes: int
     target_frames: int
     ignored: dict  # training-time dropouts our model does not have
+    norm: tuple[float, float] = audio.NORM_STATS["audioset"]
+    head: dict | None = None  # a classifier's {pooling, scores}; None: the authors'
+    names: list[str] | None = None  # class names, where the folder gives its own
 
 
 def read_config(fields: dict, where: str = CONFIG_FILE) -> HubModel:
-    """The architecture an EAT-layout config.json describes; refuses what differs."""
+    """The architecture a config.json describes (EAT's or ours); refuses what differs."""
+    if fields.get("model_type") == "asda":
+        return read_asda_config(fields, where)
     if fields.get("model_type") != "eat":
-        raise ValueError(f"{where}: model_type {fields.get('model_type')!r}, not 'eat'")
+        raise ValueError(f"{where}: model_type {fields.get('model_type')!r}, not 'eat' or 'asda'")
     wrong = [
         f"{k}={fields[k]!r} (ours: {v!r})"
         for k, v in _FIXED.items()
@@ -232,8 +252,40 @@ def read_config(fields: dict, where: str = CONFIG_FILE) -> HubModel:
     return HubModel(model, VARIANTS[variant], classes, int(target_frames), ignored)
 
 
+def read_asda_config(fields: dict, where: str = CONFIG_FILE) -> HubModel:
+    """The architecture, input and head of a folder this module wrote."""
+    try:
+        model = ModelConfig(
+            embed_dim=fields["embed_dim"], depth=fields["depth"], num_heads=fields["num_heads"],
+            mlp_ratio=float(fields["mlp_ratio"]), patch_size=fields["patch_size"],
+            num_mel_bins=fields["num_mel_bins"], max_time_patches=fields["max_time_patches"],
+            attention=fields["attention"], diff_lambda=float(fields["diff_lambda"]),
+            attn_out_scale=float(fields["attn_out_scale"]), decoder_dim=fields["embed_dim"],
+        ).validate()  # fmt: skip
+        norm = (float(fields["norm_mean"]), float(fields["norm_std"]))
+        classifier = fields["architectures"] == ["ASDAForAudioClassification"]
+        target_frames = int(fields["target_frames"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: not a config asda-jax wrote ({e})") from e
+    if not classifier:
+        return HubModel(model, "pretrained", AUDIOSET_CLASSES, target_frames, {}, norm)
+    labels = fields.get("id2label", {})
+    names = [labels.get(str(i), labels.get(i)) for i in range(len(labels))]
+    if not names or None in names:
+        raise ValueError(f"{where}: id2label must name classes 0..{len(labels) - 1}")
+    scores = {v: k for k, v in PROBLEM_TYPES.items()}.get(fields.get("problem_type"))
+    if scores is None or fields.get("pooling") not in ("cls", "mean"):
+        raise ValueError(
+            f"{where}: problem_type {fields.get('problem_type')!r} and pooling "
+            f"{fields.get('pooling')!r}: one of {sorted(PROBLEM_TYPES.values())}, cls or mean"
+        )
+    head = {"pooling": fields["pooling"], "scores": scores}
+    return HubModel(model, "finetuned", len(names), target_frames, {}, norm, head, names)
+
+
 def config_fields(model: ModelConfig, kind: str, num_classes: int, target_frames: int) -> dict:
-    """The config.json of an EAT-layout directory for a plain-attention model of ours."""
+    """The config.json of an EAT-layout directory for a plain-attention model (EAT's
+    own config, as the authors' uploads carry it)."""
     if model.attention != "plain":
         raise ValueError(
             f"the {model.attention!r} attention form has no Hugging Face (EAT) layout; "
@@ -295,10 +347,12 @@ class Imported:
         """What ``checkpoints.export`` records of the model's input and head."""
         described = dict(
             source=source, kind=self.hub.kind, target_frames=self.hub.target_frames,
-            norm=audio.NORM_STATS["audioset"],
+            norm=self.hub.norm,
         )  # fmt: skip
         if self.hub.kind == "finetuned":
-            described |= release_weights.classifier_description(self.hub.num_classes)
+            described |= self.hub.head or release_weights.classifier_description(
+                self.hub.num_classes
+            )
         return described
 
 
@@ -330,19 +384,186 @@ def import_model(source: str) -> Imported:
     return Imported(release_weights.to_tree(tensors, layout(hub)), hub, distance)
 
 
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What a model card says of the run a model came from (what is known of it)."""
+
+    task: str  # "pretrain", "finetune", ...
+    dataset: str | None = None
+    steps: int | None = None
+    evaluation: dict | None = None  # the run's eval.json
+
+
+def asda_config_fields(
+    model: ModelConfig,
+    target_frames: int,
+    norm: tuple[float, float],
+    head: dict | None,
+    names: list[str] | None,
+) -> dict:
+    """The config.json of a folder of ours: ``modeling_asda.ASDAConfig``'s fields."""
+    if model.attention not in ("asda", "plain"):
+        raise ValueError(
+            f"the {model.attention!r} attention form has no PyTorch layout; "
+            "train the release form ('asda') or plain attention to export it"
+        )
+    fields = {
+        "model_type": "asda",
+        "architectures": ["ASDAForAudioClassification" if head else "ASDAModel"],
+        "auto_map": AUTO_MAP,
+        "embed_dim": model.embed_dim, "depth": model.depth, "num_heads": model.num_heads,
+        "mlp_ratio": model.mlp_ratio, "patch_size": model.patch_size,
+        "num_mel_bins": model.num_mel_bins, "max_time_patches": model.max_time_patches,
+        "attention": model.attention, "diff_lambda": model.diff_lambda,
+        "attn_out_scale": model.attn_out_scale, "target_frames": int(target_frames),
+        "norm_mean": float(norm[0]), "norm_std": float(norm[1]),
+    }  # fmt: skip
+    if head:
+        fields |= {
+            "pooling": head["pooling"],
+            "problem_type": PROBLEM_TYPES[head["scores"]],
+            "id2label": {str(i): name for i, name in enumerate(names)},
+            "label2id": {name: i for i, name in enumerate(names)},
+        }
+    return fields
+
+
+def preprocessor_fields(model: ModelConfig, target_frames: int, norm) -> dict:
+    """``feature_extraction_asda.ASDAFeatureExtractor``'s preprocessor_config.json."""
+    return {
+        "feature_extractor_type": "ASDAFeatureExtractor",
+        "auto_map": {"AutoFeatureExtractor": AUTO_MAP["AutoFeatureExtractor"]},
+        "feature_size": model.num_mel_bins,
+        "sampling_rate": audio.SAMPLE_RATE,
+        "target_frames": int(target_frames),
+        "norm_mean": float(norm[0]),
+        "norm_std": float(norm[1]),
+        "padding_value": 0.0,
+        "return_attention_mask": False,
+    }
+
+
 def export_model(
-    directory: os.PathLike, params: dict, model: ModelConfig, target_frames: int
+    directory: os.PathLike,
+    params: dict,
+    model: ModelConfig,
+    target_frames: int,
+    *,
+    norm: tuple[float, float] = audio.NORM_STATS["audioset"],
+    head: dict | None = None,
+    names: list[str] | None = None,
+    provenance: Provenance | None = None,
 ) -> epath.Path:
-    """Writes ``params`` ({"encoder"[, "fc_norm", "head"]}) as an EAT-layout directory;
-    refuses a non-empty directory."""
+    """Writes ``params`` ({"encoder"[, "fc_norm", "head"]}) as a folder transformers
+    loads (``AutoModel``/``AutoModelForAudioClassification``/``AutoFeatureExtractor``
+    with ``trust_remote_code=True``); refuses a non-empty directory. A classifier needs
+    its ``head`` ({pooling, scores}); ``names`` default to "class 0", "class 1", ..."""
     directory = storage.path(directory)
-    kind = "finetuned" if "head" in params else "pretrained"
-    classes = int(np.shape(params["head"]["bias"])[0]) if "head" in params else AUDIOSET_CLASSES
-    fields = config_fields(model, kind, classes, target_frames)
+    classes = int(np.shape(params["head"]["bias"])[0]) if "head" in params else 0
+    if classes and head is None:
+        raise ValueError("a classifier's folder needs its head: {pooling, scores}")
+    head = head if classes else None
+    names = list(names) if names else [f"class {i}" for i in range(classes)]
+    if classes and len(names) != classes:
+        raise ValueError(f"{len(names)} class names for a head of {classes} classes")
+    fields = asda_config_fields(model, target_frames, norm, head, names)
     hub = read_config(fields)
     storage.make_new_folder(directory)
     tensors = release_weights.to_state(params, layout(hub))
     tensors[HUGGING_FACE.positions] = release_weights.positions_table(model)
     write_tensors(directory / WEIGHTS_FILE, tensors)
     (directory / CONFIG_FILE).write_text(json.dumps(fields, indent=2))
+    preprocessor = preprocessor_fields(model, target_frames, norm)
+    (directory / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor, indent=2))
+    for name in CODE_FILES:
+        (directory / name).write_text((CODE / name).read_text())
+    card = model_card(hub, provenance or Provenance("unknown"), directory.name)
+    (directory / CARD_FILE).write_text(card)
     return directory
+
+
+def model_card(hub: HubModel, provenance: Provenance, name: str) -> str:
+    """The folder's README.md: what the model is, what it takes, where it came from,
+    how to load it, and the citation."""
+    m, classifier = hub.model, hub.kind == "finetuned"
+    form = "differential attention (ASDA)" if m.attention == "asda" else "plain attention (EAT)"
+    seconds = audio.RELEASE_FBANK.num_samples(hub.target_frames) / audio.SAMPLE_RATE
+    auto = "AutoModelForAudioClassification" if classifier else "AutoModel"
+    rows = [
+        ("architecture", f"{form}: {m.depth} blocks, {m.embed_dim} wide, {m.num_heads} heads, "
+                         f"MLP ratio {m.mlp_ratio}, {m.patch_size}×{m.patch_size} patches"),
+        ("input", f"16 kHz mono; Kaldi fbank, {m.num_mel_bins} mel bins, {hub.target_frames} "
+                  f"frames ({seconds:.2f} s), normalised as (x − {hub.norm[0]}) / "
+                  f"(2 · {hub.norm[1]})"),
+        ("output", f"{hub.num_classes} classes, {hub.head['pooling']} pooling, "
+                   f"{hub.head['scores']} scores" if classifier
+                   else f"tokens (batch, 1 + patches, {m.embed_dim}): the CLS token first"),
+        ("trained", f"{provenance.task} on {provenance.dataset or 'an unrecorded dataset'}, "
+                    + (f"{provenance.steps} steps" if provenance.steps is not None
+                       else "steps not recorded")),
+        ("evaluation", ", ".join(f"{k} {v:.4f}" for k, v in (provenance.evaluation or {}).items()
+                                 if isinstance(v, int | float)) or "none recorded"),
+    ]  # fmt: skip
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    pipeline = "audio-classification" if classifier else "feature-extraction"
+    use = (
+        'classify = pipeline("audio-classification", model="MODEL", trust_remote_code=True)\n'
+        'classify({"array": waveform, "sampling_rate": 16000})  # top labels'
+        if classifier
+        else 'inputs = extractor(waveform, sampling_rate=16000, return_tensors="pt")\n'
+        "tokens = model(**inputs).last_hidden_state  # (1, 1 + patches, D)"
+    ).replace("MODEL", name)
+    jax_use = (
+        f"python launch/infer.py --checkpoint=exports/{name} --audio=clip.wav"
+        if classifier
+        else f"python launch/extract.py --checkpoint=exports/{name} --audio=clip.wav --output=emb/"
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: {pipeline}
+tags: [audio, asda, audio-spectrogram-transformer, asda-jax]
+---
+
+# {name}
+
+An audio spectrogram transformer exported by asda-jax (JAX/Flax), in PyTorch code of
+its own (`modeling_asda.py`, `configuration_asda.py`, `feature_extraction_asda.py`,
+in this folder): loading needs `torch` and `transformers` only.
+
+| | |
+|---|---|
+{table}
+
+## PyTorch (transformers)
+
+```python
+from transformers import AutoFeatureExtractor, {auto}, pipeline
+
+extractor = AutoFeatureExtractor.from_pretrained("{name}", trust_remote_code=True)
+model = {auto}.from_pretrained("{name}", trust_remote_code=True)
+{use}
+```
+
+Clips longer than the input are cropped to it by the feature extractor; asda-jax's
+`launch/infer.py` and `extract.py` cut long recordings into windows instead.
+
+## JAX (asda-jax)
+
+```bash
+python launch/convert_torch.py --checkpoint={name} --output=exports/{name}
+{jax_use}
+```
+
+## Citation
+
+```bibtex
+@inproceedings{{wang2025asda,
+  title={{ASDA: Audio Spectrogram Differential Attention Mechanism for Self-Supervised
+         Representation Learning}},
+  author={{J. Wang and T. Wang and M. Ge and L. Wang and J. Dang}},
+  booktitle={{Interspeech}},
+  year={{2025}},
+  note={{arXiv:2507.02666}}
+}}
+```
+"""

@@ -56,6 +56,7 @@ class ModelInput:
     data_dir: str | None = None
     num_classes: int | None = None
     labels: str | None = None  # "audioset": AudioSet's 527 classes (``audioset_label_names``)
+    scores: str | None = None  # a classifier's: "softmax" or "sigmoid"
 
 
 class Description(NamedTuple):
@@ -118,14 +119,24 @@ class LoadedEncoder(NamedTuple):
     input: ModelInput  # what it was trained on: the windows of long recordings, the norm
 
 
+def encoder_parts(
+    path: str | os.PathLike,
+    step: int | None = None,
+    which: str = "encoder",
+    run: model_lib.Execution | None = None,
+) -> tuple[model_lib.Encoder, dict, ModelInput]:
+    """(module, parameters, input) of the encoder of an export or a workdir, computing
+    in ``run``'s forms (default: this chip's)."""
+    encoder, inputs = _encoder_of(path, run)
+    target = _params_target(encoder, encoder.cfg)
+    return encoder, checkpoints.restore_params(path, target, (which,), step), inputs
+
+
 def load_encoder(path: str | os.PathLike, step: int | None = None, which: str = "encoder"):
     """The encoder of an export or a workdir (``which="teacher"``: a pretraining run's
     EMA teacher), computing in this chip's forms. ``encode(spec, frame_lengths)`` masks
     the tokens past each row's frame length (None: every token is real)."""
-    encoder, inputs = _encoder_of(path)
-    target = _params_target(encoder, encoder.cfg)
-    params = checkpoints.restore_params(path, target, (which,), step)
-    return _loaded(encoder, params, inputs)
+    return _loaded(*encoder_parts(path, step, which))
 
 
 def random_encoder(path: str | os.PathLike, seed: int = 0):
@@ -137,11 +148,12 @@ def random_encoder(path: str | os.PathLike, seed: int = 0):
     return _loaded(encoder, nn.meta.unbox(variables)["params"], inputs)
 
 
-def _encoder_of(path: str | os.PathLike) -> tuple[model_lib.Encoder, ModelInput]:
-    """The encoder module (no dropout, this chip's forms) and input of a description."""
+def _encoder_of(path: str | os.PathLike, run: model_lib.Execution | None = None):
+    """The encoder module (no dropout; ``run``'s forms, default this chip's) and input
+    of a description."""
     description = describe(path)
     cfg = dataclasses.replace(description.model, drop_path=0.0)
-    return model_lib.Encoder(cfg, run=here()), description.input
+    return model_lib.Encoder(cfg, run=run or here()), description.input
 
 
 def _loaded(encoder: model_lib.Encoder, params, inputs: ModelInput) -> LoadedEncoder:
@@ -168,6 +180,24 @@ def load_classifier(path: str | os.PathLike, step: int | None = None) -> LoadedC
     chip's forms; ``classify(spec, frame_lengths)`` maps (B, T, F) spectrograms to (B, C) scores
     (softmax or sigmoid), masking the tokens past each row's real frames, rounded up to
     whole time patches (None: every token is real)."""
+    classifier, params, inputs = classifier_parts(path, step)
+    scores = jax.jit(classifier_scores(classifier, inputs))  # parameters an argument: _loaded
+    patch = classifier.cfg.patch_size
+
+    def classify(spec, frame_lengths=None):
+        if frame_lengths is not None:  # a part patch at the end counts as real, as in extract
+            frame_lengths = -(-np.asarray(frame_lengths) // patch) * patch
+        return scores(params, spec, frame_lengths)
+
+    return LoadedClassifier(classify, classifier.cfg, inputs)
+
+
+def classifier_parts(
+    path: str | os.PathLike, step: int | None = None, run: model_lib.Execution | None = None
+) -> tuple[model_lib.Classifier, dict, ModelInput]:
+    """(module, parameters, input with its class count) of the classifier of a
+    fine-tuning workdir or a classifier export, computing in ``run``'s forms (default:
+    this chip's)."""
     description = describe(path)
     if description.head is None:
         raise checkpoints.CheckpointMismatch(
@@ -176,21 +206,24 @@ def load_classifier(path: str | os.PathLike, step: int | None = None) -> LoadedC
     cfg = dataclasses.replace(description.model, drop_path=0.0)
     item, prefix = checkpoints.locate_params(path, step)
     num_classes = checkpoints.saved_tree(item, (*prefix, "head", "kernel")).shape[-1]
-    classifier = model_lib.Classifier(cfg, num_classes, description.head["pooling"], run=here())
+    pooling = description.head["pooling"]
+    classifier = model_lib.Classifier(cfg, num_classes, pooling, run=run or here())
     params = checkpoints.restore_item(item, prefix, _params_target(classifier, cfg))
-    squash = jax.nn.softmax if description.head["scores"] == "softmax" else jax.nn.sigmoid
+    inputs = dataclasses.replace(
+        description.input, num_classes=num_classes, scores=description.head["scores"]
+    )
+    return classifier, params, inputs
 
-    @jax.jit  # the parameters are an argument: see _loaded
+
+def classifier_scores(classifier: model_lib.Classifier, inputs: ModelInput):
+    """The pure function (params, (B, T, F) spectrograms, (B,) frame lengths or None)
+    → (B, C) scores: the logits through the model's softmax or sigmoid."""
+    squash = jax.nn.softmax if inputs.scores == "softmax" else jax.nn.sigmoid
+
     def scores(params, spec, frame_lengths):
         return squash(classifier.apply({"params": params}, spec, frame_lengths))
 
-    def classify(spec, frame_lengths=None):
-        if frame_lengths is not None:  # a part patch at the end counts as real, as in extract
-            frame_lengths = -(-np.asarray(frame_lengths) // cfg.patch_size) * cfg.patch_size
-        return scores(params, spec, frame_lengths)
-
-    inputs = dataclasses.replace(description.input, num_classes=num_classes)
-    return LoadedClassifier(classify, cfg, inputs)
+    return scores
 
 
 def class_names(inputs: ModelInput, labels: str | os.PathLike | None = None) -> list[str]:

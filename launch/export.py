@@ -4,18 +4,27 @@ or for the PyTorch side.
     python launch/export.py --workdir=/ckpt/as2m --output=exports/as2m [--step=N]
     python launch/export.py --workdir=exports/eat-ft --output=hf/eat-ft --format=hf
     python launch/export.py --workdir=/ckpt/as2m --output=asda_as2m.pt --format=fairseq
+    python launch/export.py --workdir=/ckpt/as20k --output=serving/as20k --format=saved_model
 
 ``--workdir`` is a training run's workdir or an export. ``orbax`` (the default): a
 pretraining run exports {encoder (the student), decoder, teacher}; a fine-tuning run
 {encoder, fc_norm, head} with its input length, normalisation and score function, as a
 plain Orbax tree plus ``model.json`` that restores onto any mesh or device count
-(finetune.init_from, launch/extract.py, launch/infer.py). ``hf``: a plain-attention
-(EAT-architecture) model as a Hugging Face folder of EAT's layout, config.json +
-model.safetensors (the student's encoder, and the head of a classifier). ``fairseq``:
+(finetune.init_from, launch/extract.py, launch/infer.py). ``hf``: a Hugging Face
+folder that transformers loads as it stands (``AutoModel`` or
+``AutoModelForAudioClassification``, ``AutoFeatureExtractor``, ``pipeline``, with
+``trust_remote_code=True``), either attention form: config.json (with the class names
+of ``--labels`` or the run's dataset), model.safetensors (the student's encoder, and
+the head of a classifier, in EAT's tensor names), the PyTorch code of the model and
+its feature extractor, preprocessor_config.json and a model card. ``fairseq``:
 the release's ``.pt`` (the dict the authors' feature_extract.py and inference.py read),
 written with nothing pickled but tensors and plain containers (needs PyTorch); its
 ``cfg`` names the architecture, or is copied from a release checkpoint with
 ``--fairseq_cfg_from`` (fairseq rebuilds the model from that whole config).
+``saved_model``: a TensorFlow SavedModel whose serving signature takes 16 kHz
+waveforms and their lengths and returns a classifier's scores or an encoder's clip and
+per-step embeddings, the front end inside (asda_jax/serving.py), lowered for
+``--platforms`` (default cpu; cpu,tpu to serve on TPUs too).
 docs/weights.md says what each holds.
 """
 
@@ -25,9 +34,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import json
 import sys
 
 from absl import app, flags
+from etils import epath
 
 from asda_jax import checkpoints, cli, hf_weights, inference, storage
 
@@ -35,7 +46,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's workdir, or an export.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("output", None, "A new (or empty) directory; a new .pt for fairseq.")
-flags.DEFINE_enum("format", "orbax", ["orbax", "hf", "fairseq"], "What to write.")
+flags.DEFINE_enum("format", "orbax", ["orbax", "hf", "fairseq", "saved_model"], "What to write.")
+flags.DEFINE_list("platforms", ["cpu"], "saved_model: the platforms it is lowered for (cpu, tpu).")
+flags.DEFINE_string("labels", None, "Label CSV naming a classifier's classes (hf).")
 flags.DEFINE_string(
     "fairseq_cfg_from", None, "A release .pt of the same architecture whose cfg to copy."
 )
@@ -58,13 +71,47 @@ def run_export(workdir: str, step: int | None):
     return params, described.model, description
 
 
+def class_names(workdir: str, classifier: bool) -> list[str] | None:
+    """--labels, else what the run names its classes by; None where it names none."""
+    if not classifier:
+        return None
+    inputs = inference.load_classifier(workdir, FLAGS.step).input
+    try:
+        return inference.class_names(inputs, FLAGS.labels)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"no class names ({e}); the folder names them 'class 0', 'class 1', ...")
+        return None
+
+
+def provenance(workdir: str, description: dict) -> hf_weights.Provenance:
+    """What is known of the run: its task, dataset, step and evaluation."""
+    step = epath.Path(description["source"]).name
+    scores = storage.path(workdir) / "eval.json"
+    return hf_weights.Provenance(
+        task=description["kind"],
+        dataset=inference.describe(workdir).input.dataset,
+        steps=int(step) if step.isdigit() else None,
+        evaluation=json.loads(scores.read_text()) if scores.is_file() else None,
+    )
+
+
 def write(output: str, params: dict, cfg, description: dict):
     """Writes ``params`` to ``output`` in FLAGS.format; the path written."""
     if FLAGS.format == "orbax":
         return checkpoints.export(output, params, cfg, **description)
     if FLAGS.format == "hf":
         kept = {k: v for k, v in params.items() if k in ("encoder", "fc_norm", "head")}
-        return hf_weights.export_model(output, kept, cfg, description["target_frames"])
+        head = {k: description[k] for k in ("pooling", "scores")} if "head" in kept else None
+        return hf_weights.export_model(
+            output, kept, cfg, description["target_frames"], norm=description["norm"],
+            head=head, names=class_names(FLAGS.workdir, head is not None),
+            provenance=provenance(FLAGS.workdir, description),
+        )  # fmt: skip
+    if FLAGS.format == "saved_model":
+        from asda_jax import serving
+
+        serving.export(FLAGS.workdir, output, FLAGS.step, tuple(FLAGS.platforms))
+        return output
     from asda_jax import torch_import
 
     release_cfg = None

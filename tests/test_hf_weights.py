@@ -105,6 +105,9 @@ def test_the_large_size_and_the_pretrained_variant_import(tmp_path):
         np.testing.assert_allclose(ours, torch_model(torch.from_numpy(spec)), atol=1e-5)
 
 
+AUTHORS_HEAD = {"pooling": "cls", "scores": "sigmoid"}  # EAT's and the release's classifiers
+
+
 def our_plain_classifier(seed: int, num_classes: int = 527):
     cfg = model_lib.preset("eat_base", embed_dim=64, depth=2, num_heads=4)
     classifier = model_lib.Classifier(cfg, num_classes)
@@ -120,9 +123,9 @@ def our_plain_classifier(seed: int, num_classes: int = 527):
 
 def test_our_model_written_as_an_eat_folder_loads_in_pytorch_and_comes_back_equal(tmp_path):
     cfg, params = our_plain_classifier(0)
-    folder = hf_weights.export_model(tmp_path / "hf", params, cfg, target_frames=1024)
+    folder = hf_weights.export_model(tmp_path / "hf", params, cfg, 1024, head=AUTHORS_HEAD)
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "eat" and config["model_variant"] == "finetune"
+    assert config["model_type"] == "asda" and config["attention"] == "plain"
     torch_model = ref.EatModel(dim=64, depth=2, num_heads=4, num_classes=527)
     torch_model.load_state_dict(torch_load_safetensors(str(folder / "model.safetensors")))
     spec = spectrogram(512, seed=3)
@@ -136,7 +139,7 @@ def test_our_model_written_as_an_eat_folder_loads_in_pytorch_and_comes_back_equa
         )
     jax.tree.map(np.testing.assert_array_equal, imported.params, params)  # identical
     with pytest.raises(FileExistsError):
-        hf_weights.export_model(folder, params, cfg, target_frames=1024)
+        hf_weights.export_model(folder, params, cfg, 1024, head=AUTHORS_HEAD)
 
 
 def test_the_release_form_has_no_eat_layout():
@@ -301,7 +304,7 @@ def run_export(source, output, form):
 
 
 @pytest.mark.subprocess
-def test_launch_export_writes_an_export_as_eat_folder_or_fairseq_checkpoint(tmp_path):
+def test_launch_export_writes_an_export_as_hf_folder_or_fairseq_checkpoint(tmp_path):
     cfg, params = our_plain_classifier(1)
     plain = checkpoints.export(
         tmp_path / "plain", params, cfg, kind="finetune", target_frames=512,
@@ -311,7 +314,7 @@ def test_launch_export_writes_an_export_as_eat_folder_or_fairseq_checkpoint(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     torch_model = ref.EatModel(dim=64, depth=2, num_heads=4, num_classes=527)
     torch_model.load_state_dict(torch_load_safetensors(str(tmp_path / "hf" / "model.safetensors")))
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["img_size"] == [512, 128]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["target_frames"] == 512
     refused = run_export(plain, tmp_path / "hf", "hf")  # never into a folder in use
     assert refused.returncode == 2 and "not empty" in refused.stderr
     release_cfg, release_params = our_release_params(2, pretraining=True)
@@ -323,8 +326,10 @@ def test_launch_export_writes_an_export_as_eat_folder_or_fairseq_checkpoint(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     state = torch.load(tmp_path / "asda.pt", weights_only=True)["model"]
     assert sorted(state["_ema"]) == sorted(k for k in state if "decoder" not in k and k != "_ema")
-    refused = run_export(release, tmp_path / "hf-release", "hf")
-    assert refused.returncode == 2 and "fairseq" in refused.stderr
+    done = run_export(release, tmp_path / "hf-release", "hf")  # the release form too
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads((tmp_path / "hf-release" / "config.json").read_text())
+    assert written["attention"] == "asda" and written["architectures"] == ["ASDAModel"]
 
 
 @pytest.mark.train
@@ -382,7 +387,9 @@ def test_an_eat_fairseq_checkpoint_imports_as_plain_attention(tmp_path):
 def test_both_formats_write_to_and_read_from_a_bucket(gcs_bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a URL taken for a local path would appear here
     cfg, params = our_plain_classifier(8)
-    folder = hf_weights.export_model(f"{gcs_bucket}/weights/hf", params, cfg, target_frames=1024)
+    folder = hf_weights.export_model(
+        f"{gcs_bucket}/weights/hf", params, cfg, 1024, head=AUTHORS_HEAD
+    )
     imported = hf_weights.import_model(str(folder))
     jax.tree.map(np.testing.assert_array_equal, imported.params, params)
     release_cfg, release_params = our_release_params(9, pretraining=False)

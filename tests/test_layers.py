@@ -26,8 +26,8 @@ def package_modules() -> list[str]:
     anything of the package (``model``: its public names)."""
     found = []
     for path in PACKAGE.rglob("*.py"):
-        if path == PACKAGE / "__init__.py":
-            continue
+        if path == PACKAGE / "__init__.py" or path.parent == PACKAGE / "hf_code":
+            continue  # hf_code: files written into Hugging Face folders, not modules of ours
         if path.name == "__init__.py" and not imports_of(module_name(path)):
             continue
         found.append(module_name(path))
