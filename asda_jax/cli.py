@@ -17,9 +17,10 @@ from asda_jax import audio, storage
 from asda_jax.data import builders
 
 NOISY_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/")
-# Where schedulers say how many processes they started for a job: SLURM's srun, Open
-# MPI's mpirun, MPICH and Intel MPI (PMI).
-SCHEDULER_PROCESS_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# Where schedulers say how many processes they started for this job step: SLURM's srun,
+# Open MPI's mpirun, MPICH and Intel MPI (PMI). Not SLURM_NTASKS: that is the
+# allocation's count, which the one process of an `sbatch --ntasks=8` script sees too.
+SCHEDULER_PROCESS_COUNTS = ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 class _QuietLibraries(logging.Filter):

@@ -104,8 +104,12 @@ def test_a_run_whose_process_count_disagrees_with_its_config_fails_at_start(data
 
 def test_scheduled_process_counts_are_read_from_each_scheduler():
     assert cli.scheduled_processes({}) is None
-    assert cli.scheduled_processes({"SLURM_NTASKS": "1", "PMI_SIZE": ""}) is None
-    assert cli.scheduled_processes({"SLURM_NTASKS": "2"}) == ("SLURM_NTASKS", 2)
+    assert cli.scheduled_processes({"SLURM_STEP_NUM_TASKS": "1", "PMI_SIZE": ""}) is None
+    step = {"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2"}
+    assert cli.scheduled_processes(step) == ("SLURM_STEP_NUM_TASKS", 2)
+    # One process of an 8-task allocation (a batch script, or srun -n 1) is one process.
+    assert cli.scheduled_processes({"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert cli.scheduled_processes({"SLURM_NTASKS": "8"}) is None
     assert cli.scheduled_processes({"OMPI_COMM_WORLD_SIZE": "16"}) == ("OMPI_COMM_WORLD_SIZE", 16)
 
 
@@ -113,10 +117,11 @@ def test_scheduled_process_counts_are_read_from_each_scheduler():
 def test_a_scheduled_job_of_several_processes_is_not_run_as_independent_copies(data_dir, tmp_path):
     """The gpu preset (one process) started twice by SLURM, with no coordinator."""
     flags = ["--config=configs/demo.py", *th.tiny_flags(data_dir)]
-    proc = th.launch_train(tmp_path, flags, env={"SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"})
+    env = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_ID": "7"}
+    proc = th.launch_train(tmp_path, flags, env=env)
     assert proc.wait(timeout=HUNG_AFTER_S) == 2
     message = proc.stderr.read()
-    assert "SLURM_NTASKS=2: the scheduler started 2 processes" in message
+    assert "SLURM_STEP_NUM_TASKS=2: the scheduler started 2 processes" in message
     assert "--config.num_processes=2" in message and "--coordinator_address" in message
     assert not (tmp_path / "metrics.jsonl").exists()
 
