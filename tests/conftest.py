@@ -66,7 +66,8 @@ def encoder_export(tmp_path_factory):
 LONGEST_MODULES_FIRST = (
     "test_finetune", "test_train", "test_multihost", "test_cloud_storage", "test_model",
     "test_selfcheck", "test_aot", "test_longform", "test_interop", "test_objectives",
-    "test_packaging", "test_hf_weights", "test_attention", "test_notebook",
+    "test_hf_export", "test_packaging", "test_hf_weights", "test_streaming", "test_attention",
+    "test_notebook",
 )  # fmt: skip
 
 
