@@ -168,6 +168,16 @@ class MetricsLog:
                 self.writer.flush()
                 self._stage.sync()
 
+    def keep_until(self, step: int) -> None:
+        """Drops the rows of steps after ``step`` (a resumed run's checkpoint): the run
+        computes them again, and each step is then recorded once."""
+        if not self._host0 or not self._jsonl.is_file():
+            return
+        lines = self._jsonl.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            self._jsonl.write_text("".join(kept))
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
@@ -211,7 +221,9 @@ def train(config, workdir: str | os.PathLike) -> TrainResult:
         peak_flops=run_config.chip.peak_flops,
         production=batches.production,
     )
-    run = _Run(run_config, task, ckpt, MetricsLog(stage), stats, StopRequest(), clock, checked)
+    log = MetricsLog(stage)
+    log.keep_until(start)
+    run = _Run(run_config, task, ckpt, log, stats, StopRequest(), clock, checked)
     try:
         with sharding.activate(mesh):
             state = run.steps(state, train_state.jit_step(task, plan, mesh), batches, start, stage)

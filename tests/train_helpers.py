@@ -75,7 +75,8 @@ def launch_train(workdir, args: list[str], env: dict | None = None, **popen) -> 
 
 
 def losses(workdir) -> dict[int, list[float]]:
-    """Every loss metrics.jsonl recorded, by step (a resumed step appears twice)."""
+    """Every loss metrics.jsonl recorded, by step (a list: a step recorded twice would
+    show as two)."""
     recorded: dict[int, list[float]] = {}
     path = storage.path(workdir) / "metrics.jsonl"
     if not path.exists():
