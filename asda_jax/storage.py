@@ -101,10 +101,11 @@ def copy_file(source: epath.Path, target: epath.Path) -> None:
     source.copy(target, overwrite=True)
 
 
-def copy_tree(source: epath.Path, target: epath.Path) -> list[str]:
+def copy_tree(source: epath.Path, target: epath.Path, last: tuple[str, ...] = ()) -> list[str]:
     """Copies every file under ``source`` to the same relative place under ``target``
-    (either may be remote); returns the relative names copied."""
-    names = files_under(source)
+    (either may be remote), the files named ``last`` (by base name) after all others,
+    so that a copy cut short never holds them; returns the relative names copied."""
+    names = sorted(files_under(source), key=lambda name: name.rsplit("/", 1)[-1] in last)
     for name in names:
         copy_file(source / name, target / name)
     return names

@@ -104,6 +104,36 @@ def test_a_dataset_prepared_into_the_bucket_holds_the_local_records(gcs_bucket, 
     assert again.split_sizes == remote.split_sizes  # prepared once: reused, not rebuilt
 
 
+def test_an_upload_cut_short_is_not_taken_for_a_prepared_dataset(gcs_bucket, monkeypatch):
+    copy_file, copied = storage.copy_file, []
+
+    def cut_short(source, target):  # the upload dies before its last file
+        if copied and len(copied) == total[0] - 1:
+            raise OSError("connection reset")
+        copied.append(target.name)
+        copy_file(source, target)
+
+    total = [0]
+    real_tree = storage.files_under
+
+    def counted(root):
+        names = real_tree(root)
+        total[0] = total[0] or len(names)
+        return names
+
+    monkeypatch.setattr(storage, "copy_file", cut_short)
+    monkeypatch.setattr(storage, "files_under", counted)
+    url = f"{gcs_bucket}/cut_short"
+    with pytest.raises(OSError, match="connection reset"):
+        datasets.prepare("synthetic", url, clips_per_class=1)
+    assert datasets.PREPARED_MARK not in copied and len(copied) == total[0] - 1
+    with pytest.raises(datasets.DatasetNotFoundError):
+        datasets.load("synthetic", url)
+    monkeypatch.undo()
+    prepared = datasets.prepare("synthetic", url, clips_per_class=1)  # a new try completes
+    assert datasets.load("synthetic", url).split_sizes == prepared.split_sizes == {"train": 10}
+
+
 def test_a_missing_bucket_is_named_before_any_work(gcs_bucket, data_dir, tmp_path):
     missing = "gs://no-such-bucket"
     with pytest.raises(storage.MissingBucket, match="bucket gs://no-such-bucket does not exist"):

@@ -27,6 +27,9 @@ BUILDERS: dict[str, type[builders.AudioSourceBuilder]] = {
 }
 
 
+PREPARED_MARK = "dataset_info.json"  # TFDS writes it once a version is complete
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset that has not been prepared under the given data_dir."""
 
@@ -74,7 +77,11 @@ def _prepare_and_upload(
         pass
     with tempfile.TemporaryDirectory(prefix="asda-jax-prepare-") as local:
         prepare(name, local, source_dir=source_dir, **options)
-        uploaded = storage.copy_tree(epath.Path(local) / name, data_dir / name)
+        # dataset_info.json marks a version prepared (``load``): it goes up last, so an
+        # upload cut short is not taken for a prepared dataset.
+        uploaded = storage.copy_tree(
+            epath.Path(local) / name, data_dir / name, last=(PREPARED_MARK,)
+        )
     logging.info("%s: uploaded %d files to %s", name, len(uploaded), data_dir / name)
     return load(name, data_dir)
 
@@ -84,7 +91,7 @@ def load(name: str, data_dir: str | os.PathLike) -> PreparedDataset:
     root = storage.path(data_dir) / name
     if storage.is_remote(root):
         storage.require_bucket(root)
-    versions = sorted(p for p in root.glob("*") if (p / "dataset_info.json").exists())
+    versions = sorted(p for p in root.glob("*") if (p / PREPARED_MARK).exists())
     if not versions:
         raise DatasetNotFoundError(
             f"dataset {name!r} is not prepared under {data_dir} (no {root}/<version>/"
