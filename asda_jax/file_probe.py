@@ -187,8 +187,12 @@ def fit_and_score(x: np.ndarray, labels: np.ndarray, fold: Fold, l2: float) -> f
 
 def chosen_penalty(x, labels, files: Sequence[LabelledFile], fold: Fold) -> float:
     """The penalty of PENALTIES that scores best when the training part's own groups
-    (or folds) are held out in turn."""
+    (or folds) are held out in turn. A training part of one group (a folder of two
+    sources) has no group to hold out: its files are then dealt into three folds per
+    class, as a folder without groups is."""
     inner_files = [files[i] for i in fold.train]
+    if len({f.group for f in inner_files}) < 2:
+        inner_files = [dataclasses.replace(f, group="") for f in inner_files]
     inner = held_out_folds(inner_files, k=3)
     sub_x, sub_labels = x[fold.train], labels[fold.train]
     scores = [np.mean([fit_and_score(sub_x, sub_labels, f, l2) for f in inner]) for l2 in PENALTIES]

@@ -49,6 +49,18 @@ flags.DEFINE_string("output", None, "Write the results here as JSON.")
 flags.mark_flags_as_required(["labels"])
 
 
+def probed(encoders: dict, waves, files, folds) -> dict:
+    """The probe's results per feature set: log-mel statistics and each encoder's."""
+    results = {}
+    if FLAGS.logmel:
+        features = file_probe.logmel_statistics(waves)
+        results["log-mel statistics"] = file_probe.run(features, files, folds)
+    for name, encoder in encoders.items():
+        features = file_probe.encoder_features(encoder, waves, FLAGS.pooling)
+        results[name] = file_probe.run(features, files, folds)
+    return results
+
+
 def main(argv):
     del argv
     cli.quiet_library_logs()
@@ -69,14 +81,11 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"{len(files)} files, {len(folds)} folds; skipped {dict(skipped) or 'none'}", flush=True)
-    results = {}
-    if FLAGS.logmel:
-        results["log-mel statistics"] = file_probe.run(
-            file_probe.logmel_statistics(waves), files, folds
-        )
-    for name, encoder in encoders.items():
-        features = file_probe.encoder_features(encoder, waves, FLAGS.pooling)
-        results[name] = file_probe.run(features, files, folds)
+    try:
+        results = probed(encoders, waves, files, folds)
+    except ValueError as e:  # folds a probe cannot fit (e.g. a class only one source has)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(file_probe.table(results, [f.name for f in folds]))
     if FLAGS.output:
         report = {"files": len(files), "skipped": dict(skipped), "pooling": FLAGS.pooling}

@@ -100,6 +100,16 @@ def test_the_probe_scores_features_of_the_class_not_features_of_the_source():
     assert f"| good | {good.per_fold['x']:.3f} |" in table
 
 
+def test_two_sources_probe_each_other_with_the_penalty_chosen_inside_one():
+    rng = np.random.default_rng(4)
+    label_ids = rng.integers(0, 2, 60)
+    files = labelled(zip(np.array(["a", "b"])[label_ids], ["x"] * 30 + ["y"] * 30, strict=True))
+    features = np.eye(2)[label_ids] + 0.3 * rng.standard_normal((60, 2))
+    result = file_probe.run(features, files, file_probe.held_out_folds(files))
+    assert set(result.per_fold) == {"x", "y"} and result.mean > 0.9
+    assert set(result.penalties.values()) <= set(file_probe.PENALTIES)
+
+
 def test_effective_rank_counts_the_directions_features_spread_over():
     rng = np.random.default_rng(6)
     line = rng.standard_normal((100, 1)) * rng.standard_normal((1, 8))
@@ -241,6 +251,18 @@ def test_the_probe_tool_prints_and_writes_every_feature_set(encoder_export, tmp_
     missing = subprocess.run([*command[:2], f"--labels={tmp_path / 'none'}", "--logmel"],
                              cwd=th.ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert missing.returncode == 2 and "no such folder" in missing.stderr
+    two = [row for row in rows if row.endswith((",one", ",two"))]  # a folder of two sources
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "labels.csv").write_text(
+        "path,label,group\n" + "\n".join(f"../notes/{row}" for row in two) + "\n"
+    )
+    both = subprocess.run([*command[:2], f"--labels={tmp_path / 'two'}", "--logmel"],
+                          cwd=th.ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert (
+        "12 files, 2 folds" in both.stdout
+        and "| log-mel statistics | 1.000 | 1.000 |" in both.stdout
+    )
 
 
 # ---------------------------------------------------------------------------- sound banks
