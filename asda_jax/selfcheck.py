@@ -63,21 +63,24 @@ class Check:
     form: str
     where: str
     dtype: str
-    forward_error: float
-    gradient_error: float | None  # None: forward only in this run
+    forward_error: float | None  # None: the kernel raised
+    gradient_error: float | None  # None: forward only in this run, or the kernel raised
     forward_bound: float
     gradient_bound: float
-    kernel_ms: float
+    kernel_ms: float | None  # None: the kernel raised
     xla_ms: float
+    error: str | None = None  # what the kernel raised (lowering, memory, runtime)
 
     @property
     def agrees(self) -> bool:
+        if self.error is not None:
+            return False
         grads_ok = self.gradient_error is None or self.gradient_error <= self.gradient_bound
         return bool(self.forward_error <= self.forward_bound and grads_ok)
 
     @property
     def slower(self) -> bool:
-        return self.kernel_ms > self.xla_ms
+        return self.kernel_ms is not None and self.kernel_ms > self.xla_ms
 
 
 def wanted(run: config_lib.RunConfig) -> bool:
@@ -257,22 +260,30 @@ def _median_ms(fn, inputs, calls: int) -> float:
 
 
 def check_call(call: Call, dtype: str, timed_calls: int = TIMED_CALLS) -> Check:
+    """The kernel against its XLA form at one shape. A kernel that raises (a lowering
+    it refuses, on-chip memory it cannot have, a fault when it runs) is a kernel that
+    disagrees: the run takes the XLA form, and the error text is kept for the report.
+    The XLA form raising is the run's own fault and is not caught."""
     key = jax.random.PRNGKey(1)
     run = lambda fn: jax.jit(lambda *a: _outputs_and_grads(fn, a, call.backward, key))
     kernel, reference = run(call.fn), run(call.reference)
-    (out, grads), (want, want_grads) = kernel(*call.inputs), reference(*call.inputs)
+    want, want_grads = jax.block_until_ready(reference(*call.inputs))
     forward_bound, gradient_bound = BOUNDS[dtype]
+    found = dict(kernel=call.kernel, form=call.form, where=call.where, dtype=dtype,
+                 forward_bound=forward_bound, gradient_bound=gradient_bound,
+                 xla_ms=_median_ms(reference, call.inputs, timed_calls))  # fmt: skip
+    try:
+        out, grads = jax.block_until_ready(kernel(*call.inputs))
+        kernel_ms = _median_ms(kernel, call.inputs, timed_calls)
+    except Exception as e:  # whatever the kernel's compiler or runtime raises
+        text = f"{type(e).__name__}: {e}"
+        return Check(**found, forward_error=None, gradient_error=None, kernel_ms=None,
+                     error=text[:2000])  # fmt: skip
     return Check(
-        kernel=call.kernel,
-        form=call.form,
-        where=call.where,
-        dtype=dtype,
+        **found,
         forward_error=relative_error(out, want),
         gradient_error=None if grads is None else relative_error(grads, want_grads),
-        forward_bound=forward_bound,
-        gradient_bound=gradient_bound,
-        kernel_ms=_median_ms(kernel, call.inputs, timed_calls),
-        xla_ms=_median_ms(reference, call.inputs, timed_calls),
+        kernel_ms=kernel_ms,
     )
 
 
@@ -331,10 +342,14 @@ def table(checks: list[Check]) -> str:
     head = ("kernel", "form", "where", "fwd err", "grad err", "kernel ms", "XLA ms", "verdict")
     rows = [head]
     for c in checks:
+        forward = "-" if c.forward_error is None else f"{c.forward_error:.1e}"
         grad = "-" if c.gradient_error is None else f"{c.gradient_error:.1e}"
+        kernel_ms = "-" if c.kernel_ms is None else f"{c.kernel_ms:.2f}"
         verdict = ("agrees" if c.agrees else "DISAGREES") + (", slower" if c.slower else "")
-        rows.append((c.kernel, c.form, c.where, f"{c.forward_error:.1e}", grad,
-                     f"{c.kernel_ms:.2f}", f"{c.xla_ms:.2f}", verdict))  # fmt: skip
+        if c.error is not None:
+            verdict = f"RAISED {c.error.splitlines()[0][:120]}"
+        rows.append((c.kernel, c.form, c.where, forward, grad, kernel_ms, f"{c.xla_ms:.2f}",
+                     verdict))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
 

@@ -263,7 +263,12 @@ def self_checked(
                  selfcheck.table(checks))  # fmt: skip
     off = agreed_union(selfcheck.dropped(run, checks), selfcheck.KERNELS)
     for c in checks:
-        if not c.agrees:
+        if c.error is not None:
+            logging.error(
+                "the %s kernel (%s) raised at %s: %s; this run uses the XLA form",
+                c.kernel, c.form, c.where, c.error,
+            )  # fmt: skip
+        elif not c.agrees:
             logging.error(
                 "the %s kernel (%s) disagrees with its XLA form at %s (forward error %.2g, "
                 "gradients %s; bounds %.2g, %.2g): this run uses the XLA form",

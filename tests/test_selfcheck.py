@@ -110,6 +110,11 @@ def flipped_weight_gradient(backward):
     return wrong
 
 
+def refused_lowering(*args):
+    """The MLP kernel's backward as a compiler that cannot lower it."""
+    raise RuntimeError("Mosaic failed to compile TPU kernel: scoped Vmem limit exceeded")
+
+
 def dropped_tail_block(forward):
     """The decoder kernel's forward with its last example's block never written."""
     return lambda *args: forward(*args).at[-1].set(0)
@@ -181,6 +186,20 @@ def test_a_run_with_a_wrong_kernel_falls_back_and_trains_as_an_xla_run(
     first = json.loads((tmp_path / "checked" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["selfcheck/mlp_agrees"] == 0.0 and first["selfcheck/dropped"] == 1.0
     assert np.isfinite(first["loss"])
+    # A kernel that raises (as Mosaic does for a block it cannot lower, or a scoped-VMEM
+    # refusal) counts as one that disagrees: recorded, dropped, and the run goes on.
+    monkeypatch.setattr(mlp_kernel, "_backward", refused_lowering)
+    task, params = final_params(tmp_path / "raised", config)
+    assert task.run.mlp == "xla"
+    jax.tree.map(np.testing.assert_array_equal, params, xla)
+    report = json.loads((tmp_path / "raised" / "selfcheck.json").read_text())
+    raised = [r for r in report["checks"] if r["kernel"] == "mlp" and not r["agrees"]]
+    assert report["dropped"] == ["mlp"] and raised and raised[0]["forward_error"] is None
+    assert "scoped Vmem limit exceeded" in raised[0]["error"]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("mlp kernel (pallas) raised" in m and "uses the XLA form" in m for m in said)
+    first = json.loads((tmp_path / "raised" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["selfcheck/mlp_agrees"] == 0.0 and np.isfinite(first["loss"])
 
 
 @pytest.mark.subprocess
