@@ -6,8 +6,9 @@ A release ``.pt`` is a pickled fairseq dict: ``model`` (the state_dict), ``cfg``
 the file is read with ``torch.load(weights_only=True)``, whose unpickler only builds
 tensors, containers and allow-listed classes. Classes of the metadata packages
 (``fairseq``, ``omegaconf``) become inert stand-ins (no code of theirs runs; their
-state is just stored); any other global — ``os.system``, ``builtins.eval``, a class
-of some other package — makes the load fail with the list of what was refused.
+state is just stored); NumPy scalars, dtypes and arrays and argparse's ``Namespace``
+are built as the data they are; any other global — ``os.system``, ``builtins.eval``, a
+class of some other package — makes the load fail with the list of what was refused.
 
 Pretraining checkpoints hold the student (fp16 in the release), ``_ema`` (the teacher,
 a nested dict, fp32) and the decoder; fine-tuned ones prefix the encoder with
@@ -33,6 +34,24 @@ from asda_jax import model as model_lib
 from asda_jax.model import ModelConfig
 
 METADATA_PACKAGES = ("fairseq.", "omegaconf.")  # inert stand-ins are made for these only
+
+
+def _data_globals() -> dict[str, object]:
+    """Globals a fairseq trainer's checkpoint names that build data and run nothing of
+    the file's choosing: NumPy scalars, dtypes and arrays (validation losses, best
+    scores, meter values) and argparse's Namespace (the ``args`` record of checkpoints
+    from before fairseq's hydra configs), each under NumPy 1's and NumPy 2's names."""
+    import argparse
+
+    multiarray = np._core.multiarray
+    found: dict[str, object] = {"numpy.dtype": np.dtype, "numpy.ndarray": np.ndarray}
+    for package in ("numpy.core", "numpy._core"):
+        found[f"{package}.multiarray.scalar"] = multiarray.scalar
+        found[f"{package}.multiarray._reconstruct"] = multiarray._reconstruct
+    found["argparse.Namespace"] = argparse.Namespace
+    return found
+
+
 FINETUNED_PREFIX = "model."
 
 
@@ -63,16 +82,20 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UnsafeCheckpoint(
             f"{path} is not a torch.save zip archive ({e}); re-save it with torch.save"
         ) from e
-    refused = [g for g in unsafe if not g.startswith(METADATA_PACKAGES)]
+    data = _data_globals()
+    refused = [g for g in unsafe if not g.startswith(METADATA_PACKAGES) and g not in data]
     if refused:
         raise UnsafeCheckpoint(
             f"{path} refers to code outside tensors and containers: {refused}. It was not "
-            "loaded: a pickle that names these would run them. Only tensors, containers "
-            f"and the metadata classes of {METADATA_PACKAGES} are accepted"
+            "loaded: a pickle that names these would run them. Only tensors, containers, "
+            f"NumPy and argparse data, and the metadata classes of {METADATA_PACKAGES} "
+            "are accepted"
         )
-    stand_ins = [_stand_in(g) for g in unsafe]
+    allowed = [(data[g], g) if g in data else _stand_in(g) for g in unsafe]
+    if any(g.startswith("numpy.") for g in unsafe):  # a dtype's class, named at BUILD only
+        allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
     try:
-        with torch.serialization.safe_globals(stand_ins):
+        with torch.serialization.safe_globals(allowed):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpoint(f"{path}: refused by the weights-only unpickler: {e}") from e

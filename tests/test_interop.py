@@ -1,5 +1,6 @@
 """The authors' checkpoints through launch/convert_torch.py, exports, resharding restores."""
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -166,6 +167,72 @@ def test_missing_and_mismatched_tensors_are_reported(tmp_path):
     done = convert(tmp_path / "shapes.pt", tmp_path / "out")
     assert done.returncode == 2 and "blocks.0.attn.v.weight: file (64, 65)" in done.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def save_like_fairseqs_trainer(path, model: ref.ReleaseModel) -> None:
+    """The dict fairseq's ``Trainer.save_checkpoint`` and ``checkpoint_utils.
+    save_checkpoint`` fill, pre-hydra: ``args`` as an argparse Namespace, the optimizer's
+    whole state, its history with the scheduler's state, and ``extra_state`` with the
+    meters, the validation loss and the best score as NumPy scalars."""
+    weights = {k: v.half() for k, v in model.state_dict().items()}
+    moments = {i: {"step": torch.tensor(400.0), "exp_avg": torch.zeros(3),
+                   "exp_avg_sq": torch.ones(3)} for i in range(2)}  # fmt: skip
+    meters = fairseq_meters()
+    packages = {"fairseq": types.ModuleType("fairseq"), "fairseq.logging": types.ModuleType("x")}
+    stand_ins = {**packages, meters.__name__: meters}
+    sys.modules.update(stand_ins)
+    try:
+        checkpoint = {
+            "args": argparse.Namespace(
+                arch="data2vec_multi", lr=[0.0005], max_update=400_000, fp16=True, seed=np.int64(1)
+            ),
+            "cfg": None,
+            "model": weights,
+            "criterion": None,
+            "optimizer_history": [
+                {
+                    "criterion_name": "ModelCriterion",
+                    "optimizer_name": "FairseqAdam",
+                    "lr_scheduler_state": {"best": np.float64(0.4137)},
+                    "num_updates": 400_000,
+                }
+            ],
+            "task_state": {},
+            "extra_state": {
+                "metrics": {"train": {"loss": meters.AverageMeter()}},
+                "previous_training_time": 123_456.7,
+                "train_iterator": {"epoch": 11, "iterations_in_epoch": 0, "shuffle": True},
+                "val_loss": np.float64(0.4137),
+                "best": np.float32(0.4137),
+                "dtype": np.dtype("float16"),
+            },
+            "last_optimizer_state": {
+                "state": moments,
+                "param_groups": [{"lr": 0.0005, "betas": (0.9, 0.98), "params": [0, 1]}],
+                "loss_scale": np.float32(128.0),
+            },
+        }
+        torch.save(checkpoint, path)
+    finally:
+        for name in stand_ins:
+            del sys.modules[name]
+
+
+def test_a_checkpoint_as_fairseqs_trainer_writes_it_reads_as_the_minimal_one(tmp_path):
+    model = release_model(3)
+    save_like_fairseqs_trainer(tmp_path / "trainer.pt", model)
+    torch.save({"model": {k: v.half() for k, v in model.state_dict().items()}},
+               tmp_path / "minimal.pt")  # fmt: skip
+    full = torch_import.load_checkpoint(tmp_path / "trainer.pt")
+    assert full["args"].max_update == 400_000 and full["extra_state"]["val_loss"] == 0.4137
+    cfg = torch_import.infer_config(torch_import.split_state(full).student, num_heads=HEADS)
+    params = {
+        name: torch_import.convert(
+            torch_import.split_state(torch_import.load_checkpoint(tmp_path / name)), cfg
+        )
+        for name in ("trainer.pt", "minimal.pt")
+    }
+    jax.tree.map(np.testing.assert_array_equal, params["trainer.pt"], params["minimal.pt"])
 
 
 class Payload:
