@@ -1,6 +1,7 @@
 """The authors' checkpoints through launch/convert_torch.py, exports, resharding restores."""
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -38,8 +39,10 @@ def release_model(seed: int, **kw) -> ref.ReleaseModel:
     return ref.randomize_(model, seed).eval()
 
 
-def fairseq_meters() -> types.ModuleType:
-    """A stand-in ``fairseq.logging.meters`` so the saved pickle names a fairseq class."""
+@contextlib.contextmanager
+def fairseq_meters():
+    """A stand-in ``fairseq.logging.meters`` while a pickle is written, so the pickle
+    names a fairseq class; removed after, as the loader must not need fairseq."""
     module = types.ModuleType("fairseq.logging.meters")
 
     class AverageMeter:
@@ -49,7 +52,14 @@ def fairseq_meters() -> types.ModuleType:
     AverageMeter.__module__ = module.__name__
     AverageMeter.__qualname__ = "AverageMeter"
     module.AverageMeter = AverageMeter
-    return module
+    packages = {"fairseq": types.ModuleType("fairseq"), "fairseq.logging": types.ModuleType("x")}
+    stand_ins = {**packages, module.__name__: module}
+    sys.modules.update(stand_ins)
+    try:
+        yield module
+    finally:
+        for name in stand_ins:
+            del sys.modules[name]
 
 
 def save_release(path, model: ref.ReleaseModel, teacher=None, finetuned=False):
@@ -61,11 +71,7 @@ def save_release(path, model: ref.ReleaseModel, teacher=None, finetuned=False):
         state = {(k if k.startswith(head) else "model." + k): v for k, v in state.items()}
     if teacher is not None:
         state["_ema"] = {k: v.float() for k, v in teacher.state_dict().items()}
-    meters = fairseq_meters()
-    packages = {"fairseq": types.ModuleType("fairseq"), "fairseq.logging": types.ModuleType("x")}
-    stand_ins = {**packages, meters.__name__: meters}
-    sys.modules.update(stand_ins)
-    try:
+    with fairseq_meters() as meters:
         checkpoint = {
             "args": None,
             "cfg": {"model": {"_name": "ASDA"}},
@@ -73,9 +79,6 @@ def save_release(path, model: ref.ReleaseModel, teacher=None, finetuned=False):
             "extra_state": {"metrics": {"train": meters.AverageMeter()}},
         }
         torch.save(checkpoint, path)
-    finally:
-        for name in stand_ins:  # the loader must not need fairseq
-            del sys.modules[name]
 
 
 def rounded(model: ref.ReleaseModel) -> ref.ReleaseModel:
@@ -177,11 +180,7 @@ def save_like_fairseqs_trainer(path, model: ref.ReleaseModel) -> None:
     weights = {k: v.half() for k, v in model.state_dict().items()}
     moments = {i: {"step": torch.tensor(400.0), "exp_avg": torch.zeros(3),
                    "exp_avg_sq": torch.ones(3)} for i in range(2)}  # fmt: skip
-    meters = fairseq_meters()
-    packages = {"fairseq": types.ModuleType("fairseq"), "fairseq.logging": types.ModuleType("x")}
-    stand_ins = {**packages, meters.__name__: meters}
-    sys.modules.update(stand_ins)
-    try:
+    with fairseq_meters() as meters:
         checkpoint = {
             "args": argparse.Namespace(
                 arch="data2vec_multi", lr=[0.0005], max_update=400_000, fp16=True, seed=np.int64(1)
@@ -213,9 +212,6 @@ def save_like_fairseqs_trainer(path, model: ref.ReleaseModel) -> None:
             },
         }
         torch.save(checkpoint, path)
-    finally:
-        for name in stand_ins:
-            del sys.modules[name]
 
 
 def test_a_checkpoint_as_fairseqs_trainer_writes_it_reads_as_the_minimal_one(tmp_path):
