@@ -104,6 +104,47 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def task_config(checkpoint: Mapping) -> Mapping:
+    """The task section of a checkpoint's config: ``cfg["task"]`` (hydra-era fairseq),
+    else the legacy ``args`` Namespace's fields, else nothing."""
+    cfg, args = checkpoint.get("cfg"), checkpoint.get("args")
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("task"), Mapping):
+        return cfg["task"]
+    return vars(args) if hasattr(args, "__dict__") and not isinstance(args, type) else {}
+
+
+# The release's dataset flags and the normalisation each selects; none set: AudioSet's.
+NORM_FLAGS = {"esc50_eval": "esc50", "spcv2_eval": "spcv2", "fsd50k_eval": "fsd50k"}
+
+
+def release_input(
+    checkpoint: Mapping, target_frames: int | None, norm: str | None
+) -> tuple[int, str, dict[str, str]]:
+    """(input frames, normalisation, where each came from) of a release checkpoint: the
+    flags where given, else its task config (``cfg["task"]``, or the legacy ``args``):
+    ``target_length``, and the dataset flag that chose the statistics. Raises
+    ValueError naming the flag where neither says."""
+    task = task_config(checkpoint)
+    said = {}
+    if target_frames is None and task.get("target_length") is not None:
+        target_frames, said["target_frames"] = int(task["target_length"]), "cfg target_length"
+    if norm is None and "target_length" in task:  # a task config: its flags are all there
+        norm = next((n for flag, n in NORM_FLAGS.items() if task.get(flag)), "audioset")
+        said["norm"] = f"cfg {next((f for f in NORM_FLAGS if task.get(f)), 'no dataset flag')}"
+    missing = [name for name, value in (("target_frames", target_frames), ("norm", norm))
+               if value is None]  # fmt: skip
+    if missing:
+        raise ValueError(
+            f"this checkpoint's config does not say its input ({', '.join(missing)}): pass "
+            + " and ".join(f"--{m}" for m in missing)
+            + " (1024 frames and audioset for AudioSet, 512 and esc50 for ESC-50, 128 and "
+            "spcv2 for Speech Commands)"
+        )
+    said = {"target_frames": "--target_frames", "norm": "--norm"} | said
+    return target_frames, norm, {k: f"{v} from {said[k]}" for k, v in
+                                 (("target_frames", target_frames), ("norm", norm))}  # fmt: skip
+
+
 def to_numpy(tree) -> dict:
     """Tensors (nested dicts of them) as float32 NumPy arrays."""
     import torch

@@ -16,6 +16,12 @@ distance from ours, then writes ``<output>/model.json`` + ``<output>/params/``
 Hugging Face pretrained model, {encoder, fc_norm, head} for a fine-tuned one), which
 fine-tuning (finetune.init_from), extract, infer and the HEAR module load.
 
+A ``.pt``'s input length and normalisation are read from its ``cfg`` (or legacy
+``args``): ``target_length``, and ``esc50_eval``/``spcv2_eval``/``fsd50k_eval`` for
+those datasets' statistics, else AudioSet's; the report says where each came from.
+Where the checkpoint does not say, ``--target_frames`` and ``--norm`` must: a wrong
+guess would give the model the wrong windows and statistics.
+
 Exit codes: 0 written, 2 unreadable/refused/mismatched (nothing written).
 """
 
@@ -32,29 +38,34 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A release .pt file, or a Hugging Face folder or id.")
 flags.DEFINE_string("output", None, "A new (or empty) directory for the export.")
 flags.DEFINE_integer("num_heads", None, "Attention heads of a .pt (default: embed_dim / 64).")
-flags.DEFINE_integer("target_frames", 1024, "Input frames a .pt's model was trained on.")
-flags.DEFINE_enum("norm", "audioset", list(audio.NORM_STATS), "A .pt's fbank normalisation.")
+flags.DEFINE_integer(
+    "target_frames", None, "Input frames a .pt's model was trained on (default: its cfg's)."
+)
+flags.DEFINE_enum(
+    "norm", None, list(audio.NORM_STATS), "A .pt's fbank normalisation (default: its cfg's)."
+)
 flags.mark_flags_as_required(["checkpoint", "output"])
 
 
 def convert_release(path: str):
     """(params, ModelConfig, report, description) of a release .pt; raises on a mismatch."""
-    release = torch_import.split_state(torch_import.load_checkpoint(path))
+    checkpoint = torch_import.load_checkpoint(path)
+    release = torch_import.split_state(checkpoint)
     cfg = torch_import.infer_config(release.student, FLAGS.num_heads)
     report = torch_import.key_report(release, cfg)
     problems = {k: v for k, v in report.items() if v and not k.startswith("unexpected")}
     if problems:
         raise checkpoints.CheckpointMismatch(f"does not fit {cfg}: {problems}")
-    report = {"kind": release.kind, **report}
+    frames, norm, said = torch_import.release_input(checkpoint, FLAGS.target_frames, FLAGS.norm)
+    report = {"kind": release.kind, "input": said, **report}
     params = torch_import.convert(release, cfg)
     torch_import.check_shapes(params, cfg)
     if release_weights.POSITIONS in release.student:
         distance = release_weights.positions_max_difference(release.student, cfg)
         report["positions_max_difference"] = distance
     description = dict(
-        source=path, kind=release.kind, target_frames=FLAGS.target_frames,
-        norm=audio.NORM_STATS[FLAGS.norm],
-    )  # fmt: skip
+        source=path, kind=release.kind, target_frames=frames, norm=audio.NORM_STATS[norm]
+    )
     if release.kind == "finetuned":
         classes = params["head"]["bias"].shape[0]
         description |= release_weights.classifier_description(classes)

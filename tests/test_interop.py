@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from asda_jax import (
+    audio,
     checkpoints,
     config_lib,
     inference,
@@ -62,9 +63,9 @@ def fairseq_meters():
             del sys.modules[name]
 
 
-def save_release(path, model: ref.ReleaseModel, teacher=None, finetuned=False):
+def save_release(path, model: ref.ReleaseModel, teacher=None, finetuned=False, task=None):
     """The release's container: fp16 student, fp32 ``_ema`` as a nested dict, fairseq
-    meters pickled in ``extra_state``."""
+    meters pickled in ``extra_state``, ``task`` as its cfg's task section."""
     state = {k: v.half() for k, v in model.state_dict().items()}
     if finetuned:
         head = ("fc_norm.", "head.")
@@ -74,7 +75,7 @@ def save_release(path, model: ref.ReleaseModel, teacher=None, finetuned=False):
     with fairseq_meters() as meters:
         checkpoint = {
             "args": None,
-            "cfg": {"model": {"_name": "ASDA"}},
+            "cfg": {"model": {"_name": "ASDA"}, **({"task": task} if task else {})},
             "model": state,
             "extra_state": {"metrics": {"train": meters.AverageMeter()}},
         }
@@ -115,8 +116,13 @@ def test_a_pretraining_checkpoint_converts_to_the_same_features(tmp_path):
     student = release_model(0, decoder_layers=2, decoder_groups=4, decoder_grid=(6, 8))
     teacher = release_model(1)
     save_release(tmp_path / "pretrained.pt", student, teacher)
-    done = convert(tmp_path / "pretrained.pt", tmp_path / "export")
+    refused = convert(tmp_path / "pretrained.pt", tmp_path / "export")  # its cfg has no task
+    assert refused.returncode == 2 and "pass --target_frames and --norm" in refused.stderr
+    assert not (tmp_path / "export").exists()
+    done = convert(tmp_path / "pretrained.pt", tmp_path / "export",
+                   f"--target_frames={FRAMES}", "--norm=audioset")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f'"target_frames": "{FRAMES} from --target_frames"' in done.stdout
     assert '"missing": []' in done.stdout and '"unexpected": []' in done.stdout
     assert_architecture_only(tmp_path / "export")
     spec = spectrogram()
@@ -129,17 +135,22 @@ def test_a_pretraining_checkpoint_converts_to_the_same_features(tmp_path):
         ours = np.asarray(encode(spec))
         np.testing.assert_allclose(ours[:, 0], expected[:, 0].numpy(), atol=1e-4)  # CLS
         np.testing.assert_allclose(ours[:, 1:], expected[:, 1:].numpy(), atol=1e-4)  # frames
-    assert convert(tmp_path / "pretrained.pt", tmp_path / "export").returncode == 2  # not empty
+    again = convert(tmp_path / "pretrained.pt", tmp_path / "export", "--target_frames=64",
+                    "--norm=audioset")  # fmt: skip
+    assert again.returncode == 2 and "not empty" in again.stderr
 
 
 @pytest.mark.subprocess
 def test_a_fine_tuned_checkpoint_converts_to_the_same_logits(tmp_path):
     model = release_model(2, num_classes=CLASSES)
-    save_release(tmp_path / "finetuned.pt", model, finetuned=True)
-    done = convert(tmp_path / "finetuned.pt", tmp_path / "export", f"--target_frames={FRAMES}")
+    task = {"_name": "audio_classification", "target_length": FRAMES, "esc50_eval": True}
+    save_release(tmp_path / "finetuned.pt", model, finetuned=True, task=task)
+    done = convert(tmp_path / "finetuned.pt", tmp_path / "export")  # its cfg says the input
     assert done.returncode == 0, done.stderr[-3000:]
+    assert '"norm": "esc50 from cfg esc50_eval"' in done.stdout
     classify, _, inputs = inference.load_classifier(tmp_path / "export")
     assert inputs.target_frames == FRAMES and inputs.num_classes == CLASSES
+    assert inputs.norm == audio.NORM_STATS["esc50"]
     spec = spectrogram(1)
     with torch.no_grad():
         expected = torch.sigmoid(rounded(model).logits(torch.from_numpy(spec))).numpy()
@@ -229,6 +240,19 @@ def test_a_checkpoint_as_fairseqs_trainer_writes_it_reads_as_the_minimal_one(tmp
         for name in ("trainer.pt", "minimal.pt")
     }
     jax.tree.map(np.testing.assert_array_equal, params["trainer.pt"], params["minimal.pt"])
+
+
+def test_a_release_checkpoints_input_is_read_from_its_config_or_required():
+    legacy = {"args": argparse.Namespace(target_length=128, spcv2_eval=True), "cfg": None}
+    assert torch_import.release_input(legacy, None, None)[:2] == (128, "spcv2")
+    hydra = {"cfg": {"task": {"target_length": 1024, "esc50_eval": False}}}
+    frames, norm, said = torch_import.release_input(hydra, None, None)
+    assert (frames, norm) == (1024, "audioset") and said["norm"].endswith("no dataset flag")
+    assert torch_import.release_input(hydra, 512, "esc50")[:2] == (512, "esc50")  # flags win
+    with pytest.raises(ValueError, match="pass --target_frames and --norm"):
+        torch_import.release_input({"cfg": {"model": {}}, "args": None}, None, None)
+    with pytest.raises(ValueError, match=r"\(norm\): pass --norm"):
+        torch_import.release_input({}, 1024, None)
 
 
 class Payload:
