@@ -52,6 +52,7 @@ AUDIOSET_CLASSES = release_weights.AUDIOSET_CLASSES  # a pretrained config's def
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2}  # what safetensors' NumPy API reads
 _MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+HUB_PREFIX = "hf://"  # how a hub repository is asked for
 
 
 class MalformedWeights(ValueError):
@@ -165,14 +166,22 @@ def write_tensors(path: os.PathLike, tensors: dict[str, np.ndarray]) -> None:
 
 
 def resolve(source: str) -> epath.Path:
-    """The local (or gs://) model directory ``source`` names; a hub id (``org/name``)
-    that is not a local folder is downloaded with huggingface_hub where it is
-    installed and the hub can be reached."""
+    """The local (or gs://) model directory ``source`` names, or, asked for as
+    ``hf://org/name``, a hub repository downloaded with huggingface_hub (where it is
+    installed and the hub can be reached). A path that does not exist is a missing path,
+    never a hub id."""
+    if source.startswith(HUB_PREFIX):
+        return _downloaded(source[len(HUB_PREFIX) :])
     path = storage.path(source)
     if path.is_dir():
         return path
-    if storage.is_remote(path) or not _HUB_ID.fullmatch(source):
-        raise FileNotFoundError(f"{source}: no such model directory")
+    hint = f" (a hub repository is named hf://{source})" if _HUB_ID.fullmatch(source) else ""
+    raise FileNotFoundError(f"{source}: no such model directory{hint}")
+
+
+def _downloaded(source: str) -> epath.Path:
+    if not _HUB_ID.fullmatch(source):
+        raise FileNotFoundError(f"hf://{source}: a hub repository is hf://<org>/<name>")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
@@ -196,6 +205,19 @@ _FIXED = dict(
 )  # fmt: skip
 # Training-time dropouts our model does not have; read, reported, not used.
 _DROPOUTS = ("drop_rate", "attn_drop_rate", "activation_dropout", "post_mlp_drop")
+# What an EAT config.json may hold: the fields read below, the fixed and ignored ones,
+# and what transformers writes into every config. Anything else is refused by name.
+_EAT_FIELDS = {
+    "model_type", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "stride",
+    "mel_bins", "max_length", "img_size", "num_classes", "model_variant",
+    "end_drop_path_rate", *_FIXED, *_DROPOUTS,
+}  # fmt: skip
+_TRANSFORMERS_FIELDS = {
+    "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
+    "_name_or_path", "id2label", "label2id", "problem_type", "return_dict",
+    "output_hidden_states", "output_attentions", "use_cache", "is_encoder_decoder",
+    "tie_word_embeddings", "chunk_size_feed_forward", "pruned_heads", "initializer_range",
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +240,9 @@ def read_config(fields: dict, where: str = CONFIG_FILE) -> HubModel:
         return read_asda_config(fields, where)
     if fields.get("model_type") != "eat":
         raise ValueError(f"{where}: model_type {fields.get('model_type')!r}, not 'eat' or 'asda'")
+    unknown = sorted(set(fields) - _EAT_FIELDS - _TRANSFORMERS_FIELDS)
+    if unknown:
+        raise ValueError(f"{where}: fields this model does not have: {unknown}")
     wrong = [
         f"{k}={fields[k]!r} (ours: {v!r})"
         for k, v in _FIXED.items()
@@ -331,10 +356,30 @@ def layout(hub: HubModel) -> list[release_weights.Tensor]:
 
 def key_report(have: dict[str, tuple[int, ...]], hub: HubModel) -> dict[str, list[str]]:
     """Names the layout needs but the file (``have``: its shapes) lacks, names it does
-    not use, and shapes that differ from the config's."""
+    not use, and shapes that differ from the config's. Refuses first, by arithmetic
+    alone, a config whose depth asks for more tensors than the file holds and a block
+    more (so an untrusted config's numbers never size a loop or an array beyond what
+    the file itself holds; a few missing tensors are still named)."""
+    expected, per_block = tensor_count(hub)
+    if expected > len(have) + per_block:
+        raise ValueError(
+            f"the config describes {expected} tensors (depth {hub.model.depth}), "
+            f"the file holds {len(have)}"
+        )
     want = release_weights.shapes_of(layout(hub))
-    want[HUGGING_FACE.positions] = release_weights.positions_table(hub.model).shape
+    m = hub.model
+    want[HUGGING_FACE.positions] = (1, m.max_time_patches * m.freq_patches, m.embed_dim)
     return release_weights.compare_shapes(have, want)
+
+
+def tensor_count(hub: HubModel) -> tuple[int, int]:
+    """(tensors of ``hub``'s layout, the positions apart; tensors a block adds), from a
+    one- and a two-block layout."""
+    one, two = (
+        len(layout(dataclasses.replace(hub, model=dataclasses.replace(hub.model, depth=d))))
+        for d in (1, 2)
+    )
+    return one + (two - one) * (hub.model.depth - 1), two - one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,7 +407,8 @@ POSITIONS_TOLERANCE = 1e-3
 
 
 def import_model(source: str) -> Imported:
-    """An EAT-layout directory (or hub id) as our parameters; raises on any mismatch."""
+    """A directory (EAT's or ours; ``hf://org/name``: from the hub) as our parameters;
+    raises on any mismatch."""
     directory = resolve(source)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     for needed in (config_path, weights_path):

@@ -4,12 +4,14 @@
     python launch/convert_torch.py --checkpoint=ASDA_pretrain.pt --output=exports/asda-as2m
     python launch/convert_torch.py --checkpoint=ASDA_finetuned_as2m.pt --output=exports/asda-ft
     python launch/convert_torch.py --checkpoint=EAT-base_epoch30_finetune_AS2M/ --output=exports/eat
-    python launch/convert_torch.py --checkpoint=worstchan/EAT-base_epoch30_pretrain --output=...
+    python launch/convert_torch.py --checkpoint=hf://worstchan/EAT-base_epoch30_pretrain \
+        --output=exports/eat-pretrain
 
 A ``.pt`` is read without executing any pickled code (asda_jax/torch_import.py; a file
 that names code is refused; needs PyTorch). A folder (``config.json`` +
 ``model.safetensors``) is read with safetensors' NumPy API (asda_jax/hf_weights.py); a
-hub id works where huggingface_hub is installed and the hub can be reached. Prints a
+hub repository, named ``hf://org/name``, where huggingface_hub is installed and the
+hub can be reached. Prints a
 report of missing and unexpected keys, shape mismatches and the positional table's
 distance from ours, then writes ``<output>/model.json`` + ``<output>/params/``
 ({encoder, decoder, teacher} for a fairseq pretraining checkpoint, {encoder} for a
@@ -73,7 +75,8 @@ def convert_release(path: str):
 
 
 def convert_hugging_face(source: str):
-    """(params, ModelConfig, report, description) of an EAT-layout folder or hub id."""
+    """(params, ModelConfig, report, description) of a Hugging Face folder (EAT's or
+    ours) or ``hf://org/name``."""
     imported = hf_weights.import_model(source)
     report = dict(
         kind=imported.hub.kind, positions_max_difference=imported.positions_max_difference,
@@ -84,9 +87,10 @@ def convert_hugging_face(source: str):
 
 def main(argv):
     del argv
-    is_file = storage.path(FLAGS.checkpoint).is_file()
-    convert = convert_release if is_file else convert_hugging_face
     try:
+        from_hub = FLAGS.checkpoint.startswith(hf_weights.HUB_PREFIX)
+        is_file = not from_hub and storage.path(FLAGS.checkpoint).is_file()
+        convert = convert_release if is_file else convert_hugging_face
         params, cfg, report, description = convert(FLAGS.checkpoint)
         print(json.dumps(report, indent=2))
         out = checkpoints.export(FLAGS.output, params, cfg, **description)

@@ -15,7 +15,15 @@ import torch
 from safetensors.torch import load_file as torch_load_safetensors
 from safetensors.torch import save_file as torch_save_safetensors
 
-from asda_jax import checkpoints, hear, hf_weights, inference, storage, torch_import
+from asda_jax import (
+    checkpoints,
+    hear,
+    hf_weights,
+    inference,
+    release_weights,
+    storage,
+    torch_import,
+)
 from asda_jax import model as model_lib
 from tests import torch_reference as ref
 from tests import train_helpers as th
@@ -261,12 +269,34 @@ def test_a_malformed_safetensors_header_is_refused_before_any_tensor_is_read(tmp
     assert read == []  # no tensor was read from any of them
 
 
-def test_a_hub_id_without_the_hub_client_says_so(monkeypatch):
+def test_the_hub_is_asked_for_by_name_and_a_missing_path_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(hf_weights.HubUnavailable, match="pip install huggingface_hub"):
-        hf_weights.import_model("worstchan/EAT-base_epoch30_finetune_AS2M")
+        hf_weights.import_model("hf://worstchan/EAT-base_epoch30_finetune_AS2M")
+    # A relative path that happens to look like org/name is a path, never a download.
+    with pytest.raises(FileNotFoundError, match="hf://worstchan/EAT-base"):
+        hf_weights.import_model("worstchan/EAT-base")
     with pytest.raises(FileNotFoundError):
         hf_weights.import_model("/no/such/folder")
+
+
+def test_an_untrusted_config_is_checked_by_arithmetic_and_by_its_field_names(tmp_path, monkeypatch):
+    folder = save_folder(tmp_path / "eat", eat_model(SMALL, 527), eat_config(**SMALL))
+    config = folder / "config.json"
+    config.write_text(json.dumps(eat_config(**SMALL, frobnicate=1)))
+    with pytest.raises(ValueError, match=r"fields this model does not have: \['frobnicate'\]"):
+        hf_weights.import_model(str(folder))
+    depths = []
+    real_layout = hf_weights.layout
+    monkeypatch.setattr(hf_weights, "layout", lambda hub: depths.append(hub.model.depth)
+                        or real_layout(hub))  # fmt: skip
+    monkeypatch.setattr(release_weights, "positions_table", None)  # never built to be compared
+    config.write_text(json.dumps(eat_config(dim=64, depth=10**9, num_heads=4)))
+    with pytest.raises(ValueError, match=r"describes \d+ tensors \(depth 1000000000\)"):
+        hf_weights.import_model(str(folder))
+    assert depths == [1, 2]  # the arithmetic's two small layouts, never the config's depth
+    config.write_text(json.dumps(eat_config(**SMALL)))
+    hf_weights.import_model(str(folder))  # the same folder, honest again, imports
 
 
 @pytest.mark.subprocess
