@@ -34,6 +34,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import dataclasses
 import json
 import sys
 
@@ -71,47 +72,49 @@ def run_export(workdir: str, step: int | None):
     return params, described.model, description
 
 
-def class_names(workdir: str, classifier: bool) -> list[str] | None:
-    """--labels, else what the run names its classes by; None where it names none."""
-    if not classifier:
-        return None
-    inputs = inference.load_classifier(workdir, FLAGS.step).input
+def class_names(inputs: inference.ModelInput, classes: int) -> list[str] | None:
+    """--labels, else what the run names its ``classes`` classes by; None where it
+    names none."""
     try:
-        return inference.class_names(inputs, FLAGS.labels)
+        return inference.class_names(dataclasses.replace(inputs, num_classes=classes), FLAGS.labels)
     except (ValueError, FileNotFoundError) as e:
         print(f"no class names ({e}); the folder names them 'class 0', 'class 1', ...")
         return None
 
 
-def provenance(workdir: str, description: dict) -> hf_weights.Provenance:
+def provenance(workdir: str, described, description: dict) -> hf_weights.Provenance:
     """What is known of the run: its task, dataset, step and evaluation."""
     step = epath.Path(description["source"]).name
     scores = storage.path(workdir) / "eval.json"
     return hf_weights.Provenance(
         task=description["kind"],
-        dataset=inference.describe(workdir).input.dataset,
+        dataset=described.input.dataset,
         steps=int(step) if step.isdigit() else None,
         evaluation=json.loads(scores.read_text()) if scores.is_file() else None,
     )
 
 
+def hf_folder(output: str, params: dict, cfg, description: dict):
+    """The run as a Hugging Face folder: its encoder (and head), class names and card."""
+    kept = {k: v for k, v in params.items() if k in ("encoder", "fc_norm", "head")}
+    described = inference.describe(FLAGS.workdir)
+    head, names = None, None
+    if "head" in kept:
+        head = {k: description[k] for k in ("pooling", "scores")}
+        names = class_names(described.input, int(kept["head"]["bias"].shape[0]))
+    return hf_weights.export_model(
+        output, kept, cfg, description["target_frames"], norm=description["norm"],
+        head=head, names=names, provenance=provenance(FLAGS.workdir, described, description),
+    )  # fmt: skip
+
+
 def write(output: str, params: dict, cfg, description: dict):
-    """Writes ``params`` to ``output`` in FLAGS.format; the path written."""
+    """Writes ``params`` to ``output`` in FLAGS.format (orbax, hf or fairseq); the path
+    written."""
     if FLAGS.format == "orbax":
         return checkpoints.export(output, params, cfg, **description)
     if FLAGS.format == "hf":
-        kept = {k: v for k, v in params.items() if k in ("encoder", "fc_norm", "head")}
-        head = {k: description[k] for k in ("pooling", "scores")} if "head" in kept else None
-        return hf_weights.export_model(
-            output, kept, cfg, description["target_frames"], norm=description["norm"],
-            head=head, names=class_names(FLAGS.workdir, head is not None),
-            provenance=provenance(FLAGS.workdir, description),
-        )  # fmt: skip
-    if FLAGS.format == "saved_model":
-        from asda_jax import serving
-
-        serving.export(FLAGS.workdir, output, FLAGS.step, tuple(FLAGS.platforms))
-        return output
+        return hf_folder(output, params, cfg, description)
     from asda_jax import torch_import
 
     release_cfg = None
@@ -124,6 +127,12 @@ def main(argv):
     del argv
     cli.quiet_library_logs()
     try:
+        if FLAGS.format == "saved_model":  # restores the run itself, in its own forms
+            from asda_jax import serving
+
+            kind = serving.export(FLAGS.workdir, FLAGS.output, FLAGS.step, tuple(FLAGS.platforms))
+            print(f"wrote {FLAGS.output}: the {kind} of {FLAGS.workdir} as a SavedModel")
+            return
         params, cfg, description = run_export(FLAGS.workdir, FLAGS.step)
         out = write(FLAGS.output, params, cfg, description)
     except (ValueError, FileExistsError, storage.MissingBucket) as e:
