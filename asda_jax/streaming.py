@@ -91,7 +91,7 @@ class Labels:
         threshold: float,
         silence_db: float,
     ):
-        self.loaded, self.rows = loaded, rows
+        self.loaded, self.rows = loaded, rows  # rows: the windows scored a call
         self.mask_padding = timeline.masks_padding(windowing, loaded.input.target_frames)
         self.tracker = timeline.EventTracker(names, windowing, threshold, silence_db)
 
@@ -115,8 +115,12 @@ class Embeddings:
     def __init__(self, embedder: embeddings.Embedder):
         self.embedder = embedder
 
+    @property
+    def rows(self) -> int:  # the windows scored a call
+        return self.embedder.batch_size
+
     def __call__(self, batch: list[windows.Window]) -> list:
-        return self.embedder.encode_batch(batch, rows=self.embedder.batch_size)
+        return self.embedder.encode_batch(batch, rows=self.rows)
 
     def finish(self) -> list:
         return []
@@ -133,13 +137,11 @@ class Stream:
         *,
         rate: int = audio.SAMPLE_RATE,
         channels: int = 1,
-        windows_per_call: int = 1,
     ):
-        if channels < 1 or rate < 1 or windows_per_call < 1:
-            raise ValueError(f"rate {rate}, channels {channels}, windows_per_call "
-                             f"{windows_per_call}: each must be at least 1")  # fmt: skip
-        self.outputs, self.windowing = outputs, windowing
-        self.rate, self.channels, self.windows_per_call = rate, channels, windows_per_call
+        if channels < 1 or rate < 1 or outputs.rows < 1:
+            raise ValueError(f"rate {rate}, channels {channels}, windows per call "
+                             f"{outputs.rows}: each must be at least 1")  # fmt: skip
+        self.outputs, self.rate, self.channels = outputs, rate, channels
         self.to_mono_16k = audio.MonoResampler(rate)
         self.cutter = windows.WindowCutter(windowing, norm)
         self.samples_in = 0  # at the stream's own rate, per channel
@@ -175,7 +177,7 @@ class Stream:
 
     def _outputs(self, ready: Iterable[windows.Window]) -> list:
         out = []
-        for batch in windows.batches(ready, self.windows_per_call):
+        for batch in windows.batches(ready, self.outputs.rows):
             out.extend(self.outputs(batch))
         return out
 
@@ -225,13 +227,6 @@ def open_stream(
         names = inference.class_names(loaded.input, labels)
         windowing = windows.Windowing(frames, hop_frames)
         outputs = Labels(loaded, names, windowing, windows_per_call, threshold, silence_db)
-    stream = Stream(
-        outputs,
-        windowing,
-        description.input.norm,
-        rate=rate,
-        channels=channels,
-        windows_per_call=windows_per_call,
-    )
+    stream = Stream(outputs, windowing, description.input.norm, rate=rate, channels=channels)
     kind = "encoder" if description.head is None else "classifier"
     return stream, Source(kind, names, windowing, target)

@@ -68,9 +68,7 @@ def classifier_export(root: Path, preset: str) -> Path:
 def new_stream(loaded, windowing, windows_per_call: int) -> streaming.Stream:
     names = [str(i) for i in range(loaded.input.num_classes)]
     outputs = streaming.Labels(loaded, names, windowing, windows_per_call, 0.5, -60.0)
-    return streaming.Stream(
-        outputs, windowing, loaded.input.norm, windows_per_call=windows_per_call
-    )
+    return streaming.Stream(outputs, windowing, loaded.input.norm)
 
 
 class Run:
