@@ -156,7 +156,6 @@ class MonoResampler:
     cut. ``flush`` returns what the resampler still holds at the end."""
 
     def __init__(self, rate: int):
-        self.rate = rate
         self.stream = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1)
 
     def __call__(self, block: np.ndarray) -> np.ndarray:  # (N, channels) -> (N',)

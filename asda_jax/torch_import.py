@@ -107,10 +107,12 @@ def load_checkpoint(path: str | Path) -> dict:
 def task_config(checkpoint: Mapping) -> Mapping:
     """The task section of a checkpoint's config: ``cfg["task"]`` (hydra-era fairseq),
     else the legacy ``args`` Namespace's fields, else nothing."""
+    import argparse
+
     cfg, args = checkpoint.get("cfg"), checkpoint.get("args")
     if isinstance(cfg, Mapping) and isinstance(cfg.get("task"), Mapping):
         return cfg["task"]
-    return vars(args) if hasattr(args, "__dict__") and not isinstance(args, type) else {}
+    return vars(args) if isinstance(args, argparse.Namespace) else {}
 
 
 # The release's dataset flags and the normalisation each selects; none set: AudioSet's.
@@ -125,12 +127,12 @@ def release_input(
     ``target_length``, and the dataset flag that chose the statistics. Raises
     ValueError naming the flag where neither says."""
     task = task_config(checkpoint)
-    said = {}
+    frames_from, norm_from = "--target_frames", "--norm"
     if target_frames is None and task.get("target_length") is not None:
-        target_frames, said["target_frames"] = int(task["target_length"]), "cfg target_length"
+        target_frames, frames_from = int(task["target_length"]), "cfg target_length"
     if norm is None and "target_length" in task:  # a task config: its flags are all there
-        norm = next((n for flag, n in NORM_FLAGS.items() if task.get(flag)), "audioset")
-        said["norm"] = f"cfg {next((f for f in NORM_FLAGS if task.get(f)), 'no dataset flag')}"
+        flag = next((f for f in NORM_FLAGS if task.get(f)), None)
+        norm, norm_from = NORM_FLAGS.get(flag, "audioset"), f"cfg {flag or 'no dataset flag'}"
     missing = [name for name, value in (("target_frames", target_frames), ("norm", norm))
                if value is None]  # fmt: skip
     if missing:
@@ -140,9 +142,11 @@ def release_input(
             + " (1024 frames and audioset for AudioSet, 512 and esc50 for ESC-50, 128 and "
             "spcv2 for Speech Commands)"
         )
-    said = {"target_frames": "--target_frames", "norm": "--norm"} | said
-    return target_frames, norm, {k: f"{v} from {said[k]}" for k, v in
-                                 (("target_frames", target_frames), ("norm", norm))}  # fmt: skip
+    said = {
+        "target_frames": f"{target_frames} from {frames_from}",
+        "norm": f"{norm} from {norm_from}",
+    }
+    return target_frames, norm, said
 
 
 def to_numpy(tree) -> dict:
