@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +30,7 @@ from asda_jax import (
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, synthetic
 from tests import train_helpers as th
+from tests.test_hf_weights import noisy_classifier
 
 transformers = pytest.importorskip("transformers")
 NAMES = ["dog", "rain", "clock tick", "siren", "wind"]
@@ -46,12 +46,7 @@ def offline(monkeypatch):
 def random_classifier(attention: str, seed: int):
     """A tiny classifier of ``attention``'s form with non-trivial values everywhere."""
     cfg = model_lib.preset("tiny", attention=attention)
-    variables = model_lib.Classifier(cfg, len(NAMES)).init(
-        jax.random.key(seed), jnp.zeros((1, 64, cfg.num_mel_bins))
-    )
-    leaves, tree = jax.tree.flatten(nn.meta.unbox(variables)["params"])
-    noisy = [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
-    return cfg, jax.tree.unflatten(tree, [np.asarray(x) for x in noisy])
+    return cfg, noisy_classifier(cfg, len(NAMES), seed)
 
 
 def load_report(auto, folder):

@@ -116,17 +116,19 @@ def test_the_large_size_and_the_pretrained_variant_import(tmp_path):
 AUTHORS_HEAD = {"pooling": "cls", "scores": "sigmoid"}  # EAT's and the release's classifiers
 
 
-def our_plain_classifier(seed: int, num_classes: int = 527):
-    cfg = model_lib.preset("eat_base", embed_dim=64, depth=2, num_heads=4)
+def noisy_classifier(cfg: model_lib.ModelConfig, num_classes: int, seed: int) -> dict:
+    """A classifier's parameters of ``cfg`` with non-trivial norms and biases (the
+    default init leaves them at ones and zeros), as NumPy arrays."""
     classifier = model_lib.Classifier(cfg, num_classes)
     params = nn.meta.unbox(classifier.init(jax.random.key(seed), jnp.zeros((1, 64, 128))))
-    params = params["params"]
-    # Non-trivial norms and biases: the default init leaves them at ones and zeros.
-    leaves, tree = jax.tree.flatten(params)
+    leaves, tree = jax.tree.flatten(params["params"])
     noise = [jax.random.normal(jax.random.key(i), x.shape) * 0.1 for i, x in enumerate(leaves)]
-    return cfg, jax.tree.unflatten(
-        tree, [np.asarray(x + n) for x, n in zip(leaves, noise, strict=True)]
-    )
+    return jax.tree.unflatten(tree, [np.asarray(x + n) for x, n in zip(leaves, noise, strict=True)])
+
+
+def our_plain_classifier(seed: int, num_classes: int = 527):
+    cfg = model_lib.preset("eat_base", embed_dim=64, depth=2, num_heads=4)
+    return cfg, noisy_classifier(cfg, num_classes, seed)
 
 
 def test_our_model_written_as_an_eat_folder_loads_in_pytorch_and_comes_back_equal(tmp_path):
