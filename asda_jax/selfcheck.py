@@ -18,6 +18,7 @@ form runs instead), and with ``selfcheck="fastest"`` also one slower than its XL
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -32,10 +33,20 @@ from asda_jax.model import decoder as decoder_model
 from asda_jax.model import encoder as encoder_model
 from asda_jax.model.config import KERNEL_FORM
 
-# Largest |kernel − XLA| over the XLA form's largest |value|: bfloat16 keeps 8 bits of
-# mantissa (a relative step of 2⁻⁸) and the two forms round and sum in other orders;
-# a wrong kernel (a sign, a missing block) is off by the order of the values themselves.
-BOUNDS = {"bfloat16": (2e-2, 5e-2), "float32": (1e-4, 1e-3)}  # (forward, gradients)
+# The error model. A form's error is max |form − exact| over max |exact|, "exact" being
+# the XLA form evaluated in float32 at full matmul precision on the same (rounded)
+# inputs. A correct kernel rounds where the XLA form rounds, in another order, so its
+# error is of the order of the XLA form's own: it may be MARGIN times that, plus a floor
+# for an XLA form that happens to be exact (float32 on a CPU): ROUNDING_STEPS of the
+# compute dtype's relative step (its machine epsilon: 2⁻⁷ bfloat16, 2⁻¹⁰ float16, 2⁻²³
+# float32), and ACCUMULATION_STEPS of float32's, as float32 accumulators summing n terms
+# in another (blocked) order drift by about √n steps: n up to a few thousand in a
+# forward (the MLP's width), tens of thousands in a weight gradient (a device's tokens).
+# The bound follows from the dtype alone, so every compute dtype has one. A wrong kernel
+# (a sign, a missing block) is off by the order of the values themselves, far outside.
+MARGIN = 4.0
+ROUNDING_STEPS = {"forward": 2.0, "gradients": 8.0}
+ACCUMULATION_STEPS = {"forward": 64.0, "gradients": 256.0}
 REPORT_FILE = "selfcheck.json"
 KERNELS = ("attention", "mlp", "decoder")  # what a run can turn off, each to its XLA form
 TIMED_CALLS = 5
@@ -50,7 +61,7 @@ class Call:
     form: str  # the kernel's name ("pallas_short", "pallas" ...)
     where: str  # the pass and shape, for the report
     fn: Callable
-    reference: Callable
+    xla: Callable  # compute dtype -> the XLA form computing in it
     inputs: tuple
     backward: bool
 
@@ -63,12 +74,14 @@ class Check:
     form: str
     where: str
     dtype: str
-    forward_error: float | None  # None: the kernel raised
+    forward_error: float | None  # the kernel's; None: the kernel raised
     gradient_error: float | None  # None: forward only in this run, or the kernel raised
     forward_bound: float
     gradient_bound: float
     kernel_ms: float | None  # None: the kernel raised
     xla_ms: float
+    xla_forward_error: float = 0.0  # the XLA form's own, which the bounds are made from
+    xla_gradient_error: float | None = None
     error: str | None = None  # what the kernel raised (lowering, memory, runtime)
 
     @property
@@ -129,9 +142,9 @@ def mlp_calls(run, devices, keys) -> list[Call]:
             x, w1, b1, w2, b2, vmem_bytes=run.chip.kernel_vmem_bytes,
             cores=run.chip.cores_per_device, interpret=run.execution.interpret_kernels,
         )  # fmt: skip
-        reference = lambda x, w1, b1, w2, b2: encoder_model.mlp(x, w1, b1, w2, b2, dtype)
+        xla = lambda in_dtype: functools.partial(encoder_model.mlp, dtype=in_dtype)
         where = f"{name} {examples}×{tokens}×{d}"
-        calls.append(Call("mlp", "pallas", where, kernel, reference, inputs, backward))
+        calls.append(Call("mlp", "pallas", where, kernel, xla, inputs, backward))
     return calls
 
 
@@ -160,14 +173,17 @@ def decoder_calls(run, devices, keys) -> list[Call]:
             dtype=dtype,
         )
 
-        def reference(x, w, b):  # channels-last XLA block, its result channels-major
-            y = decoder_model.channels_last_block(
-                x.transpose(0, 2, 3, 1), w, b, groups=groups, form="xla", dtype=dtype
-            )
-            return y.transpose(0, 3, 1, 2)
+        def xla(in_dtype):  # the channels-last XLA block, its result channels-major
+            def block(x, w, b):
+                y = decoder_model.channels_last_block(
+                    x.transpose(0, 2, 3, 1), w, b, groups=groups, form="xla", dtype=in_dtype
+                )
+                return y.transpose(0, 3, 1, 2)
+
+            return block
 
         where = f"{examples}×{cin}×{height}×{width} → {cfg.decoder_dim}"
-        calls.append(Call("decoder", "pallas", where, kernel, reference, inputs, True))
+        calls.append(Call("decoder", "pallas", where, kernel, xla, inputs, True))
     return calls
 
 
@@ -199,13 +215,35 @@ def attention_calls(run, devices, keys) -> list[Call]:
         if backend in ("xla", "reference"):
             continue
         inputs = tuple(_normal(key, s, dtype) for key, s in zip(k, shapes, strict=False))
-        kernel = lambda *a, attend=attend, backend=backend: attend(
-            *a, implementation=backend, **options
-        )
-        reference = lambda *a, attend=attend: attend(*a, implementation="xla", **options)
         where = f"{name} {examples}×{tokens}, {shapes[-1][-2]} heads of {shapes[-1][-1]}"
-        calls.append(Call("attention", backend, where, kernel, reference, inputs, backward))
+        for mask in (None, padding_mask(examples, tokens)):
+            kernel = _attending(attend, mask, implementation=backend, **options)
+            xla = lambda _, attend=attend, mask=mask: _attending(
+                attend, mask, implementation="xla", **options
+            )  # the inputs' dtype is the one it computes in
+            suffix = "" if mask is None else ", padding masked"
+            calls.append(Call("attention", backend, where + suffix, kernel, xla, inputs, backward))
     return calls
+
+
+def padding_mask(examples: int, tokens: int) -> jax.Array:  # (examples, tokens) bool
+    """Trailing padding as the tools mask it (``encoder.token_mask``): the CLS token and
+    at least one patch real, example i padded over about (i + 1)/(examples + 1) of its
+    patches, so that every example has a different real length."""
+    patches = tokens - 1
+    padded = [patches * (i + 1) // (examples + 1) for i in range(examples)]
+    real = jnp.array([1 + max(1, patches - p) for p in padded])
+    return jnp.arange(tokens)[None, :] < real[:, None]
+
+
+def _attending(attend, mask, **options):
+    """``attend`` with ``mask``, its padded query rows multiplied by zero: their values
+    are left to the backend (cuDNN does not write them) and pooling drops them, but they
+    must be finite, as the next layer multiplies them by zero too (a NaN stays one)."""
+    if mask is None:
+        return lambda *arrays: attend(*arrays, **options)
+    rows = mask[:, :, None, None]  # (B, T, 1, 1) against the output's (B, T, H, D)
+    return lambda *arrays: attend(*arrays, mask=mask, **options) * rows
 
 
 def _with_lambda(fn, lam: float):
@@ -228,22 +266,25 @@ def run_calls(run: config_lib.RunConfig, devices: int, seed: int = 0) -> list[Ca
 # ---------------------------------------------------------------------------- checking
 
 
-def _outputs_and_grads(fn, inputs, backward: bool, cotangent_key):
+def _outputs_and_grads(fn, inputs, backward: bool, cotangent_key, dtype):
     """fn(*inputs), and with ``backward`` the gradients of every input for a random
-    cotangent of the output (the same cotangent for both forms)."""
+    cotangent of the output, drawn in ``dtype`` (the same values for every form)."""
     if not backward:
         return fn(*inputs), None
     out, vjp = jax.vjp(fn, *inputs)
-    cotangent = _normal(cotangent_key, out.shape, out.dtype)
+    cotangent = _normal(cotangent_key, out.shape, dtype).astype(out.dtype)
     return out, vjp(cotangent)
 
 
 def relative_error(got, want) -> float:
-    """max |got − want| over max |want|, over every leaf (float32)."""
+    """max |got − want| over max |want|, over every leaf (float32); infinite where
+    ``got`` is not finite."""
     pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
     worst = 0.0
     for g, w in pairs:
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        if not np.all(np.isfinite(g)):
+            return float("inf")
         scale = max(float(np.max(np.abs(w))), np.finfo(np.float32).tiny)
         worst = max(worst, float(np.max(np.abs(g - w))) / scale)
     return worst
@@ -259,19 +300,40 @@ def _median_ms(fn, inputs, calls: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def bound(xla_error: float, dtype: str, part: str) -> float:
+    """How far from the float32 evaluation a correct kernel may be, for ``part``
+    ("forward" or "gradients"), by the error model above."""
+    rounding = ROUNDING_STEPS[part] * float(jnp.finfo(dtype).eps)
+    accumulation = ACCUMULATION_STEPS[part] * float(jnp.finfo(jnp.float32).eps)
+    return MARGIN * xla_error + rounding + accumulation
+
+
+def _in_float32(inputs: tuple) -> tuple:
+    return tuple(jnp.asarray(a, jnp.float32) for a in inputs)
+
+
 def check_call(call: Call, dtype: str, timed_calls: int = TIMED_CALLS) -> Check:
     """The kernel against its XLA form at one shape. A kernel that raises (a lowering
     it refuses, on-chip memory it cannot have, a fault when it runs) is a kernel that
     disagrees: the run takes the XLA form, and the error text is kept for the report.
     The XLA form raising is the run's own fault and is not caught."""
     key = jax.random.PRNGKey(1)
-    run = lambda fn: jax.jit(lambda *a: _outputs_and_grads(fn, a, call.backward, key))
-    kernel, reference = run(call.fn), run(call.reference)
+    run = lambda fn: jax.jit(lambda *a: _outputs_and_grads(fn, a, call.backward, key, dtype))
+    kernel, reference = run(call.fn), run(call.xla(dtype))
+    with jax.default_matmul_precision("highest"):
+        exact, exact_grads = jax.block_until_ready(
+            run(call.xla(jnp.float32))(*_in_float32(call.inputs))
+        )
     want, want_grads = jax.block_until_ready(reference(*call.inputs))
-    forward_bound, gradient_bound = BOUNDS[dtype]
-    found = dict(kernel=call.kernel, form=call.form, where=call.where, dtype=dtype,
-                 forward_bound=forward_bound, gradient_bound=gradient_bound,
-                 xla_ms=_median_ms(reference, call.inputs, timed_calls))  # fmt: skip
+    xla_forward = relative_error(want, exact)
+    xla_gradient = None if want_grads is None else relative_error(want_grads, exact_grads)
+    found = dict(
+        kernel=call.kernel, form=call.form, where=call.where, dtype=dtype,
+        forward_bound=bound(xla_forward, dtype, "forward"),
+        gradient_bound=bound(xla_gradient or 0.0, dtype, "gradients"),
+        xla_ms=_median_ms(reference, call.inputs, timed_calls),
+        xla_forward_error=xla_forward, xla_gradient_error=xla_gradient,
+    )  # fmt: skip
     try:
         out, grads = jax.block_until_ready(kernel(*call.inputs))
         kernel_ms = _median_ms(kernel, call.inputs, timed_calls)
@@ -281,8 +343,8 @@ def check_call(call: Call, dtype: str, timed_calls: int = TIMED_CALLS) -> Check:
                      error=text[:2000])  # fmt: skip
     return Check(
         **found,
-        forward_error=relative_error(out, want),
-        gradient_error=None if grads is None else relative_error(grads, want_grads),
+        forward_error=relative_error(out, exact),
+        gradient_error=None if grads is None else relative_error(grads, exact_grads),
         kernel_ms=kernel_ms,
     )
 
@@ -338,12 +400,17 @@ def scalars(checks: list[Check], kernels_off: list[str]) -> dict[str, float]:
 
 
 def table(checks: list[Check]) -> str:
-    """The checks as a text table, one row per call."""
-    head = ("kernel", "form", "where", "fwd err", "grad err", "kernel ms", "XLA ms", "verdict")
+    """The checks as a text table, one row per call: each error against the float32
+    evaluation, the XLA form's own beside it."""
+    head = ("kernel", "form", "where", "fwd err (XLA's)", "grad err (XLA's)", "kernel ms",
+            "XLA ms", "verdict")  # fmt: skip
     rows = [head]
     for c in checks:
         forward = "-" if c.forward_error is None else f"{c.forward_error:.1e}"
+        forward += f" ({c.xla_forward_error:.1e})"
         grad = "-" if c.gradient_error is None else f"{c.gradient_error:.1e}"
+        if c.xla_gradient_error is not None:
+            grad += f" ({c.xla_gradient_error:.1e})"
         kernel_ms = "-" if c.kernel_ms is None else f"{c.kernel_ms:.2f}"
         verdict = ("agrees" if c.agrees else "DISAGREES") + (", slower" if c.slower else "")
         if c.error is not None:
