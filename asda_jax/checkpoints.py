@@ -18,9 +18,11 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from asda_jax import sharding, storage
 
@@ -109,7 +111,7 @@ def export(
     directory = storage.path(directory)
     if "encoder" not in params:
         raise ValueError(f"an export needs an 'encoder' entry, got {sorted(params)}")
-    storage.make_new_folder(directory)
+    make_export_folder(directory)
     with ocp.StandardCheckpointer() as saver:
         saver.save(directory / "params", params)
     if jax.process_index() == 0:
@@ -117,6 +119,24 @@ def export(
         config |= {"target_frames": int(target_frames), "norm": [float(x) for x in norm]}
         (directory / EXPORT_CONFIG).write_text(json.dumps(config | description, indent=2))
     return directory
+
+
+def make_export_folder(directory: epath.Path) -> None:
+    """Process 0 makes the export's folder, refusing one that holds files; the others
+    wait for its answer before anything is written (each checking for itself would
+    find the files another had begun to write, and refuse)."""
+    refusal = None
+    if jax.process_index() == 0:
+        try:
+            storage.make_new_folder(directory)
+        except FileExistsError as e:
+            refusal = e
+    if jax.process_count() > 1:
+        made = bool(multihost_utils.broadcast_one_to_all(np.bool_(refusal is None)))
+        if not made and refusal is None:
+            refusal = FileExistsError(f"{directory} is not empty (process 0 refused it)")
+    if refusal is not None:
+        raise refusal
 
 
 def export_description(path: str | os.PathLike) -> dict | None:

@@ -50,9 +50,48 @@ def make_task(config: config_lib.RunConfig):
     return task(config)
 
 
+SHARED_STORAGE = "storage every host shares (a gs:// URL, or a shared file system)"
+WORKDIR_TOKEN_FILE = "workdir_token"
+
+
+def require_one_workdir(workdir: epath.Path) -> None:
+    """Stops a multi-process run before it starts unless every process sees the one
+    workdir: process 0 writes a random token into it, and every process must read that
+    token back. A workdir on each host's own disk would train, each host keeping its
+    own files, and after a preemption onto fresh VMs restart from step 0 unnoticed."""
+    if jax.process_count() == 1:
+        return
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.int32))
+    written = " ".join(map(str, np.asarray(token).tolist()))
+    if jax.process_index() == 0:
+        (workdir / WORKDIR_TOKEN_FILE).write_text(written)
+    multihost_utils.sync_global_devices("workdir token written")
+    sees = np.bool_(_reads_back(workdir / WORKDIR_TOKEN_FILE, written))
+    every = np.asarray(multihost_utils.process_allgather(sees)).reshape(-1).tolist()
+    blind = [i for i, seen in enumerate(every) if not seen]
+    if blind:
+        raise config_lib.ConfigError(
+            f"processes {blind} do not see the token process 0 wrote into {workdir}: each "
+            f"host has a workdir of its own, and after a preemption each would start again "
+            f"from step 0. Every host must see one workdir, on {SHARED_STORAGE}"
+        )
+
+
+def _reads_back(token_file: epath.Path, written: str, patience_s: float = 30.0) -> bool:
+    """Whether ``token_file`` holds ``written``, asked again for ``patience_s``: a shared
+    file system may serve a cached "no such file" (NFS keeps one up to a minute)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        if token_file.is_file() and token_file.read_text() == written:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+
+
 def agreed_latest_step(ckpt: checkpoints.Checkpoints) -> int | None:
     """The latest checkpoint's step, the same on every process; processes that see
-    different ones (a workdir on each host's own disk) stop the run before it starts."""
+    different ones stop the run before it starts."""
     latest = ckpt.latest_step()
     if jax.process_count() == 1:
         return latest
@@ -62,7 +101,7 @@ def agreed_latest_step(ckpt: checkpoints.Checkpoints) -> int | None:
         raise config_lib.ConfigError(
             f"the processes see different latest checkpoints in {ckpt.directory} "
             f"(by process, -1 for none: {seen}): every host must see one workdir, on "
-            "storage they share (a shared file system; cloud storage is not supported yet)"
+            f"{SHARED_STORAGE}"
         )
     return latest
 
@@ -203,6 +242,7 @@ def train(config, workdir: str | os.PathLike) -> TrainResult:
     stage = storage.Stage(  # makes the workdir (or checks its bucket) first
         workdir, pull=(METRICS_FILE,) if jax.process_index() == 0 else ()
     )
+    require_one_workdir(workdir)
     run_config, mesh = validated_setup(config)
     run_config, checked = self_checked(run_config, mesh, workdir)
     task = make_task(run_config)

@@ -426,3 +426,32 @@ def test_an_export_or_run_of_another_layout_is_refused_by_name(exported_run):
     with pytest.raises(checkpoints.CheckpointMismatch, match=r"model\.remat_policy"):
         inference.load_encoder(run_dir)
     config.write_text(json.dumps(saved))
+
+
+def test_only_process_0_makes_an_export_folder_and_every_process_hears_its_answer(
+    tmp_path, monkeypatch
+):
+    """Process 1 of 2 (simulated): it makes nothing itself and waits for process 0's
+    answer, refusing as process 0 refused a folder that holds files."""
+    made, answers = [], []
+
+    def as_process(index: int, process_0_made: bool):
+        monkeypatch.setattr(jax, "process_index", lambda: index)
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        monkeypatch.setattr(checkpoints.storage, "make_new_folder", made.append)
+
+        def broadcast(value):
+            answers.append(bool(value))
+            return np.bool_(process_0_made)
+
+        monkeypatch.setattr(checkpoints.multihost_utils, "broadcast_one_to_all", broadcast)
+
+    as_process(1, process_0_made=True)
+    checkpoints.make_export_folder(tmp_path / "export")
+    assert made == [] and answers == [True]
+    as_process(1, process_0_made=False)
+    with pytest.raises(FileExistsError, match="process 0 refused"):
+        checkpoints.make_export_folder(tmp_path / "export")
+    as_process(0, process_0_made=True)
+    checkpoints.make_export_folder(tmp_path / "export")
+    assert made == [tmp_path / "export"]
