@@ -9,11 +9,13 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import jax
 import numpy as np
+from absl import flags
 from absl import logging as absl_logging
 from etils import epath
 
-from asda_jax import audio, storage
+from asda_jax import audio, config_lib, storage
 from asda_jax.data import builders
 
 NOISY_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/")
@@ -40,6 +42,48 @@ def scheduled_processes(environ: Mapping[str, str]) -> tuple[str, int] | None:
         if value.isdigit() and int(value) > 1:
             return name, int(value)
     return None
+
+
+def define_cluster_flags() -> None:
+    """The flags of the launchers that train (``join_processes``), for a cluster that
+    does not describe itself."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+
+
+def join_processes(config) -> None:
+    """The start-up of every launcher that trains, before any device is touched: joins
+    a multi-host run (``config.num_processes`` > 1, or the ``define_cluster_flags``
+    flags); a single-process run stays as it is, unless a scheduler started several of
+    it (each would train alone into the same workdir). Raises ConfigError."""
+    address = flags.FLAGS.coordinator_address
+    expected = config.get("num_processes") or 1
+    scheduled = scheduled_processes(os.environ)
+    if scheduled and expected == 1 and not address:
+        name, count = scheduled
+        raise config_lib.ConfigError(
+            f"{name}={count}: the scheduler started {count} processes, but the config "
+            f"expects 1 and no --coordinator_address was given, so each would train alone "
+            f"into the same workdir. Pass --config.num_processes={count} (JAX then joins "
+            "them), or --coordinator_address, --num_processes and --process_id; for one "
+            f"process of a larger allocation, run it with {name}=1"
+        )
+    if address:
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=flags.FLAGS.num_processes,
+            process_id=flags.FLAGS.process_id,
+        )
+    elif expected > 1:
+        try:
+            jax.distributed.initialize()  # TPU pods and SLURM clusters describe themselves
+        except ValueError as e:
+            raise config_lib.ConfigError(
+                f"config expects {expected} processes, but no multi-host environment was "
+                f"detected ({e}); pass --coordinator_address, --num_processes and "
+                "--process_id, or set --config.num_processes=1"
+            ) from e
 
 
 def quiet_library_logs() -> None:

@@ -6,7 +6,11 @@ fold's accuracy and their mean ± std.
 
 Fold k trains on the other four folds in <workdir>/fold<k> (resumed if interrupted,
 skipped if already finished) and is evaluated on fold k; the summary goes to
-<workdir>/folds.json. Overrides (--config.x=y) apply to every fold.
+<workdir>/folds.json. Overrides (--config.x=y) apply to every fold. It starts as
+launch/train.py does (the same environment, multi-host joining and scheduler checks,
+the same cluster flags). A SIGTERM saves the running fold where it stopped and ends the
+call (exit 0) with that fold unfinished: neither evaluated nor in a summary; the same
+command resumes it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from asda_jax import launch_env
+
+launch_env.reexec_with_launcher_environment()  # before anything loads: asda_jax/launch_env.py
 
 import json
 import sys
@@ -30,10 +38,13 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/finetune_esc50.py[:args]")
 flags.DEFINE_string("workdir", None, "One sub-folder per fold goes here.")
 flags.DEFINE_list("folds", [str(k) for k in range(1, recipes.ESC50_FOLDS + 1)], "Folds to run.")
+cli.define_cluster_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def fold_accuracy(config, fold: int, workdir: epath.Path) -> float:
+def fold_accuracy(config, fold: int, workdir: epath.Path) -> float | None:
+    """Fold ``fold``'s accuracy, trained (or resumed) in ``workdir`` and evaluated;
+    None where a SIGTERM stopped its training early (saved, not evaluated)."""
     config = config.copy_and_resolve_references()
     train_split, eval_split = recipes.esc50_splits(fold)
     config.data.split = train_split
@@ -42,6 +53,8 @@ def fold_accuracy(config, fold: int, workdir: epath.Path) -> float:
     if done.exists():
         return json.loads(done.read_text())["accuracy"]
     state, task, mesh = train_lib.train(config, workdir)
+    if int(state.step) != task.config.num_train_steps:
+        return None
     return evaluation.final_evaluation(state, task, mesh, workdir)["accuracy"]
 
 
@@ -51,9 +64,15 @@ def main(argv):
     root = storage.path(FLAGS.workdir)
     accuracies = {}
     try:
+        cli.join_processes(FLAGS.config)
         for fold in map(int, FLAGS.folds):
-            accuracies[f"fold{fold}"] = fold_accuracy(FLAGS.config, fold, root / f"fold{fold}")
-            print(f"fold {fold}: accuracy {accuracies[f'fold{fold}']:.2%}", flush=True)
+            accuracy = fold_accuracy(FLAGS.config, fold, root / f"fold{fold}")
+            if accuracy is None:
+                print(f"fold {fold} stopped before its last step (SIGTERM); it is saved "
+                      "and unfinished: run the same command again to resume it")  # fmt: skip
+                return
+            accuracies[f"fold{fold}"] = accuracy
+            print(f"fold {fold}: accuracy {accuracy:.2%}", flush=True)
     except (config_lib.ConfigError, datasets.DatasetNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -36,41 +36,8 @@ from asda_jax.data import builders, datasets
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+cli.define_cluster_flags()
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def initialize_distributed(config) -> None:
-    """Joins a multi-host run; a single-process run stays as it is, unless a scheduler
-    started several of it (each would train alone into the same workdir)."""
-    expected = config.get("num_processes") or 1
-    scheduled = cli.scheduled_processes(os.environ)
-    if scheduled and expected == 1 and not FLAGS.coordinator_address:
-        name, count = scheduled
-        raise config_lib.ConfigError(
-            f"{name}={count}: the scheduler started {count} processes, but the config "
-            f"expects 1 and no --coordinator_address was given, so each would train alone "
-            f"into the same workdir. Pass --config.num_processes={count} (JAX then joins "
-            "them), or --coordinator_address, --num_processes and --process_id; for one "
-            f"process of a larger allocation, run it with {name}=1"
-        )
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-        )
-    elif expected > 1:
-        try:
-            jax.distributed.initialize()  # TPU pods and SLURM clusters describe themselves
-        except ValueError as e:
-            raise config_lib.ConfigError(
-                f"config expects {config.num_processes} processes, but no multi-host "
-                f"environment was detected ({e}); pass --coordinator_address, "
-                "--num_processes and --process_id, or set --config.num_processes=1"
-            ) from e
 
 
 def prepare_dataset(config) -> None:
@@ -118,7 +85,7 @@ def main(argv):
     config = FLAGS.config
     workdir = storage.path(FLAGS.workdir)
     try:
-        initialize_distributed(config)
+        cli.join_processes(config)
         prepare_dataset(config)
         state, task, mesh = train_lib.train(config, workdir)
     except (

@@ -1,8 +1,11 @@
 """Fine-tuning runs: every recipe on 8 devices, loading encoders, the tools, ESC-50 folds."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -183,6 +186,35 @@ def test_esc50_runner_reports_every_fold_and_their_mean(sources, tmp_path):
         fold = json.loads((tmp_path / f"fold{k}" / "eval.json").read_text())
         assert fold["num_clips"] == 2 and fold["accuracy"] == summary["folds"][f"fold{k}"]
     assert "mean" not in done.stderr and "± " in done.stdout
+
+
+@pytest.mark.subprocess
+def test_sigterm_during_an_esc50_fold_leaves_it_saved_and_unfinished(sources, tmp_path):
+    """One process of an 8-task SLURM allocation (a batch script) starts as train.py
+    would; SIGTERM mid-fold saves it, and nothing evaluates or summarises it."""
+    flags = [f"--config.{k}={v}" for k, v in TINY.items() if not k.startswith("eval_data.")]
+    command = [
+        sys.executable, str(th.ROOT / "launch" / "esc50_folds.py"),
+        f"--config=configs/finetune_esc50.py:mesh=cpu,data_dir={sources}",
+        f"--workdir={tmp_path}", "--folds=1", *flags, "--config.num_train_steps=100000",
+        "--config.checkpoint_every=100000",
+    ]  # fmt: skip
+    env = {**os.environ, "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "7"}
+    proc = subprocess.Popen(
+        command, cwd=th.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 600
+    while not th.losses(tmp_path / "fold1"):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "fold 1 stopped before its last step" in out and "accuracy" not in out
+    saved = checkpoints.Checkpoints(tmp_path / "fold1").all_steps()
+    assert len(saved) == 1 and 0 < saved[0] < 100000
+    assert not (tmp_path / "fold1" / "eval.json").exists()
+    assert not (tmp_path / "folds.json").exists()
 
 
 @pytest.fixture(scope="module")
