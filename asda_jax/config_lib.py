@@ -44,6 +44,7 @@ from asda_jax import checkpoints, hardware, masking, objectives, optim, sharding
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline
 from asda_jax.kernels import decoder as decoder_kernel
+from asda_jax.kernels import mlp as mlp_kernel
 from asda_jax.model import config as model_config
 
 TASKS = ("pretrain", "finetune", "linear_probe")
@@ -307,7 +308,40 @@ def read(config, chip: hardware.Chip) -> RunConfig:
             f"pretrain.average_top_k_layers {run.pretrain.average_top_k_layers} must be in "
             f"1..{run.model.depth}"
         )
+    run = _mlp_form_that_fits(run)
     return _decoder_form_that_fits(run) if pretraining else run
+
+
+def mlp_kernel_vmem(run: RunConfig) -> int:
+    """The VMEM the MLP kernel needs at this run's longest sequence (CLS and every
+    patch: the teacher's in pretraining, the encoder's in fine-tuning)."""
+    cfg = run.model
+    return mlp_kernel.vmem_bytes(
+        embed=cfg.embed_dim,
+        hidden=cfg.mlp_dim,
+        length=1 + math.prod(objectives.grid_shape(run.data.target_frames, cfg)),
+        itemsize=jnp.dtype(run.execution.compute_dtype).itemsize,
+    )
+
+
+def _mlp_form_that_fits(run: RunConfig) -> RunConfig:
+    """The MLP kernel holds both weight matrices and their float32 gradients in VMEM:
+    where the chip lends a kernel less than that, the "auto" form is the XLA one
+    (logged), and the kernel asked for by name is refused."""
+    budget, ex = run.chip.kernel_vmem_bytes, run.execution
+    if ex.mlp != model_config.KERNEL_FORM or budget is None:
+        return run
+    if (need := mlp_kernel_vmem(run)) <= budget:
+        return run
+    why = (
+        f"the MLP kernel needs about {need / 2**20:.0f} MiB of VMEM for a {run.model.embed_dim}"
+        f" → {run.model.mlp_dim} MLP, more than the {budget / 2**20:.0f} MiB a "
+        f"{run.chip.name} kernel may use"
+    )
+    if ex.mlp_impl != "auto":
+        raise ConfigError(f"{why}; set execution.mlp_impl=xla")
+    logging.info("%s: the MLP runs XLA's form", why)
+    return dataclasses.replace(run, execution=dataclasses.replace(ex, mlp_impl="xla"))
 
 
 def decoder_kernel_vmem(run: RunConfig) -> int:

@@ -315,6 +315,28 @@ def test_a_decoder_grid_beyond_the_chips_kernel_vmem_takes_the_xla_form():
     assert config_lib.read(finetuning, hardware.chip("v4")).execution.decoder_conv_impl == "auto"
 
 
+def test_the_mlp_kernel_is_chosen_where_its_weights_and_gradients_fit_the_chips_vmem():
+    """AS-20K fine-tuning (513 tokens, bfloat16): ASDA base (768 → 2688) and EAT base
+    (768 → 3072) fit v5p's 64 MiB, EAT large (1024 → 4096) does not (libtpu: 97 MiB)
+    but fits a v6e kernel's 100 MiB; asked for by name it is refused, saying why."""
+
+    def read(preset, model, **execution):
+        config = load_config("configs/finetune_as20k.py", f"mesh={preset},model={model}")
+        config.execution.update(execution)
+        topology = hardware.mesh_preset(preset).compile_topology
+        return config_lib.read(config, hardware.of_topology(topology))
+
+    assert read("v5p-128", "base").execution.mlp == "pallas"
+    assert read("v5p-128", "eat_base").execution.mlp == "pallas"
+    assert read("v5p-128", "eat_large").execution.mlp == "xla"
+    assert read("v6e-8", "eat_large").execution.mlp == "pallas"
+    assert read("tpu7x-8", "eat_large").execution.mlp == "xla"
+    need = config_lib.mlp_kernel_vmem(read("v6e-8", "eat_large"))
+    assert 96 * 2**20 < need <= hardware.chip("v6e").kernel_vmem_bytes
+    with pytest.raises(config_lib.ConfigError, match=r"MLP kernel needs about 99 MiB .* v5p"):
+        read("v5p-128", "eat_large", mlp_impl="pallas")
+
+
 def test_the_decoder_backward_splits_over_the_cores_only_where_vmem_holds_the_split():
     """At base size (768 channels, 64 × 8 patches, bfloat16) v4's 16 MiB holds one core's
     blocks but not the two cores' split (the compiler ran out of VMEM there), v5p's

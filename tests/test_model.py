@@ -276,8 +276,31 @@ def test_the_kernels_backward_split_over_two_cores_sums_to_one_cores():
     for got, want in zip(jax.tree.leaves(grads(2)), jax.tree.leaves(grads(1)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert mlp_kernel.cores_splitting(3, 2) == 1 and mlp_kernel.cores_splitting(4, 2) == 2
-    for got, want in zip(jax.tree.leaves(grads(2, 3)), jax.tree.leaves(grads(1, 3)), strict=True):
-        np.testing.assert_array_equal(got, want)  # three examples: one core, the same program
+    # three examples, or one: the decoder keeps them on one core (the same program); the
+    # MLP gives each core one of each example's two blocks of 16 rows (the second runs
+    # 8 rows past the sequence)
+    assert mlp_kernel.core_split(3, 24, 2) == mlp_kernel.CoreSplit(2, 3, 1, 16, by_rows=True)
+    for examples in (3, 1):
+        (mlp_2, conv_2), (mlp_1, conv_1) = grads(2, examples), grads(1, examples)
+        for got, want in zip(jax.tree.leaves(mlp_2), jax.tree.leaves(mlp_1), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        for got, want in zip(jax.tree.leaves(conv_2), jax.tree.leaves(conv_1), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_the_mlp_kernel_splits_one_example_per_device_over_the_cores_by_row_blocks():
+    split = mlp_kernel.core_split
+    assert split(4, 513, 2) == mlp_kernel.CoreSplit(2, 2, 2, 264, by_rows=False)
+    assert split(1, 513, 2) == mlp_kernel.CoreSplit(2, 1, 1, 264, by_rows=True)  # AS-20K
+    assert split(1, 1213, 2) == mlp_kernel.CoreSplit(2, 1, 2, 304, by_rows=True)  # 3 → 4 blocks
+    assert split(1, 513, 1) == mlp_kernel.CoreSplit(1, 1, 2, 264, by_rows=False)
+    assert split(1, 7, 2) == mlp_kernel.CoreSplit(1, 1, 1, 7, by_rows=False)  # too short
+    for examples, length in ((1, 513), (3, 1213), (1, 65), (2, 9)):
+        s = split(examples, length, 2)
+        assert s.cores * s.examples == examples * (s.cores if s.by_rows else 1)
+        blocks = s.blocks * (s.cores if s.by_rows else 1)
+        assert (blocks - 1) * s.rows < length <= blocks * s.rows  # no block wholly outside
+        assert s.rows % 8 == 0 or s.rows == length
 
 
 def test_the_kernels_weight_gradients_reach_fsdp_shards_by_reduce_scatter():

@@ -8,18 +8,22 @@ in VMEM at once, so the hidden layer never leaves it: the backward recomputes it
 instead of saving anything, and the weight and bias gradients are summed in
 VMEM-resident float32 accumulators over a device's examples, then over devices
 (reduce-scattered where FSDP shards the weights: ``sharding.summed``). Where
-a device holds two cores (``hardware.Chip.cores_per_device``) the backward's leading
-grid axis is "parallel" and gives each core half the examples and its own
+a device holds two cores (``hardware.Chip.cores_per_device``) both passes' leading
+grid axis is "parallel" and gives each core half the examples, or with one example
+per device half of its row blocks (``core_split``), and in the backward its own
 accumulators, summed after the call: Mosaic splits only parallel axes over the cores,
 and the accumulating axes must stay sequential.
 
 The weights stay whole in VMEM, with their float32 gradients and the pipeline's
-buffers: the kernel asks for the chip's ``hardware.Chip.kernel_vmem_bytes``, and a
-chip whose VMEM cannot hold them runs XLA's MLP (its row's ``forms.mlp``).
+buffers: the kernel asks for the chip's ``hardware.Chip.kernel_vmem_bytes``, a chip
+whose VMEM cannot hold them runs XLA's MLP (its row's ``forms.mlp``), and ``vmem_bytes``
+estimates what a model's blocks need (``config_lib`` sends a model that does not fit
+to the XLA form).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -34,8 +38,8 @@ from asda_jax import sharding
 def mlp(x, w1, b1, w2, b2, *, vmem_bytes: int, cores: int = 1, interpret=False):
     """fc2(gelu(fc1(x))) of ``x`` (B, T, D), ``w1`` (D, F), ``w2`` (F, D), biases (F,),
     (D,): (B, T, D) in x's dtype; products in the weights' dtype, sums in float32. The
-    kernel may use ``vmem_bytes`` of VMEM (the chip's ``kernel_vmem_bytes``); the
-    backward splits a device's examples over its ``cores`` (``cores_per_device``)."""
+    kernel may use ``vmem_bytes`` of VMEM (the chip's ``kernel_vmem_bytes``); both
+    passes split a device's rows over its ``cores`` (``cores_per_device``, ``core_split``)."""
     bias1, bias2 = (b.astype(jnp.float32)[None] for b in (b1, b2))
     options = (vmem_bytes, cores, interpret)
     return _mlp(x, w1.astype(x.dtype), bias1, w2.astype(x.dtype), bias2, options)
@@ -43,13 +47,11 @@ def mlp(x, w1, b1, w2, b2, *, vmem_bytes: int, cores: int = 1, interpret=False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _mlp(x, w1, b1, w2, b2, options):  # options: (VMEM bytes, cores, interpret)
-    vmem, _, interpret = options
-    return _forward(x, w1, b1, w2, b2, vmem, interpret)
+    return _forward(x, w1, b1, w2, b2, options)
 
 
 def _mlp_fwd(x, w1, b1, w2, b2, options):
-    vmem, _, interpret = options
-    return _forward(x, w1, b1, w2, b2, vmem, interpret), (x, w1, b1, w2, b2)  # hidden recomputed
+    return _forward(x, w1, b1, w2, b2, options), (x, w1, b1, w2, b2)  # hidden recomputed
 
 
 def _mlp_bwd(options, residuals, d_out):
@@ -85,7 +87,7 @@ def _forward_kernel(x_ref, w1_ref, b1_ref, w2_ref, b2_ref, out_ref):
 
 def _backward_kernel(
     x_ref, w1_ref, b1_ref, w2_ref, b2_ref, do_ref, dx_ref, dw1_ref, db1_ref, dw2_ref, db2_ref,
-    *, length,
+    *, length, core_blocks,
 ):  # fmt: skip
     # grid (core, example, block of rows): each core's accumulators start at its first step
     @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0))
@@ -94,9 +96,11 @@ def _backward_kernel(
             ref[...] = jnp.zeros_like(ref)
 
     # rows past the sequence in its last block hold whatever was there: zeroed, they add
-    # nothing to the weights' gradients
+    # nothing to the weights' gradients. ``core_blocks``: the row blocks each core takes
+    # of an example (0 where the cores share the examples instead)
     rows = x_ref.shape[0]
-    position = pl.program_id(2) * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+    block = pl.program_id(0) * core_blocks + pl.program_id(2)
+    position = block * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
     inside = position < length
     x = jnp.where(inside, x_ref[...], jnp.zeros_like(x_ref[...]))
     d_out = jnp.where(inside, do_ref[...], jnp.zeros_like(do_ref[...]))
@@ -125,16 +129,65 @@ def rows_per_block(length: int) -> int:
     return math.ceil(per_block / 8) * 8
 
 
-def _rows(x, rows):  # a block of ``rows`` of one example of a (B, T, D) array
-    return pl.BlockSpec((None, rows, x.shape[2]), lambda b, r: (b, r, 0))
+def vmem_bytes(embed: int, hidden: int, length: int, itemsize: int) -> int:
+    """An estimate of the VMEM the backward (the larger pass) holds for an MLP of
+    ``embed`` → ``hidden`` → ``embed`` over sequences of ``length`` rows in
+    ``itemsize``-byte activations: its blocks as the block specs lay them out, each
+    double-buffered by the pipeline: both weight matrices, their float32 gradient
+    accumulators, the biases' and a block of rows of the input, the output gradient
+    and the input gradient. libtpu's own count is within a few MiB of it at the
+    release's and EAT's widths (BENCHMARKS.md); on a chip with room to spare it may
+    hold whole operands in VMEM outside the kernel's share and need less."""
+    weights = 2 * embed * hidden * itemsize
+    accumulators = 2 * embed * hidden * 4 + (embed + hidden) * 4
+    blocks = 3 * rows_per_block(length) * embed * itemsize + (embed + hidden) * 4
+    return 2 * (weights + accumulators + blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreSplit:
+    """How a device's (B, T, D) rows are laid over the grid (core, example, row block)
+    of both passes: each core takes its share of the examples where they divide
+    evenly over the cores, else its share of every example's row blocks (one example
+    per device, as in fine-tuning on a large slice), else everything runs on one."""
+
+    cores: int  # the grid's leading, "parallel" axis
+    examples: int  # examples per core
+    blocks: int  # row blocks per core and example
+    rows: int  # rows per block
+    by_rows: bool  # the cores share each example's row blocks (else the examples)
+
+    def block_spec(self, x) -> pl.BlockSpec:  # one block of rows of a (B, T, D) array
+        example_stride, block_stride = (0, self.blocks) if self.by_rows else (self.examples, 0)
+        return pl.BlockSpec(
+            (None, self.rows, x.shape[2]),
+            lambda c, b, r: (c * example_stride + b, c * block_stride + r, 0),
+        )
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.cores, self.examples, self.blocks
+
+
+def core_split(examples: int, length: int, cores: int) -> CoreSplit:
+    """The ``CoreSplit`` of ``examples`` sequences of ``length`` rows over ``cores``
+    (``hardware.Chip.cores_per_device``): by examples where they divide evenly; else by
+    row blocks, as many per core, where the sequence fills them (one block of whole
+    sublane tiles each); else one core."""
+    rows = rows_per_block(length)
+    blocks = pl.cdiv(length, rows)
+    if cores > 1 and examples % cores == 0:
+        return CoreSplit(cores, examples // cores, blocks, rows, by_rows=False)
+    if cores > 1:
+        split_blocks = cores * math.ceil(blocks / cores)
+        split_rows = math.ceil(length / split_blocks / 8) * 8
+        if pl.cdiv(length, split_rows) == split_blocks:
+            return CoreSplit(cores, examples, split_blocks // cores, split_rows, by_rows=True)
+    return CoreSplit(1, examples, blocks, rows, by_rows=False)
 
 
 def _whole(a):  # the same block at every step: weights, biases
     return pl.BlockSpec(a.shape, lambda *step: (0,) * len(a.shape))
-
-
-def _core_rows(x, rows, per_core):  # ``_rows`` on the (core, example, block) grid
-    return pl.BlockSpec((None, rows, x.shape[2]), lambda c, b, r: (c * per_core + b, r, 0))
 
 
 def _core_partial(a):  # each core's own accumulator of a (cores, ...) array
@@ -158,10 +211,6 @@ def _pallas(kernel, inputs, out_shape, in_specs, out_specs, grid, flops, semanti
     )(*inputs)
 
 
-def _row_blocks(x) -> int:
-    return pl.cdiv(x.shape[1], rows_per_block(x.shape[1]))
-
-
 def cores_splitting(examples: int, cores: int) -> int:
     """The cores a device's ``examples`` are split over: all where they divide evenly,
     else one (an uneven split would leave a core idle for a step anyway)."""
@@ -172,18 +221,20 @@ def _matmul_flops(x, w1) -> int:  # one of the MLP's products over x's rows
     return 2 * x.shape[0] * x.shape[1] * w1.shape[0] * w1.shape[1]
 
 
-def _forward(x, w1, b1, w2, b2, vmem, interpret):  # -> (B, T, D)
+def _forward(x, w1, b1, w2, b2, options):  # -> (B, T, D)
+    vmem, cores, interpret = options
+
     def run(x, w1, b1, w2, b2):
-        rows = rows_per_block(x.shape[1])
+        split = core_split(x.shape[0], x.shape[1], cores)
         return _pallas(
             _forward_kernel,
             [x, w1, b1, w2, b2],
             [jax.ShapeDtypeStruct(x.shape, x.dtype)],
-            [_rows(x, rows), *map(_whole, (w1, b1, w2, b2))],
-            [_rows(x, rows)],
-            (x.shape[0], _row_blocks(x)),
+            [split.block_spec(x), *map(_whole, (w1, b1, w2, b2))],
+            [split.block_spec(x)],
+            split.grid,
             2 * _matmul_flops(x, w1),
-            ("parallel", "parallel"),
+            ("parallel", "parallel", "parallel"),
             vmem,
             interpret,
         )[0]
@@ -197,22 +248,19 @@ def _backward(x, w1, b1, w2, b2, d_out, options):  # -> dx, dW1, db1, dW2, db2 (
     vmem, cores, interpret = options
 
     def run(x, d_out, w1, b1, w2, b2):
-        rows = rows_per_block(x.shape[1])
-        split = cores_splitting(x.shape[0], cores)
-        per_core = x.shape[0] // split
+        split = core_split(x.shape[0], x.shape[1], cores)
         weights = [w1, b1, w2, b2]
-        partials = [jax.ShapeDtypeStruct((split, *w.shape), jnp.float32) for w in weights]
+        partials = [jax.ShapeDtypeStruct((split.cores, *w.shape), jnp.float32) for w in weights]
+        kernel = functools.partial(
+            _backward_kernel, length=x.shape[1], core_blocks=split.blocks * split.by_rows
+        )
         dx, *summed = _pallas(
-            functools.partial(_backward_kernel, length=x.shape[1]),
+            kernel,
             [x, w1, b1, w2, b2, d_out],
             [jax.ShapeDtypeStruct(x.shape, x.dtype), *partials],
-            [
-                _core_rows(x, rows, per_core),
-                *map(_whole, weights),
-                _core_rows(d_out, rows, per_core),
-            ],
-            [_core_rows(x, rows, per_core), *map(_core_partial, partials)],
-            (split, per_core, _row_blocks(x)),
+            [split.block_spec(x), *map(_whole, weights), split.block_spec(d_out)],
+            [split.block_spec(x), *map(_core_partial, partials)],
+            split.grid,
             5 * _matmul_flops(x, w1),  # the recomputed fc1, dW2, dh, dW1, dx
             # the accumulators are carried from step to step within a core
             ("parallel", "arbitrary", "arbitrary"),
