@@ -15,7 +15,7 @@ from absl import flags
 from absl import logging as absl_logging
 from etils import epath
 
-from asda_jax import audio, config_lib, storage
+from asda_jax import audio, config_lib, progress, storage
 from asda_jax.data import builders
 
 NOISY_LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/etils/", "/grain/")
@@ -104,16 +104,18 @@ def audio_inputs(path: str | os.PathLike) -> tuple[list[epath.Path], epath.Path]
     raise FileNotFoundError(f"{path}: no such file or folder")
 
 
-def run_over_files(files: list[epath.Path], work: Callable[[epath.Path], str]) -> int:
-    """Runs ``work`` on each file, printing its line; unusable audio is reported and
-    skipped. Returns the exit code: 0 if any file succeeded, else 1."""
+def run_over_files(files: list[epath.Path], work: Callable[[epath.Path], str], what: str) -> int:
+    """Runs ``work`` on each file, printing its line, with the progress of ``what``
+    (e.g. "extract") over several; unusable audio is reported and skipped. Returns the
+    exit code: 0 if any file succeeded, else 1."""
     skipped = []
-    for path in files:
+    shown = progress.progress(files, what) if len(files) > 1 else files
+    for path in shown:
         try:
-            print(f"{path}: {work(path)}", flush=True)
+            progress.write(f"{path}: {work(path)}", sys.stdout)
         except audio.AudioError as e:
             skipped.append(path)
-            print(f"skipped {path}: {e}", file=sys.stderr, flush=True)
+            progress.write(f"skipped {path}: {e}", sys.stderr)
     done = len(files) - len(skipped)
     print(f"{done} of {len(files)} files done, {len(skipped)} skipped", flush=True)
     return 0 if done else 1

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from asda_jax import finetuning, hardware, metrics, sharding, storage
+from asda_jax import finetuning, hardware, metrics, progress, sharding, storage
 from asda_jax.data import pipeline
 
 
@@ -39,8 +39,11 @@ def over_split(
 
     outputs: dict[str, list] = {name: [] for name in param_sets}
     labels = []
+    batches = pipeline.make_pipeline(cfg, train=False)
+    if jax.process_index() == 0:
+        batches = progress.progress(batches, f"evaluate {cfg.split}", unit="batches")
     with sharding.activate(mesh):
-        for host_batch in pipeline.make_pipeline(cfg, train=False):
+        for host_batch in batches:
             batch = pipeline.to_global(host_batch, mesh)
             valid = sharding.to_host(batch["valid"])
             labels.append(sharding.to_host(batch["labels"])[valid])

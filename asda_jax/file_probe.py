@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asda_jax import audio, checkpoints, embeddings, inference, probe, storage
+from asda_jax import audio, checkpoints, embeddings, inference, probe, progress, storage
 from asda_jax.data import builders
 
 PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
@@ -102,7 +102,7 @@ def read_waves(
     """(mono 16 kHz waves, the indices of the files they are, skipped files per reason):
     files that are not usable audio are left out and counted."""
     waves, kept, skipped = [], [], collections.Counter()
-    for i, f in enumerate(files):
+    for i, f in enumerate(progress.progress(files, "read")):
         try:
             waves.append(audio.read_audio(f.path, max_seconds=max_seconds))
             kept.append(i)
@@ -115,7 +115,7 @@ def logmel_statistics(waves: Sequence[np.ndarray]) -> np.ndarray:  # -> (N, 4·M
     """Per clip and mel band: mean, standard deviation and maximum of the log-mel
     energies over frames, and the standard deviation of their frame-to-frame change."""
     rows = []
-    for wave in waves:
+    for wave in progress.progress(waves, "log-mel statistics", unit="clips"):
         spec = audio.fbank(wave)  # (T, M)
         change = np.diff(spec, axis=0) if spec.shape[0] > 1 else np.zeros_like(spec)
         rows.append(np.concatenate([spec.mean(0), spec.std(0), spec.max(0), change.std(0)]))
@@ -131,7 +131,8 @@ def encoder_features(
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     embedder = embeddings.Embedder(encoder)
     rows = []
-    for start in range(0, len(waves), 64):  # bounded memory: (64, S, D) steps at a time
+    batches = range(0, len(waves), 64)  # bounded memory: (64, S, D) steps at a time
+    for start in progress.progress(batches, "encode, 64 clips a batch", unit="batches"):
         out = embeddings.embed_clips(embedder, waves[start : start + 64], pooling="mean")
         if pooling == "cls":
             rows.append(out.scene)

@@ -102,7 +102,7 @@ def main(argv):
         output.sync()
         return f"{output.target / name}.*.npy  {len(out.windows)} windows, {frames.rows} steps"
 
-    code = cli.run_over_files(files, extract)
+    code = cli.run_over_files(files, extract, "extract")
     output.close()
     sys.exit(code)
 

@@ -154,7 +154,7 @@ def main(argv):
         results.append(labelled(path, loaded, windowing, names))
         return report(results[-1])
 
-    code = cli.run_over_files(files, label)
+    code = cli.run_over_files(files, label, "infer")
     if FLAGS.output:
         write(results, storage.path(FLAGS.output))
         print(f"wrote {FLAGS.output}")

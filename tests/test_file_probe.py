@@ -2,16 +2,20 @@
 launch/probe.py) and the sound-bank readers the real-audio benchmark labels notes with."""
 
 import collections
+import fcntl
+import io
 import json
+import os
 import struct
 import subprocess
 import sys
+import termios
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asda_jax import audio, embeddings, file_probe, inference, probe, train_lib
+from asda_jax import audio, embeddings, file_probe, inference, probe, progress, train_lib
 from asda_jax import model as model_lib
 from asda_jax.data import datasets
 from benchmarks import sound_banks
@@ -351,3 +355,28 @@ def test_gus_patch_notes_are_decoded_from_every_sample_format(tmp_path):
     assert [n.family for n in notes] == ["pipe"] * 4 and {n.rate for n in notes} == {8000}
     for note, wave in zip(notes, waves, strict=True):
         np.testing.assert_allclose(note.wave, wave, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere():
+    main, follower = os.openpty()  # a pseudo-terminal: isatty() is true of its far end
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 wide
+    with os.fdopen(follower, "w") as terminal:
+        shown = list(progress.progress(range(30), "read", unit="clips", stream=terminal))
+    drawn = os.read(main, 1 << 16).decode()
+    os.close(main)
+    assert shown == list(range(30))
+    assert "\r" in drawn and "read" in drawn and "30/30" in drawn and "clips/s" in drawn
+
+    log = io.StringIO()  # not a terminal: a line each time ``every_s`` has passed
+    items = iter(range(4))  # no len(): the total is given
+    assert list(progress.progress(items, "read", total=4, stream=log, every_s=0)) == [0, 1, 2, 3]
+    lines = log.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(line.startswith("read: ") and "files/s" in line for line in lines)
+    assert "\r" not in log.getvalue()
+    quiet = io.StringIO()  # the default: one line at the end of a short loop
+    list(progress.progress(range(3), "read", stream=quiet))
+    assert quiet.getvalue().count("\n") == 1 and "3/3 files" in quiet.getvalue()

@@ -247,6 +247,7 @@ def test_extract_writes_the_encoder_outputs_and_skips_bad_files(finetuned, tmp_p
     assert done.returncode == 0, done.stderr[-3000:]
     assert "4 of 7 files done, 3 skipped" in done.stdout
     assert all(name in done.stderr for name in ("broken.wav", "empty.ogg", "notes.txt"))
+    assert "extract: 7/7 files [" in done.stderr  # progress, as plain lines off a terminal
     for stem in ("c", "d"):
         assert np.load(tmp_path / "out" / f"{stem}.windows.npy").shape[0] == 1
     encode, cfg, _, inputs = inference.load_encoder(finetuned)

@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from asda_jax import audio, storage
+from asda_jax import audio, progress, storage
 from asda_jax.data import synthetic
 
 WEIGHTS_FILE = "sample_weights-{split}.npy"
@@ -148,7 +148,9 @@ class AudioSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     def _generate_examples(self, split: str, clips: Sequence[ClipRef], weights):
         skipped: collections.Counter = collections.Counter()
         kept = []
-        for i, (ref, result) in enumerate(self._converted(clips)):
+        converted = progress.progress(self._converted(clips), f"{self.name}/{split}",
+                                      total=len(clips), unit="clips")  # fmt: skip
+        for i, (ref, result) in enumerate(converted):
             if isinstance(result, audio.AudioError):
                 skipped[result.reason] += 1
                 logging.warning("%s/%s: skipping %s", self.name, split, result)
