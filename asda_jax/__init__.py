@@ -8,7 +8,20 @@ README draws the same map). A subpackage's ``__init__`` is a module of its own
 """
 
 LAYERS = (
-    ("foundations", ("sharding", "hardware", "metrics", "launch_env", "throughput", "storage")),
+    (
+        "foundations",
+        (
+            "sharding",
+            "hardware",
+            "metrics",
+            "launch_env",
+            "throughput",
+            "storage",
+            "progress",
+            "plots",
+            "report",
+        ),
+    ),
     (
         "kernels and front end",
         (

@@ -149,6 +149,33 @@ def read_blocks(path: str | os.PathLike, block_seconds: float = 60.0) -> Iterato
         raise AudioError(f"{name}: unreadable audio ({e})", "unreadable") from e
 
 
+def log_mel_overview(path: str | os.PathLike, max_columns: int = 2000) -> np.ndarray:
+    """A file's log-mel spectrogram for a picture: (columns, mel bins), each column the
+    mean of about seconds × 100 / ``max_columns`` consecutive frames, read in blocks
+    (``read_blocks``) so a recording of hours is never held whole. Frames across a
+    block's edge are dropped: a picture does not miss 25 ms a minute."""
+    frames_per_second = SAMPLE_RATE // RELEASE_FBANK.window_shift
+    try:
+        with _opened(path) as handle, sf.SoundFile(handle) as f:
+            seconds = f.frames / f.samplerate
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+        raise AudioError(f"{path}: unreadable audio ({e})", "unreadable") from e
+    pool = max(1, math.ceil(seconds * frames_per_second / max_columns))
+    columns, left = [], np.zeros((0, RELEASE_FBANK.num_mel_bins), np.float32)
+    for block in read_blocks(path):
+        if block.size < RELEASE_FBANK.window_size:
+            continue
+        frames = np.concatenate([left, fbank(block)])
+        whole = frames.shape[0] // pool * pool
+        columns.append(frames[:whole].reshape(-1, pool, frames.shape[1]).mean(axis=1))
+        left = frames[whole:]
+    if left.shape[0]:
+        columns.append(left.mean(axis=0, keepdims=True))
+    if not columns:
+        raise AudioError(f"{path}: shorter than one frame", "too_short")
+    return np.concatenate(columns)
+
+
 class MonoResampler:
     """Consecutive blocks of (N, channels) float samples at ``rate`` as mono float32 at
     16 kHz: channels mixed down by their mean, then soxr's streaming resampler (none at

@@ -17,8 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from asda_jax import finetuning, hardware, metrics, progress, sharding, storage
-from asda_jax.data import pipeline
+from asda_jax import finetuning, hardware, metrics, progress, report, sharding, storage
+from asda_jax.data import datasets, pipeline
 
 
 def over_split(
@@ -61,8 +61,16 @@ def evaluate(
 
 
 def final_evaluation(state, task: finetuning.FinetuneTask, mesh, workdir) -> dict[str, float]:
-    """Metrics of a run's final parameters on its eval split, also in <workdir>/eval.json."""
-    results = evaluate(task, state.params, task.eval_cfg, mesh)
+    """Metrics of a run's final parameters on its eval split, also in <workdir>/eval.json,
+    and each clip's scores in <workdir>/predictions.csv (what its report is drawn from)."""
+    cfg = task.eval_cfg
+    outputs, labels = over_split(task.scores, {"scores": state.params}, cfg, task.forms, mesh)
+    results = metrics.classification_metrics(outputs["scores"], labels)
     if jax.process_index() == 0:
-        (storage.path(workdir) / "eval.json").write_text(json.dumps(results, indent=2))
+        workdir = storage.path(workdir)
+        names = datasets.load(cfg.dataset, cfg.data_dir).class_names
+        report.write_predictions(
+            workdir / report.PREDICTIONS_FILE, outputs["scores"], labels, names
+        )
+        (workdir / report.EVAL_FILE).write_text(json.dumps(results, indent=2))
     return results

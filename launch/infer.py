@@ -2,7 +2,7 @@
 
     python launch/infer.py --checkpoint=/ckpt/as20k --audio=recording.flac \
         [--labels=class_labels_indices.csv] [--top_k=5] [--window=2] [--hop=5.12] [--pooling=max] \
-        [--events --threshold=0.5] [--output=timeline.csv|timeline.json]
+        [--events --threshold=0.5] [--output=timeline.csv|timeline.json] [--plot=file.png]
 
 Each file is cut into windows of the run's training length (``--hop`` seconds apart,
 default: the window, rounded to 10 ms frames) and read in blocks, so recordings of any
@@ -15,7 +15,9 @@ window its start, end and top-k labels) and the file's labels pooled over the wi
 (``--pooling``: max or mean). ``--events`` merges consecutive
 windows with the same top label of at least ``--threshold`` into events; windows below
 ``--silence_db`` are silence (asda_jax/timeline.py). ``--output`` writes everything as
-CSV (one row per file, window or event label) or JSON, by its suffix.
+CSV (one row per file, window or event label) or JSON, by its suffix. ``--plot`` draws
+each file: its log-mel spectrogram, the top classes' scores over time and the events
+under them (a .png for one file; for a folder, a folder of them).
 
 Display names come from --labels (AudioSet's ``index,mid,display_name`` CSV, or
 ``index,name``), else from the run's prepared dataset, else, for a model that says it
@@ -38,11 +40,13 @@ import csv
 import io
 import json
 import sys
+import tempfile
 
+import numpy as np
 from absl import app, flags
 from etils import epath
 
-from asda_jax import checkpoints, cli, inference, storage, timeline, windows
+from asda_jax import audio, checkpoints, cli, inference, plots, storage, timeline, windows
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A fine-tuning run's workdir, or a classifier export.")
@@ -58,6 +62,7 @@ flags.DEFINE_float("threshold", 0.5, "Lowest top score of a window in an event."
 flags.DEFINE_float("silence_db", -60.0, "Windows quieter than this (dBFS RMS) are silence.")
 flags.DEFINE_integer("batch_size", None, "Windows per call (default: the chip's).")
 flags.DEFINE_string("output", None, "Write the results here: a .csv or .json file.")
+flags.DEFINE_string("plot", None, "Draw each file here: a .png (one file) or a folder (several).")
 flags.mark_flags_as_required(["checkpoint", "audio"])
 
 
@@ -73,8 +78,11 @@ def shown(labels) -> str:
     return "  ".join(f"{n} {s:.3f}" for n, s in labels)
 
 
-def labelled(path: epath.Path, loaded: inference.LoadedClassifier, windowing, names) -> dict:
-    """Everything known of one file: its windows' labels, its own, its events."""
+def labelled(
+    path: epath.Path, loaded: inference.LoadedClassifier, windowing, names, png=None
+) -> dict:
+    """Everything known of one file: its windows' labels, its own, its events; with
+    ``png``, its picture drawn there."""
     stream = windows.windows_of_file(path, windowing, loaded.input.norm)
     batch = FLAGS.batch_size or inference.here().hardware.forms.windows_per_call
     masked = timeline.masks_padding(windowing, loaded.input.target_frames)
@@ -89,10 +97,33 @@ def labelled(path: epath.Path, loaded: inference.LoadedClassifier, windowing, na
             for r in rows
         ],
     }
+    found = timeline.events(rows, names, windowing, FLAGS.threshold, FLAGS.silence_db)
     if FLAGS.events:
-        found = timeline.events(rows, names, windowing, FLAGS.threshold, FLAGS.silence_db)
         result["events"] = [e._asdict() for e in found]
+    if png is not None:
+        result["plot"] = plot(path, rows, names, found, png)
     return result
+
+
+def picture_path(path: epath.Path, root: epath.Path) -> epath.Path:
+    """Where ``--plot`` puts a file's picture: the .png it names, or in the folder it
+    names, the file's path under ``--audio`` with .png added."""
+    plot = storage.path(FLAGS.plot)
+    return plot if plot.suffix == ".png" else plot / (str(path.relative_to(root)) + ".png")
+
+
+def plot(path: epath.Path, rows, names, found, png: epath.Path) -> str:
+    """The file's picture: its log-mel spectrogram, the top classes' window scores over
+    time, and the events under them (``--threshold``, ``--silence_db``)."""
+    storage.make_folder(png.parent)
+    times = np.array([(r.start + r.end) / 2 for r in rows])
+    scores = np.stack([r.scores for r in rows])
+    spans = [(e.start, e.end, e.label) for e in found]
+    with tempfile.TemporaryDirectory() as local:  # matplotlib writes local files
+        drawn = plots.recording(audio.log_mel_overview(path), rows[-1].end, times, scores,
+                                names, spans, os.path.join(local, "plot.png"))  # fmt: skip
+        storage.copy_file(epath.Path(drawn), png)
+    return str(png)
 
 
 def report(result: dict) -> str:
@@ -142,7 +173,9 @@ def main(argv):
         loaded = inference.load_classifier(FLAGS.checkpoint, FLAGS.step)
         names = inference.class_names(loaded.input, FLAGS.labels)
         windowing = windowing_of(loaded)
-        files, _ = cli.audio_inputs(FLAGS.audio)
+        files, root = cli.audio_inputs(FLAGS.audio)
+        if FLAGS.plot and len(files) > 1 and storage.path(FLAGS.plot).suffix == ".png":
+            raise ValueError("--plot for a folder of files names a folder, not a .png")
         if FLAGS.output:
             storage.make_folder(storage.path(FLAGS.output).parent)
     except (checkpoints.CheckpointMismatch, FileNotFoundError, ValueError) as e:
@@ -151,7 +184,8 @@ def main(argv):
     results = []
 
     def label(path: epath.Path) -> str:
-        results.append(labelled(path, loaded, windowing, names))
+        png = picture_path(path, root) if FLAGS.plot else None
+        results.append(labelled(path, loaded, windowing, names, png))
         return report(results[-1])
 
     code = cli.run_over_files(files, label, "infer")

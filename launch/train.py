@@ -30,7 +30,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from asda_jax import cli, config_lib, evaluation, probe, storage, train_lib, train_state
+from asda_jax import cli, config_lib, evaluation, probe, report, storage, train_lib, train_state
 from asda_jax.data import builders, datasets
 
 FLAGS = flags.FLAGS
@@ -77,6 +77,7 @@ def report_evaluation(state, task, mesh, workdir: epath.Path) -> None:
     if jax.process_index() == 0:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "num_clips")
         print(f"{task.eval_cfg.dataset}:{task.eval_cfg.split} at step {int(state.step)}: {shown}")
+        print(f"report: {report.write(workdir)}")
 
 
 def main(argv):

@@ -1,5 +1,6 @@
 """Fine-tuning runs: every recipe on 8 devices, loading encoders, the tools, ESC-50 folds."""
 
+import csv
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
+from sklearn import metrics as sk_metrics
 
 from asda_jax import (
     audio,
@@ -21,6 +24,7 @@ from asda_jax import (
     hardware,
     inference,
     metrics,
+    report,
     sharding,
     train_lib,
 )
@@ -348,3 +352,72 @@ def test_fine_tuning_from_the_pretrained_demo_beats_random_init(synthetic_60, tm
         accuracy[name] = results["accuracy"]
     print(accuracy)
     assert accuracy["pretrained"] >= accuracy["random"] + 0.05, accuracy  # 35 % vs 25 % here
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) of a PNG, from its header (and the file opens as an image)."""
+    with Image.open(path) as image:
+        image.verify()
+        assert image.format == "PNG"
+        return image.size
+
+
+def test_a_fine_tuning_report_shows_the_run_and_scores_each_class_as_sklearn_does(finetuned):
+    page = report.write(finetuned)
+    folder = finetuned / report.REPORT_DIR
+    text = page.read_text()
+    for picture in ("curves.png", "per_class.png", "confusion.png"):
+        assert f"]({picture})" in text
+        width, height = png_size(folder / picture)
+        assert width >= 600 and height >= 200
+    scores, targets, names = report.read_predictions(finetuned / report.PREDICTIONS_FILE)
+    assert report.is_single_label(targets) and scores.shape == (targets.shape[0], len(names))
+    true, predicted = targets.argmax(1), scores.argmax(1)
+    assert names == inference.class_names(inference.load_classifier(finetuned).input)
+    rows = list(csv.DictReader((folder / "per_class.csv").open()))
+    assert [r["class"] for r in rows] == names
+    present = np.flatnonzero(np.bincount(true, minlength=len(names)) > 0)
+    precision, recall, f1, support = sk_metrics.precision_recall_fscore_support(
+        true, predicted, labels=present, zero_division=0
+    )
+    for i, c in enumerate(present):
+        got = rows[c]
+        assert float(got["precision"]) == pytest.approx(precision[i], abs=1e-12)
+        assert float(got["recall"]) == pytest.approx(recall[i], abs=1e-12)
+        assert float(got["F1"]) == pytest.approx(f1[i], abs=1e-12)
+        assert float(got["clips"]) == support[i]
+    absent = sorted(set(range(len(names))) - set(present))
+    assert all(np.isnan(float(rows[c]["recall"])) for c in absent)
+
+
+def test_multi_label_per_class_scores_are_sklearns_average_precision(tmp_path):
+    rng = np.random.default_rng(0)
+    targets = (rng.random((40, 6)) < 0.3).astype(np.float64)
+    targets[:, 5] = 0  # a class with no positive clip: no AP, left out of the mean
+    scores = np.round(rng.random((40, 6)), 2)  # ties, as the AP's steps must take them
+    names = [f"class {c}" for c in range(6)]
+    report.write_predictions(tmp_path / report.PREDICTIONS_FILE, scores, targets, names)
+    page = report.write(tmp_path).read_text()
+    rows = list(csv.DictReader((tmp_path / report.REPORT_DIR / "per_class.csv").open()))
+    for c in range(5):
+        want = sk_metrics.average_precision_score(targets[:, c], scores[:, c])
+        assert float(rows[c]["AP"]) == pytest.approx(want, abs=1e-12)
+    assert np.isnan(float(rows[5]["AP"])) and "No clip of 1 classes in this split: class 5" in page
+    assert "confusion" not in page  # multi-label: no confusion matrix
+    assert png_size(tmp_path / report.REPORT_DIR / "per_class.png")[0] >= 600
+
+
+@pytest.mark.subprocess
+def test_infer_draws_a_recording_of_several_minutes(finetuned, tmp_path):
+    long = tmp_path / "clips" / "four_minutes.wav"
+    fx.write_tone(long, 440, seconds=240.0, rate=22_050)
+    png = tmp_path / "pictures" / "four_minutes.png"
+    done = run_tool("infer", f"--checkpoint={finetuned}", f"--audio={long}", f"--plot={png}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert png_size(png) == (1200, 750)  # plots.recording's 12 × 7.5 inches at 100 dpi
+    spectrogram = audio.log_mel_overview(long, max_columns=2000)
+    assert spectrogram.shape == (2000, 128)  # 24 000 frames, 12 a column
+    fx.write_tone(long.parent / "short.wav", 880, seconds=1.0)
+    refused = run_tool("infer", f"--checkpoint={finetuned}", f"--audio={long.parent}",
+                       f"--plot={png}")  # fmt: skip
+    assert refused.returncode == 2 and "names a folder, not a .png" in refused.stderr
