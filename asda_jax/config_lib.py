@@ -112,6 +112,26 @@ def model_block(preset: str = "base", **overrides) -> ml_collections.ConfigDict:
     return config
 
 
+def continue_from(config: ml_collections.ConfigDict, init_from: str) -> None:
+    """Sets a pretraining ``config`` to continue from ``init_from``, an export (ours, or
+    EAT/SSLAM/ASDA weights imported by launch/convert_torch.py): the model becomes the
+    export's architecture and the input its normalisation, and student and teacher
+    start from its encoder (``pretrain.init_from``); the decoder starts fresh. Nothing
+    to do for an empty ``init_from``."""
+    if not init_from:
+        return
+    description = checkpoints.export_description(init_from)
+    if description is None:
+        raise ConfigError(
+            f"init_from {init_from}: not an export (<dir>/{checkpoints.EXPORT_CONFIG} and "
+            "<dir>/params/); write one from a run with launch/export.py, or import weights "
+            "with launch/convert_torch.py"
+        )
+    config.model = model_block(**description["model"])
+    config.data.norm = tuple(description["norm"])
+    config.pretrain.init_from = str(init_from)
+
+
 def run_config(
     task: str, *, model: str = "base", mesh: str = "cpu", batch_size: int = 8
 ) -> ml_collections.ConfigDict:
@@ -402,6 +422,12 @@ def validate(
                 checkpoints.locate_params(run.finetune.init_from)
             except checkpoints.CheckpointMismatch as e:
                 raise ConfigError(f"finetune.init_from: {e}") from e
+        start = run.pretrain.init_from if run.pretrain is not None else ""
+        if start and checkpoints.export_description(start) is None:
+            raise ConfigError(
+                f"pretrain.init_from {start}: not an export (<dir>/{checkpoints.EXPORT_CONFIG} "
+                "and <dir>/params/)"
+            )
     return run
 
 

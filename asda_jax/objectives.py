@@ -57,6 +57,9 @@ class PretrainConfig:
     min_target_var: float = 0.1
     min_pred_var: float = 0.01
     collapse_check_after: int = 5_000
+    # An export (ours, or imported weights) whose encoder student and teacher start from
+    # (continued pretraining: ``config_lib.continue_from``); empty: random init.
+    init_from: str = ""
 
     def validate(self) -> PretrainConfig:
         if not (0 <= self.ema_decay <= 1 and 0 <= self.ema_end_decay <= 1):

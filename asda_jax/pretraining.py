@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asda_jax import config_lib, flop_counts, objectives, optim, train_state
+from asda_jax import checkpoints, config_lib, flop_counts, objectives, optim, train_state
 from asda_jax import model as model_lib
 from asda_jax.data import pipeline
 
@@ -54,7 +54,14 @@ class PretrainTask:
         return params["encoder"]  # the teacher starts as an exact copy
 
     def load_initial(self, state: train_state.TrainState) -> train_state.TrainState:
-        return state  # pretraining starts from scratch
+        """Random init, or with ``pretrain.init_from`` student and teacher both the
+        export's encoder (restored onto this run's mesh); the decoder stays fresh."""
+        if not self.pre_cfg.init_from:
+            return state
+        target = checkpoints.restore_target(state.params["encoder"])
+        encoder = checkpoints.restore_params(self.pre_cfg.init_from, target, ("encoder",))
+        teacher = jax.tree.map(jnp.copy, encoder)  # buffers of its own: the step donates both
+        return state.replace(params={**state.params, "encoder": encoder}, teacher=teacher)
 
     def step(self, state: train_state.TrainState, batch: dict, tx):
         spec, _ = pipeline.spectrograms(batch, self.data_cfg, self.forms)

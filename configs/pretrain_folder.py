@@ -7,7 +7,8 @@
 Arguments (after the colon): ``source`` (the folder: any depth, any of the formats
 read_audio takes, any length), ``data_dir`` (where the prepared dataset goes),
 ``mesh`` (a preset of hardware.MESH_PRESETS, default gpu), ``model`` (base, small,
-demo, tiny), ``steps`` (updates, default 100 000; the schedule follows).
+demo, tiny), ``steps`` (updates, default 100 000; the schedule follows), ``init_from``
+(an export to continue from, instead of random init: ``config_lib.continue_from``).
 
 The first run prepares the ``unlabelled_folder`` dataset from ``source`` (each
 recording cut into 10.255 s segments, one record each, read by seeking; unreadable
@@ -36,4 +37,5 @@ def get_config(arg=None):
     config.num_train_steps = steps
     config.seed = 1
     config.checkpoint_every = max(1, min(10_000, steps // 10))
+    config_lib.continue_from(config, args.get("init_from", ""))
     return config

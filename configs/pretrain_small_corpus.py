@@ -6,7 +6,10 @@
         --workdir=workdirs/small
 
 Arguments (after the colon): ``source``, ``data_dir``, ``steps`` (default 3 000),
-``model`` (default demo), ``mesh`` (default cpu). The folder is read as
+``model`` (default demo), ``mesh`` (default cpu), ``init_from`` (an export to continue
+from: its architecture replaces ``model``, its input normalisation the default, and
+student and teacher start from its encoder: ``config_lib.continue_from``). The folder is
+read as
 configs/pretrain_folder.py reads it (every file that decodes, cut into 10.255 s
 segments). What differs from the release's AS-2M recipe, and why:
 
@@ -62,4 +65,5 @@ def get_config(arg=None):
     config.log_every = max(1, min(50, steps // 20))
     config.checkpoint_every = max(1, steps // 6)
     config.keep_checkpoints = 7
+    config_lib.continue_from(config, args.get("init_from", ""))
     return config

@@ -18,7 +18,17 @@ import pytest
 import soundfile as sf
 import torch
 
-from asda_jax import audio, checkpoints, cli, embeddings, hear, inference, train_lib, windows
+from asda_jax import (
+    audio,
+    checkpoints,
+    cli,
+    config_lib,
+    embeddings,
+    hear,
+    inference,
+    train_lib,
+    windows,
+)
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline, synthetic
 from tests import data_fixtures as fx
@@ -391,3 +401,37 @@ def test_an_hour_through_extract_and_infer_keeps_memory_bounded(classifier, tmp_
     assert steps.shape == (-(-OPTS.num_frames(3600 * audio.SAMPLE_RATE) // 16), 8 * 64)
     assert times.shape == steps.shape[:1] and times[-1] < 3_600_000
     assert np.load(tmp_path / "emb" / "hour.windows.npy").shape == (2813, 64)
+
+
+def test_continued_pretraining_starts_student_and_teacher_from_an_exports_encoder(
+    recordings, tmp_path
+):
+    """configs/pretrain_small_corpus.py with init_from= an export of a tiny model: the
+    run is the export's architecture and input normalisation, not the recipe's demo
+    model, and both encoders start as the export's, the decoder as a fresh run's."""
+    root, _, _ = recordings
+    source = th.task_on_cpu(th.tiny_config(str(tmp_path), **{"model.depth": 3}))
+    initial = nn.meta.unbox(source.init_params(jax.random.PRNGKey(7)))
+    exported = checkpoints.export(
+        tmp_path / "export", {"encoder": initial["encoder"]}, source.config.model,
+        kind="pretrain", target_frames=64, norm=(-3.5, 2.25),
+    )  # fmt: skip
+    data = tmp_path / "data"
+    datasets.prepare("unlabelled_folder", data, source_dir=root)
+    arg = f"source={root},data_dir={data},init_from={exported}"
+    overrides = {"num_train_steps": 0, "optim.warmup_steps": 0, "data.batch_size": 8,
+                 "pretrain.average_top_k_layers": 2,
+                 "mask.clone_batch": 2, "data.threads": 1}  # fmt: skip
+    config = th.override(th.load_config("configs/pretrain_small_corpus.py", arg), overrides)
+    state, task, _ = train_lib.train(config, tmp_path / "run")
+    assert task.config.model == source.config.model and task.config.model.depth == 3
+    assert task.data_cfg.norm == (-3.5, 2.25)
+    want = jax.tree.leaves(initial["encoder"])
+    for got in (state.params["encoder"], state.teacher):
+        for a, b in zip(jax.tree.leaves(got), want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    fresh = nn.meta.unbox(task.init_params(jax.random.PRNGKey(config.seed)))["decoder"]
+    for a, b in zip(jax.tree.leaves(state.params["decoder"]), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(config_lib.ConfigError, match="not an export"):
+        th.load_config("configs/pretrain_small_corpus.py", f"init_from={tmp_path / 'run'}")
