@@ -345,23 +345,10 @@ def mlp_kernel_vmem(run: RunConfig) -> int:
 
 
 def _mlp_form_that_fits(run: RunConfig) -> RunConfig:
-    """The MLP kernel holds both weight matrices and their float32 gradients in VMEM:
-    where the chip lends a kernel less than that, the "auto" form is the XLA one
-    (logged), and the kernel asked for by name is refused."""
-    budget, ex = run.chip.kernel_vmem_bytes, run.execution
-    if ex.mlp != model_config.KERNEL_FORM or budget is None:
-        return run
-    if (need := mlp_kernel_vmem(run)) <= budget:
-        return run
-    why = (
-        f"the MLP kernel needs about {need / 2**20:.0f} MiB of VMEM for a {run.model.embed_dim}"
-        f" → {run.model.mlp_dim} MLP, more than the {budget / 2**20:.0f} MiB a "
-        f"{run.chip.name} kernel may use"
-    )
-    if ex.mlp_impl != "auto":
-        raise ConfigError(f"{why}; set execution.mlp_impl=xla")
-    logging.info("%s: the MLP runs XLA's form", why)
-    return dataclasses.replace(run, execution=dataclasses.replace(ex, mlp_impl="xla"))
+    """The MLP kernel holds both weight matrices and their float32 gradients in VMEM."""
+    where = f"for a {run.model.embed_dim} → {run.model.mlp_dim} MLP"
+    need = mlp_kernel_vmem(run)
+    return _kernel_form_that_fits(run, "mlp_impl", run.execution.mlp, "MLP", need, where, "")
 
 
 def decoder_kernel_vmem(run: RunConfig) -> int:
@@ -378,23 +365,30 @@ def decoder_kernel_vmem(run: RunConfig) -> int:
 
 
 def _decoder_form_that_fits(run: RunConfig) -> RunConfig:
-    """The decoder kernel holds an example's whole patch grid in VMEM: where the chip
-    lends a kernel less than that grid needs, the "auto" form is the XLA one (logged),
-    and the kernel asked for by name is refused."""
+    """The decoder kernel holds an example's whole patch grid in VMEM."""
+    where = f"at {run.data.target_frames} frames"
+    need = decoder_kernel_vmem(run)
+    form, fix = run.execution.decoder_conv, " or fewer frames"
+    return _kernel_form_that_fits(run, "decoder_conv_impl", form, "decoder", need, where, fix)
+
+
+def _kernel_form_that_fits(
+    run: RunConfig, field: str, form: str, kernel: str, need: int, where: str, other_fix: str
+) -> RunConfig:
+    """Where ``form`` (``execution.<field>`` resolved for the chip) is a kernel that
+    needs more VMEM (``need`` bytes) than the chip lends a kernel, the "auto" form is
+    the XLA one (logged), and the kernel asked for by name is refused."""
     budget, ex = run.chip.kernel_vmem_bytes, run.execution
-    if ex.decoder_conv != model_config.KERNEL_FORM or budget is None:
-        return run
-    if (need := decoder_kernel_vmem(run)) <= budget:
+    if form != model_config.KERNEL_FORM or budget is None or need <= budget:
         return run
     why = (
-        f"the decoder kernel needs about {need / 2**20:.0f} MiB of VMEM at "
-        f"{run.data.target_frames} frames, more than the {budget / 2**20:.0f} MiB "
-        f"a {run.chip.name} kernel may use"
+        f"the {kernel} kernel needs about {need / 2**20:.0f} MiB of VMEM {where}, more than "
+        f"the {budget / 2**20:.0f} MiB a {run.chip.name} kernel may use"
     )
-    if ex.decoder_conv_impl != "auto":
-        raise ConfigError(f"{why}; set execution.decoder_conv_impl=xla or fewer frames")
-    logging.info("%s: the decoder runs XLA's form", why)
-    return dataclasses.replace(run, execution=dataclasses.replace(ex, decoder_conv_impl="xla"))
+    if getattr(ex, field) != "auto":
+        raise ConfigError(f"{why}; set execution.{field}=xla{other_fix}")
+    logging.info("%s: the %s runs XLA's form", why, kernel)
+    return dataclasses.replace(run, execution=dataclasses.replace(ex, **{field: "xla"}))
 
 
 # ---------------------------------------------------------------------------- validating

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -83,6 +84,13 @@ def machine() -> str:
         f"jax backend {jax.default_backend()} ({len(devices)}× {kind}), "
         f"Python {platform.python_version()}"
     )
+
+
+def cases_from_flag(default: str) -> list[list[str]]:
+    """``--cases "a b c;d e f"`` (else ``default``) as each case's words."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default=default, help="cases separated by ';'")
+    return [case.split() for case in parser.parse_args().cases.split(";")]
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -15,7 +15,6 @@ bracket that rule and the one ``config_lib`` uses to send a grid to XLA's form.
 
 from __future__ import annotations
 
-import argparse
 import re
 import time
 from unittest import mock
@@ -75,12 +74,8 @@ def libtpu_need(message: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", default=DEFAULT_CASES)
-    args = parser.parse_args()
     rows = []
-    for case in args.cases.split(";"):
-        topology, positions, per_device, cores, limit_mib = case.split()
+    for topology, positions, per_device, cores, limit_mib in common.cases_from_flag(DEFAULT_CASES):
         positions, per_device, cores = int(positions), int(per_device), int(cores)
         limit = int(limit_mib) * MiB
         start = time.perf_counter()

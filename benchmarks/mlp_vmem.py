@@ -13,7 +13,6 @@ for the widest MLP, at the v5p and v6e kernels' own limits: the rows in BENCHMAR
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -60,12 +59,10 @@ def compile_mlp(topology: str, embed: int, hidden: int, tokens: int, per_device:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cases", default=DEFAULT_CASES)
-    args = parser.parse_args()
     rows = []
-    for case in args.cases.split(";"):
-        topology, embed, hidden, tokens, per_device, limit_mib = case.split()
+    for topology, embed, hidden, tokens, per_device, limit_mib in common.cases_from_flag(
+        DEFAULT_CASES
+    ):
         embed, hidden, tokens, per_device = map(int, (embed, hidden, tokens, per_device))
         start = time.perf_counter()
         refusal = compile_mlp(topology, embed, hidden, tokens, per_device, int(limit_mib) * MiB)
