@@ -57,6 +57,7 @@ class ModelInput:
     num_classes: int | None = None
     labels: str | None = None  # "audioset": AudioSet's 527 classes (``audioset_label_names``)
     scores: str | None = None  # a classifier's: "softmax" or "sigmoid"
+    class_names: tuple[str, ...] | None = None  # an export's own, written with its head
 
 
 class Description(NamedTuple):
@@ -87,6 +88,7 @@ def _of_export(description: dict) -> Description:
         int(description["target_frames"]),
         tuple(description["norm"]),
         labels=description.get("labels"),
+        class_names=tuple(description["class_names"]) if "class_names" in description else None,
     )
     head = None
     if "scores" in description:  # a classifier's
@@ -227,10 +229,13 @@ def classifier_scores(classifier: model_lib.Classifier, inputs: ModelInput):
 
 
 def class_names(inputs: ModelInput, labels: str | os.PathLike | None = None) -> list[str]:
-    """A classifier's display names: from ``labels`` (a label CSV), else its run's
-    prepared dataset, else AudioSet's for a model that says it was trained on them."""
+    """A classifier's display names: from ``labels`` (a label CSV), else those its export
+    holds, else its run's prepared dataset, else AudioSet's for a model that says it was
+    trained on them."""
     if labels:
         names = read_label_names(labels)
+    elif inputs.class_names is not None:
+        names = list(inputs.class_names)
     elif inputs.dataset is not None:
         names = datasets.load(inputs.dataset, inputs.data_dir).class_names
     elif inputs.labels == "audioset":

@@ -8,10 +8,11 @@ or for the PyTorch side.
 
 ``--workdir`` is a training run's workdir or an export. ``orbax`` (the default): a
 pretraining run exports {encoder (the student), decoder, teacher}; a fine-tuning run
-{encoder, fc_norm, head} with its input length, normalisation and score function, as a
-plain Orbax tree plus ``model.json`` that restores onto any mesh or device count
-(finetune.init_from, launch/extract.py, launch/infer.py). ``hf``: a Hugging Face
-folder that transformers loads as it stands (``AutoModel`` or
+{encoder, fc_norm, head} with its input length, normalisation, score function and
+class names (--labels, else its dataset's), as a plain Orbax tree plus ``model.json``
+that restores onto any mesh or device count (finetune.init_from, launch/extract.py,
+launch/infer.py, which then name the classes with no dataset or --labels at hand).
+``hf``: a Hugging Face folder that transformers loads as it stands (``AutoModel`` or
 ``AutoModelForAudioClassification``, ``AutoFeatureExtractor``, ``pipeline``, with
 ``trust_remote_code=True``), either attention form: config.json (with the class names
 of ``--labels`` or the run's dataset), model.safetensors (the student's encoder, and
@@ -112,6 +113,10 @@ def write(output: str, params: dict, cfg, description: dict):
     """Writes ``params`` to ``output`` in FLAGS.format (orbax, hf or fairseq); the path
     written."""
     if FLAGS.format == "orbax":
+        if "head" in params:  # a classifier's export names its classes wherever it goes
+            inputs = inference.describe(FLAGS.workdir).input
+            names = class_names(inputs, int(params["head"]["bias"].shape[0]))
+            description |= {"class_names": names} if names else {}
         return checkpoints.export(output, params, cfg, **description)
     if FLAGS.format == "hf":
         return hf_folder(output, params, cfg, description)

@@ -421,3 +421,21 @@ def test_infer_draws_a_recording_of_several_minutes(finetuned, tmp_path):
     refused = run_tool("infer", f"--checkpoint={finetuned}", f"--audio={long.parent}",
                        f"--plot={png}")  # fmt: skip
     assert refused.returncode == 2 and "names a folder, not a .png" in refused.stderr
+
+
+@pytest.mark.subprocess
+def test_a_classifiers_export_names_its_classes_wherever_it_is_used(finetuned, tmp_path):
+    """An export carries no dataset; its model.json holds the class names, so infer.py
+    names the classes with neither the run's dataset nor --labels."""
+    export = tmp_path / "export"
+    done = run_tool("export", f"--workdir={finetuned}", f"--output={export}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = inference.class_names(inference.load_classifier(finetuned).input)
+    assert json.loads((export / "model.json").read_text())["class_names"] == names
+    assert inference.describe(export).input.dataset is None
+    fx.write_tone(tmp_path / "clip.wav", 440, seconds=1.0)
+    labelled = run_tool("infer", f"--checkpoint={export}", f"--audio={tmp_path / 'clip.wav'}")
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+    line = labelled.stdout.splitlines()[0].split(": ", 1)[1]  # "<file>: name score  name ..."
+    shown = line.split("(")[0].split()[0::2]
+    assert len(shown) == 5 and set(shown) <= set(names)
