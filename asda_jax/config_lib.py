@@ -120,16 +120,23 @@ def continue_from(config: ml_collections.ConfigDict, init_from: str) -> None:
     to do for an empty ``init_from``."""
     if not init_from:
         return
-    description = checkpoints.export_description(init_from)
-    if description is None:
-        raise ConfigError(
-            f"init_from {init_from}: not an export (<dir>/{checkpoints.EXPORT_CONFIG} and "
-            "<dir>/params/); write one from a run with launch/export.py, or import weights "
-            "with launch/convert_torch.py"
-        )
+    description = export_at(init_from, "init_from")
     config.model = model_block(**description["model"])
     config.data.norm = tuple(description["norm"])
     config.pretrain.init_from = str(init_from)
+
+
+def export_at(path: str, field: str) -> dict:
+    """The description of the export at ``path`` (named by the config's ``field``), or
+    a ConfigError saying how to make one."""
+    description = checkpoints.export_description(path)
+    if description is None:
+        raise ConfigError(
+            f"{field} {path}: not an export (<dir>/{checkpoints.EXPORT_CONFIG} and "
+            "<dir>/params/); write one from a run with launch/export.py, or import weights "
+            "with launch/convert_torch.py"
+        )
+    return description
 
 
 def run_config(
@@ -416,12 +423,8 @@ def validate(
                 checkpoints.locate_params(run.finetune.init_from)
             except checkpoints.CheckpointMismatch as e:
                 raise ConfigError(f"finetune.init_from: {e}") from e
-        start = run.pretrain.init_from if run.pretrain is not None else ""
-        if start and checkpoints.export_description(start) is None:
-            raise ConfigError(
-                f"pretrain.init_from {start}: not an export (<dir>/{checkpoints.EXPORT_CONFIG} "
-                "and <dir>/params/)"
-            )
+        if run.pretrain is not None and run.pretrain.init_from:
+            export_at(run.pretrain.init_from, "pretrain.init_from")
     return run
 
 

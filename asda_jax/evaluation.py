@@ -52,25 +52,30 @@ def over_split(
     return {k: np.concatenate(v) for k, v in outputs.items()}, np.concatenate(labels)
 
 
+def scores_and_labels(
+    task: finetuning.FinetuneTask, params, data_cfg: pipeline.InputConfig, mesh
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) scores of ``params`` and (N, C) labels over ``data_cfg.split``."""
+    outputs, labels = over_split(task.scores, {"scores": params}, data_cfg, task.forms, mesh)
+    return outputs["scores"], labels
+
+
 def evaluate(
     task: finetuning.FinetuneTask, params, data_cfg: pipeline.InputConfig, mesh
 ) -> dict[str, float]:
     """The classification metrics of ``params`` on ``data_cfg.split``."""
-    outputs, labels = over_split(task.scores, {"scores": params}, data_cfg, task.forms, mesh)
-    return metrics.classification_metrics(outputs["scores"], labels)
+    return metrics.classification_metrics(*scores_and_labels(task, params, data_cfg, mesh))
 
 
 def final_evaluation(state, task: finetuning.FinetuneTask, mesh, workdir) -> dict[str, float]:
     """Metrics of a run's final parameters on its eval split, also in <workdir>/eval.json,
     and each clip's scores in <workdir>/predictions.csv (what its report is drawn from)."""
     cfg = task.eval_cfg
-    outputs, labels = over_split(task.scores, {"scores": state.params}, cfg, task.forms, mesh)
-    results = metrics.classification_metrics(outputs["scores"], labels)
+    scores, labels = scores_and_labels(task, state.params, cfg, mesh)
+    results = metrics.classification_metrics(scores, labels)
     if jax.process_index() == 0:
         workdir = storage.path(workdir)
         names = datasets.load(cfg.dataset, cfg.data_dir).class_names
-        report.write_predictions(
-            workdir / report.PREDICTIONS_FILE, outputs["scores"], labels, names
-        )
+        report.write_predictions(workdir / report.PREDICTIONS_FILE, scores, labels, names)
         (workdir / report.EVAL_FILE).write_text(json.dumps(results, indent=2))
     return results

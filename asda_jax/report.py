@@ -28,7 +28,7 @@ REPORT_DIR = "report"
 PAGE = "report.md"
 PREDICTIONS_FILE = "predictions.csv"
 METRICS_FILE = "metrics.jsonl"  # the training loop's (train_lib.MetricsLog)
-EVAL_FILE = "eval.json"
+EVAL_FILE = "eval.json"  # a fine-tuning run's final metrics (evaluation.final_evaluation)
 
 
 # ---------------------------------------------------------------------------- predictions

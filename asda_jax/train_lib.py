@@ -35,6 +35,7 @@ from asda_jax import (
     hardware,
     optim,
     pretraining,
+    report,
     selfcheck,
     sharding,
     storage,
@@ -182,7 +183,7 @@ def skipped_so_far(stats: pipeline.ReadStats) -> dict[str, int]:
     return dict(zip(reasons, counts.tolist(), strict=True))
 
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = report.METRICS_FILE
 
 
 class MetricsLog:

@@ -31,7 +31,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
-from asda_jax import cli, config_lib, evaluation, recipes, storage, train_lib
+from asda_jax import cli, config_lib, evaluation, recipes, report, storage, train_lib
 from asda_jax.data import datasets
 
 FLAGS = flags.FLAGS
@@ -49,7 +49,7 @@ def fold_accuracy(config, fold: int, workdir: epath.Path) -> float | None:
     train_split, eval_split = recipes.esc50_splits(fold)
     config.data.split = train_split
     config.eval_data.split = eval_split
-    done = workdir / "eval.json"
+    done = workdir / report.EVAL_FILE
     if done.exists():
         return json.loads(done.read_text())["accuracy"]
     state, task, mesh = train_lib.train(config, workdir)

@@ -42,7 +42,7 @@ import sys
 from absl import app, flags
 from etils import epath
 
-from asda_jax import checkpoints, cli, hf_weights, inference, storage
+from asda_jax import checkpoints, cli, hf_weights, inference, report, storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's workdir, or an export.")
@@ -86,7 +86,7 @@ def class_names(inputs: inference.ModelInput, classes: int) -> list[str] | None:
 def provenance(workdir: str, described, description: dict) -> hf_weights.Provenance:
     """What is known of the run: its task, dataset, step and evaluation."""
     step = epath.Path(description["source"]).name
-    scores = storage.path(workdir) / "eval.json"
+    scores = storage.path(workdir) / report.EVAL_FILE
     return hf_weights.Provenance(
         task=description["kind"],
         dataset=described.input.dataset,

@@ -97,6 +97,8 @@ def labelled(
             for r in rows
         ],
     }
+    if not (FLAGS.events or png is not None):
+        return result
     found = timeline.events(rows, names, windowing, FLAGS.threshold, FLAGS.silence_db)
     if FLAGS.events:
         result["events"] = [e._asdict() for e in found]

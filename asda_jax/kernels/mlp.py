@@ -176,8 +176,8 @@ def core_split(examples: int, length: int, cores: int) -> CoreSplit:
     sublane tiles each); else one core."""
     rows = rows_per_block(length)
     blocks = pl.cdiv(length, rows)
-    if cores > 1 and examples % cores == 0:
-        return CoreSplit(cores, examples // cores, blocks, rows, by_rows=False)
+    if (by_examples := cores_splitting(examples, cores)) > 1:
+        return CoreSplit(by_examples, examples // by_examples, blocks, rows, by_rows=False)
     if cores > 1:
         split_blocks = cores * math.ceil(blocks / cores)
         split_rows = math.ceil(length / split_blocks / 8) * 8
