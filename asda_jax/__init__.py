@@ -4,7 +4,8 @@
 of its own layer or of lower ones, at module level and in functions alike, and no
 import cycle closes within a layer (tests/test_layers.py holds the package to it; the
 README draws the same map). A subpackage's ``__init__`` is a module of its own
-(``model``: the model's public names).
+(``model``: the model's public names). ``testing`` is on top: what the tests and
+benchmarks share, which no library module imports.
 """
 
 LAYERS = (
@@ -68,7 +69,17 @@ LAYERS = (
             "hear",
             "torch_import",
             "hf_weights",
+            "hlo",
             "cli",
+        ),
+    ),
+    (
+        "test support",
+        (
+            "testing.fixtures",
+            "testing.gcs_server",
+            "testing.torch_reference",
+            "testing.memory",
         ),
     ),
 )

@@ -86,8 +86,11 @@ def join_processes(config) -> None:
             ) from e
 
 
-def quiet_library_logs() -> None:
+def start() -> None:
+    """What every launcher does first in ``main``: chatty libraries' INFO logs dropped,
+    and ``gs://`` paths served as ``storage`` describes."""
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+    storage.configure()
 
 
 def audio_inputs(path: str | os.PathLike) -> tuple[list[epath.Path], epath.Path]:

@@ -30,7 +30,9 @@ may be refused.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -63,6 +65,18 @@ def mesh_preset(name: str) -> hardware.MeshPreset:
         return hardware.mesh_preset(name)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def load_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config that a config file's ``get_config(arg)`` returns: what
+    ``--config=path:arg`` gives a launcher, for programs and notebooks that build a run
+    in Python."""
+    spec = importlib.util.spec_from_file_location("run_config_file", os.fspath(path))
+    if spec is None:
+        raise ConfigError(f"{path}: not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def parse_arg(arg: str | None) -> dict[str, str]:

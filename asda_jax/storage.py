@@ -6,9 +6,12 @@ the path type Orbax, TFDS and clu already take, so a bucket behaves as a folder 
 
 epath serves ``gs://`` through TensorFlow's gfile whenever TensorFlow is installed (it
 is, for clu's TensorBoard writer), and TF's GCS client cannot be pointed at another
-endpoint: a bucket would then be reachable in production and in no test. Importing
-this module makes epath use fsspec's gcsfs instead, which honours
-``STORAGE_EMULATOR_HOST``, unless the user set ``EPATH_USE_TF`` themselves. Orbax's
+endpoint: a bucket would then be reachable in production and in no test. ``configure``
+makes epath use fsspec's gcsfs instead, which honours ``STORAGE_EMULATOR_HOST``, unless
+the user set ``EPATH_USE_TF`` themselves. The launchers call it first (``cli.start``);
+importing the library changes no other library's settings, so a program that uses
+asda_jax beside its own epath code keeps epath's choice unless it calls ``configure``
+too. Orbax's
 array writes go through tensorstore, which has its own client (pointed elsewhere with
 ``TENSORSTORE_GCS_HTTP_URL``), and array_record's reader through google-cloud-cpp
 (``CLOUD_STORAGE_EMULATOR_ENDPOINT``). gcsfs's listings are not cached: other hosts
@@ -30,11 +33,16 @@ import tempfile
 import fsspec
 from etils import epath
 
-os.environ.setdefault("EPATH_USE_TF", "false")  # epath reads it at each call
-fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
-
 # s3:// would need s3fs and an S3 server to test against; it is not offered.
 REMOTE_SCHEMES = ("gs://",)
+
+
+def configure() -> None:
+    """Serves ``gs://`` paths through gcsfs with uncached listings (see the module
+    docstring); settings the user made first are kept. Changes this process's
+    environment, which the processes it starts inherit."""
+    os.environ.setdefault("EPATH_USE_TF", "false")  # epath reads it at each call
+    fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(name: str | os.PathLike) -> bool:

@@ -22,10 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from asda_jax import aot, config_lib, hardware, sharding
+from asda_jax import aot, config_lib, hardware, hlo, sharding
 from asda_jax import model as model_lib
-from benchmarks import common, hlo
-from tests.train_helpers import load_config
+from benchmarks import common
 
 
 def step_shapes(run: config_lib.RunConfig) -> dict[str, tuple[int, ...]]:
@@ -97,7 +96,7 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="Execution overrides, ';' between rows")
     args = parser.parse_args()
     path, _, arg = args.config.partition(":")
-    config = load_config(path, arg or None)
+    config = config_lib.load_file(path, arg or None)
     topology = config.get("topology")
     if not topology:
         raise SystemExit(f"{args.config} names no topology: pick a TPU or GPU mesh preset")

@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from asda_jax import aot
-from benchmarks import common, hlo
+from asda_jax import aot, hlo
+from benchmarks import common
 
 TASKS = {
     "pretrain": "configs/pretrain_as2m.py",

@@ -6,7 +6,7 @@ a Cloud Storage bucket, in one process.
 The state is configs/pretrain_as2m.py's (base model: student, teacher, decoder, Adam's
 moments, step) on this host's CPU devices, created as a run creates it. Each round
 saves it once into a fresh folder of the local disk and once into a fresh folder of a
-GCS-API server on 127.0.0.1 (tests/gcs_server.py, objects in memory), alternating, then
+GCS-API server on 127.0.0.1 (asda_jax/testing/gcs_server.py, objects in memory), alternating, then
 restores each onto the same shardings; the tables show the medians, and the bucket's
 time as a ratio of the disk's. The bucket on loopback measures the clients' work (gcsfs,
 tensorstore, Orbax's commit protocol for object stores), not a network.
@@ -22,13 +22,12 @@ import time
 import jax
 
 from asda_jax import checkpoints, config_lib, hardware, sharding, storage, train_lib, train_state
+from asda_jax.testing import gcs_server
 from benchmarks import common
-from tests import gcs_server
-from tests.train_helpers import load_config
 
 
 def base_pretraining_state():
-    config = load_config("configs/pretrain_as2m.py", "mesh=cpu")
+    config = config_lib.load_file("configs/pretrain_as2m.py", "mesh=cpu")
     config.data.batch_size = jax.device_count()
     task = train_lib.make_task(config_lib.read(config, hardware.HOST))
     mesh = sharding.make_mesh(dict(sharding.DATA_PARALLEL))

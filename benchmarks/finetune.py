@@ -21,7 +21,6 @@ import numpy as np
 from asda_jax import config_lib, finetuning, hardware, sharding, train_state
 from asda_jax.data import datasets
 from benchmarks import common
-from tests.train_helpers import load_config
 
 SIZES = {"demo": (128, 32), "base": (1024, 4)}  # preset: (frames, batch)
 
@@ -38,7 +37,7 @@ def median_seconds(fn, steps: int) -> float:
 
 def rates(preset: str, steps: int) -> tuple[float, float]:
     frames, batch_size = SIZES[preset]
-    config = load_config("configs/finetune_demo.py", f"model={preset},init_from=")
+    config = config_lib.load_file("configs/finetune_demo.py", f"model={preset},init_from=")
     config.data.target_frames = frames
     config.data.batch_size = batch_size
     task = finetuning.FinetuneTask(config_lib.read(config, hardware.HOST))

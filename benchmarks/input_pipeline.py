@@ -35,7 +35,6 @@ import threadpoolctl
 from asda_jax import audio, config_lib, hardware, sharding, train_lib, train_state
 from asda_jax.data import datasets, pipeline
 from benchmarks import common
-from tests.train_helpers import load_config
 
 SECONDS, FRAMES, BATCH = 10.0, 1024, 16
 NORM = audio.NORM_STATS["audioset"]
@@ -159,7 +158,7 @@ def main():
 
 def demo_rates(batches: int) -> tuple[float, float]:
     """(clips/s the demo's pipeline delivers, clips/s its pretraining step consumes)."""
-    config = load_config("configs/demo.py")
+    config = config_lib.load_file("configs/demo.py")
     datasets.prepare("synthetic", config.data.data_dir)
     task = train_lib.make_task(config_lib.read(config, hardware.HOST))
     stream = iter(pipeline.make_pipeline(task.data_cfg, train=True))

@@ -9,7 +9,7 @@ runs them, at the base model (random weights: the work does not depend on the va
 second (the real-time factor) and peak resident memory. Then the encoder alone on the
 first ``--windows`` windows of the same recording at window batch 1, 8 and 32, JAX
 (``embeddings.Embedder``: batching, padding masks, outputs to NumPy) against the
-independent PyTorch re-implementation of the release's model (tests/torch_reference.py)
+independent PyTorch re-implementation of the release's model (asda_jax/testing/torch_reference.py)
 on the same spectrograms, alternated per batch size. FLOPs per window are counted
 analytically (asda_jax/flop_counts.py); the roof is a float32 2048³ matmul timed in this
 process, per library.
@@ -30,11 +30,11 @@ import torch
 
 from asda_jax import audio, checkpoints, embeddings, flop_counts, inference, windows
 from asda_jax import model as model_lib
+from asda_jax.testing import fixtures as fx
+from asda_jax.testing import memory
+from asda_jax.testing import torch_reference as ref
 from benchmarks import common
 from benchmarks.train_step import matmul_roof
-from tests import data_fixtures as fx
-from tests import torch_reference as ref
-from tests import train_helpers as th
 
 FRAMES, CLASSES = 1024, 527
 
@@ -64,12 +64,13 @@ def write_exports(root: Path, cfg: model_lib.ModelConfig) -> tuple[Path, Path, P
 
 
 def launched(script: str, *args: str) -> tuple[float, dict]:
-    """(wall seconds, memory figures of tests/train_helpers.run_measured) of a script."""
+    """(wall seconds, memory figures of asda_jax.testing.memory.run_measured) of a
+    launch/ script."""
     start = time.perf_counter()
-    done, memory = th.run_measured(script, *args)
+    done, figures = memory.run_measured(f"launch/{script}.py", *args)
     if done.returncode:
         raise RuntimeError(f"{script} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start, memory
+    return time.perf_counter() - start, figures
 
 
 def encoder_rows(encoder_path: Path, recording: Path, count: int, flops: float, roofs):
@@ -130,12 +131,12 @@ def main():
             ("extract", [f"--checkpoint={encoder}", f"--output={root / 'emb'}"]),
             ("infer", [f"--checkpoint={classifier}", f"--labels={labels}", "--events"]),
         ):
-            wall, memory = launched(script, *extra, f"--audio={recording}", batch)
+            wall, figures = launched(script, *extra, f"--audio={recording}", batch)
             gflops = count * flops / wall / 1e9
             launches.append(
                 [script, args.launch_batch, f"{wall:.0f}", f"{args.seconds / wall:.1f}×",
-                 f"{gflops:.0f}", f"{gflops / roofs[0]:.0%}", f"{memory['peak_rss_mib']:.0f}",
-                 f"{memory['reading_growth_mib']:.0f}"]
+                 f"{gflops:.0f}", f"{gflops / roofs[0]:.0%}", f"{figures['peak_rss_mib']:.0f}",
+                 f"{figures['reading_growth_mib']:.0f}"]
             )  # fmt: skip
         common.print_table(
             f"The launchers on {args.seconds:.0f} s ({count} windows), base model",

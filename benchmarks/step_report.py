@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from asda_jax import throughput, train_lib
+from asda_jax import config_lib, throughput, train_lib
 from asda_jax.data import datasets
 from benchmarks import common
-from tests.train_helpers import load_config, override
 
 DATA = Path("data")  # the demo's default data_dir
 FIELDS = (
@@ -37,8 +36,8 @@ FIELDS = (
 
 def run_once(steps: int, with_clock: bool, arrivals: list[float]) -> list[dict]:
     """One demo run; the lines of its metrics.jsonl that carry the report."""
-    config = override(
-        load_config("configs/demo.py"),
+    config = config_lib.load_file("configs/demo.py")
+    config.update_from_flattened_dict(
         {
             "num_train_steps": steps,
             "optim.warmup_steps": min(30, steps),

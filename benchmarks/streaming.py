@@ -45,8 +45,8 @@ import soundfile as sf
 
 from asda_jax import audio, checkpoints, inference, streaming, timeline, windows
 from asda_jax import model as model_lib
+from asda_jax.testing import fixtures as fx
 from benchmarks import common
-from tests import data_fixtures as fx
 
 SR = audio.SAMPLE_RATE
 MODELS = {"demo": 128, "base": 1024}  # input frames: the demo's fine-tuning, AudioSet's

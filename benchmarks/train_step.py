@@ -7,7 +7,7 @@ the EMA teacher, the CNN decoder, AdamW, the EMA update) at ``--clips`` clips. F
 are counted analytically in the naive form (two QKᵀ and one A·V per differential
 head, backward = 2× forward), so a kernel that does extra work shows as lost
 utilisation. The roof is a float32 2048³ matmul timed in this process, per library.
-The PyTorch row is an independent re-implementation (tests/torch_reference.py) of the
+The PyTorch row is an independent re-implementation (asda_jax/testing/torch_reference.py) of the
 same model and objective; each JAX variant is timed against it in alternating blocks
 of 3 steps (the first after a switch dropped: switching between two multi-GiB
 working sets slowed the next step by up to 40 %), one JAX variant alive at a time.
@@ -45,9 +45,8 @@ from asda_jax import (
     train_state,
 )
 from asda_jax import model as model_lib
+from asda_jax.testing import torch_reference as ref
 from benchmarks import common
-from tests import torch_reference as ref
-from tests.train_helpers import load_config
 
 FRAMES, DIM, DEPTH, HEADS, CLONES = 1024, 768, 12, 12, 16
 
@@ -70,7 +69,7 @@ def matmul_roof() -> tuple[float, float]:
 
 
 def jax_step(clips: int, remat: str):
-    config = load_config("configs/pretrain_as2m.py", "mesh=cpu")
+    config = config_lib.load_file("configs/pretrain_as2m.py", "mesh=cpu")
     config.execution.remat_policy = remat
     config.data.batch_size = clips
     task = train_lib.make_task(config_lib.read(config, hardware.HOST))

@@ -13,7 +13,7 @@ compiles it with the accelerator's compiler. Prints per-chip memory against HBM,
 compiler's FLOPs and bytes next to the analytic count, the attention backend per
 sequence length and a roofline step time (asda_jax/aot.py; the chips' published
 figures and their sources are in asda_jax/hardware.py), and from the program's HLO
-text its collectives, custom calls and op traffic (benchmarks/hlo.py). No data or
+text its collectives, custom calls and op traffic (asda_jax/hlo.py). No data or
 checkpoint is read.
 
 Exit codes: 0 fits, 1 does not fit its chips' memory, 2 bad config, 5 the compiler for
@@ -30,19 +30,12 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no GPU driver h
 
 import json
 import math
-import sys
 import time
-from pathlib import Path
-
-# the checkout: benchmarks/ holds the HLO readers (and asda_jax runs uninstalled, e.g. in
-# a side environment with the CUDA plugin)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from asda_jax import aot, cli, config_lib
-from benchmarks import hlo
+from asda_jax import aot, cli, config_lib, hlo
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
@@ -107,7 +100,7 @@ def print_traffic(traffic: dict, top: int) -> None:
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     config = FLAGS.config
     topology = FLAGS.topology or config.get("topology")
     if not topology:

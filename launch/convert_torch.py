@@ -34,7 +34,7 @@ import sys
 
 from absl import app, flags
 
-from asda_jax import audio, checkpoints, hf_weights, release_weights, storage, torch_import
+from asda_jax import audio, checkpoints, cli, hf_weights, release_weights, storage, torch_import
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A release .pt file, or a Hugging Face folder or id.")
@@ -87,6 +87,7 @@ def convert_hugging_face(source: str):
 
 def main(argv):
     del argv
+    cli.start()
     try:
         from_hub = FLAGS.checkpoint.startswith(hf_weights.HUB_PREFIX)
         is_file = not from_hub and storage.path(FLAGS.checkpoint).is_file()

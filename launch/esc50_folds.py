@@ -60,7 +60,7 @@ def fold_accuracy(config, fold: int, workdir: epath.Path) -> float | None:
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     root = storage.path(FLAGS.workdir)
     accuracies = {}
     try:

@@ -64,7 +64,7 @@ def evaluation_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     try:
         saved = ml_collections.ConfigDict(inference.saved_config(FLAGS.workdir))
         config = evaluation_config(saved)

@@ -130,7 +130,7 @@ def write(output: str, params: dict, cfg, description: dict):
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     try:
         if FLAGS.format == "saved_model":  # restores the run itself, in its own forms
             from asda_jax import serving

@@ -72,7 +72,7 @@ def window_frames(encoder: inference.LoadedEncoder) -> int | None:
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     try:
         encoder = inference.load_encoder(FLAGS.checkpoint, FLAGS.step)
         embedder = embeddings.Embedder(

@@ -168,7 +168,7 @@ def write(results: list[dict], path: epath.Path) -> None:
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     try:
         if FLAGS.output and storage.path(FLAGS.output).suffix not in (".csv", ".json"):
             raise ValueError(f"--output must end in .csv or .json, got {FLAGS.output}")

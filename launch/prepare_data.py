@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from asda_jax import storage
+from asda_jax import cli, storage
 from asda_jax.data import builders, datasets
 
 FLAGS = flags.FLAGS
@@ -39,6 +39,7 @@ flags.mark_flag_as_required("dataset")
 
 def main(argv):
     del argv
+    cli.start()
     options = {"max_seconds": FLAGS.max_seconds, "workers": FLAGS.workers, "pool": FLAGS.pool}
     if FLAGS.dataset == "synthetic":
         options["clips_per_class"] = FLAGS.clips_per_class

@@ -63,7 +63,7 @@ def probed(encoders: dict, waves, files, folds) -> dict:
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     if not (FLAGS.checkpoint or FLAGS.logmel):
         print("error: nothing to probe: pass --checkpoint and/or --logmel", file=sys.stderr)
         sys.exit(2)

@@ -16,13 +16,10 @@ Exit codes: 0 drawn, 2 not a run's workdir.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, uninstalled
 
 from absl import app, flags
 
-from asda_jax import report
+from asda_jax import cli, report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A run's workdir (a folder or a gs:// URL).")
@@ -31,6 +28,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
+    cli.start()
     try:
         page = report.write(FLAGS.workdir)
     except FileNotFoundError as e:

@@ -26,8 +26,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, uninstalled
-
 import jax
 from absl import app, flags
 from ml_collections import config_flags
@@ -42,7 +40,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     chip = hardware.of_devices(jax.devices())
     try:
         run = config_lib.validate(

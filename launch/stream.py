@@ -132,7 +132,7 @@ def line(output, top_k: int, names) -> dict:
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     try:
         if FLAGS.realtime and not FLAGS.audio:
             raise ValueError("--realtime plays a file: pass --audio")

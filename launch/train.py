@@ -82,7 +82,7 @@ def report_evaluation(state, task, mesh, workdir: epath.Path) -> None:
 
 def main(argv):
     del argv
-    cli.quiet_library_logs()
+    cli.start()
     config = FLAGS.config
     workdir = storage.path(FLAGS.workdir)
     try:

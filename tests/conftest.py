@@ -27,6 +27,7 @@ os.environ["XLA_FLAGS"] = (
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="asda-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests name configs/…
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def gcs_bucket():
     """``gs://<bucket>`` on a GCS-API server on 127.0.0.1, this process and the ones
     it starts pointed at it. One server per session: gcsfs keeps one client per
     process, made with the first endpoint it sees. Tests write under names of their own."""
-    from tests import gcs_server
+    from asda_jax.testing import gcs_server
 
     with gcs_server.serving() as bucket:
         yield bucket

@@ -19,10 +19,9 @@ import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
 
-from asda_jax import aot, attention, config_lib, hardware, sharding, train_lib
+from asda_jax import aot, attention, config_lib, hardware, hlo, sharding, train_lib
 from asda_jax.kernels import decoder as decoder_kernel
-from benchmarks import hlo
-from tests.train_helpers import ROOT, load_config
+from tests.train_helpers import ROOT
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -37,7 +36,7 @@ needs_cuda_plugin = pytest.mark.skipif(
 def tiny_run(path: str, arg: str = "", frames: int = 256, clips: int = 4):
     """A tiny config of ``path`` whose teacher (frames/16·8 + 1 tokens) reaches the
     Pallas kernels' 128 tokens at 256 frames while the student (26 tokens) does not."""
-    config = load_config(path, ",".join(filter(None, ["model=tiny,mesh=v5e-8", arg])))
+    config = config_lib.load_file(path, ",".join(filter(None, ["model=tiny,mesh=v5e-8", arg])))
     config.data.update(target_frames=frames, batch_size=clips)
     if config.task == "pretrain":
         config.pretrain.average_top_k_layers = 2
@@ -148,7 +147,7 @@ TPU_PRESETS = [name for name, p in hardware.MESH_PRESETS.items() if p.topology]
 @pytest.mark.parametrize("preset", TPU_PRESETS)
 @pytest.mark.parametrize("path,arg", PRESET_CONFIGS)
 def test_every_preset_batch_splits_into_whole_clips_over_its_chips(preset, path, arg):
-    config = load_config(path, ",".join(filter(None, [f"mesh={preset}", arg])))
+    config = config_lib.load_file(path, ",".join(filter(None, [f"mesh={preset}", arg])))
     spec = hardware.MESH_PRESETS[preset]
     assert config.data.batch_size % spec.devices == 0
     assert config.data.batch_size % spec.processes == 0
@@ -169,11 +168,11 @@ def test_only_a_preset_whose_chips_cannot_hold_a_task_rematerialises_it():
     tasks["as20k"] = "configs/finetune_as20k.py"
     for preset in hardware.MESH_PRESETS:
         for task, path in tasks.items():
-            policy = load_config(path, f"mesh={preset}").execution.remat_policy
+            policy = config_lib.load_file(path, f"mesh={preset}").execution.remat_policy
             want = "full" if (preset, task) == ("v5e-1", "pretrain") else "none"
             assert policy == want, (preset, task)
     # a flag still overrides the preset's rule
-    config = load_config("configs/pretrain_as2m.py", "mesh=v5e-1")
+    config = config_lib.load_file("configs/pretrain_as2m.py", "mesh=v5e-1")
     config.execution.remat_policy = "dots"
     run = config_lib.read(config, hardware.chip("v5e"))
     assert run.execution.remat_policy == "dots"
@@ -264,7 +263,7 @@ def test_the_new_chips_compile_the_pretraining_step_with_the_kernels(
 
 
 def test_a_batch_that_does_not_split_over_the_devices_is_refused():
-    config = load_config("configs/pretrain_as2m.py", "mesh=v5e-32")
+    config = config_lib.load_file("configs/pretrain_as2m.py", "mesh=v5e-32")
     config.data.batch_size = 48  # the recipe's, over 32 chips: 1.5 clips each
     with pytest.raises(config_lib.ConfigError, match="multiple of 32"):
         config_lib.validate(
@@ -274,7 +273,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused():
 
 def test_tensor_parallelism_is_refused_for_the_kernels_that_would_repeat_work_per_rank():
     def validate(path, **execution):
-        config = load_config(path, "mesh=v5e-8")
+        config = config_lib.load_file(path, "mesh=v5e-8")
         config.mesh = {"data": -1, "fsdp": 1, "tensor": 2}
         config.execution.update(execution)
         return config_lib.validate(config, chip=hardware.chip("v5e"), device_count=8,
@@ -295,7 +294,7 @@ def test_a_decoder_grid_beyond_the_chips_kernel_vmem_takes_the_xla_form():
     takes XLA's form on v4 but not on v5p's 64 MiB; asked for by name it is refused."""
 
     def read(chip, frames, **execution):
-        config = load_config("configs/pretrain_as2m.py", "mesh=v5e-8")
+        config = config_lib.load_file("configs/pretrain_as2m.py", "mesh=v5e-8")
         config.data.target_frames = frames
         config.execution.update(execution)
         return config_lib.read(config, hardware.chip(chip))
@@ -310,7 +309,7 @@ def test_a_decoder_grid_beyond_the_chips_kernel_vmem_takes_the_xla_form():
     assert read("v4", 2048, dtype="float32").execution.decoder_conv == "xla"
     with pytest.raises(config_lib.ConfigError, match=r"needs about 26 MiB of VMEM at 2048 frames"):
         read("v4", 2048, decoder_conv_impl="pallas")
-    finetuning = load_config("configs/finetune_as20k.py", "mesh=v5e-8")
+    finetuning = config_lib.load_file("configs/finetune_as20k.py", "mesh=v5e-8")
     finetuning.data.target_frames = 2048  # no decoder: nothing to decide
     assert config_lib.read(finetuning, hardware.chip("v4")).execution.decoder_conv_impl == "auto"
 
@@ -321,7 +320,7 @@ def test_the_mlp_kernel_is_chosen_where_its_weights_and_gradients_fit_the_chips_
     but fits a v6e kernel's 100 MiB; asked for by name it is refused, saying why."""
 
     def read(preset, model, **execution):
-        config = load_config("configs/finetune_as20k.py", f"mesh={preset},model={model}")
+        config = config_lib.load_file("configs/finetune_as20k.py", f"mesh={preset},model={model}")
         config.execution.update(execution)
         topology = hardware.mesh_preset(preset).compile_topology
         return config_lib.read(config, hardware.of_topology(topology))
@@ -353,7 +352,9 @@ def test_the_decoder_backward_splits_over_the_cores_only_where_vmem_holds_the_sp
 
 
 def test_the_preset_batch_is_the_recipe_where_it_splits_else_whole_clips_per_chip():
-    batch = lambda preset: load_config("configs/pretrain_as2m.py", f"mesh={preset}").data.batch_size
+    batch = lambda preset: (
+        config_lib.load_file("configs/pretrain_as2m.py", f"mesh={preset}").data.batch_size
+    )
     assert [batch(p) for p in ("gpu", "v4-8", "v4-32", "v5e-8")] == [48] * 4
     assert [batch(p) for p in ("v5e-32", "v5p-128", "v5e-256", "2x-v5e-256")] == [64, 64, 256, 512]
     assert [batch(p) for p in ("v6e-8", "v5e-1", "v6e-1", "tpu7x-8")] == [48] * 4

@@ -1,6 +1,6 @@
 """Runs, datasets and tools on Cloud Storage: every path a user names may be a gs:// URL.
 
-The bucket is served by a GCS-API server on 127.0.0.1 (tests/gcs_server.py); each
+The bucket is served by a GCS-API server on 127.0.0.1 (asda_jax/testing/gcs_server.py); each
 test writes under a folder of its own.
 """
 
@@ -15,7 +15,7 @@ import pytest
 
 from asda_jax import audio, checkpoints, cli, embeddings, inference, storage, train_lib
 from asda_jax.data import datasets
-from tests import data_fixtures as fx
+from asda_jax.testing import fixtures as fx
 from tests import train_helpers as th
 from tests.test_finetune import configured, run_tool
 from tests.test_multihost import launch_pair, restore_on_one_device, wait_all
@@ -184,7 +184,8 @@ def test_a_run_in_the_bucket_survives_sigkill_and_resumes_exactly(gcs_bucket, da
 def test_two_processes_train_into_one_bucket_workdir(gcs_bucket, data_dir, tmp_path):
     single = tmp_path / "single"
     config = th.tiny_config(data_dir, num_train_steps=3, checkpoint_every=3)
-    train_lib.train(th.override(config, {"optim.decay_steps": 8}), single)
+    config.optim.decay_steps = 8
+    train_lib.train(config, single)
     workdir = f"{gcs_bucket}/pair/run"
     wait_all(launch_pair(workdir, data_dir, steps=3))
     assert saved_steps(workdir) == [3]

@@ -7,7 +7,7 @@ import pytest
 
 from asda_jax import audio
 from asda_jax.data import builders, datasets
-from tests import data_fixtures as fx
+from asda_jax.testing import fixtures as fx
 
 
 def records(dataset, split):

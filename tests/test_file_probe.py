@@ -18,8 +18,8 @@ import pytest
 from asda_jax import audio, embeddings, file_probe, inference, probe, progress, train_lib
 from asda_jax import model as model_lib
 from asda_jax.data import datasets
+from asda_jax.testing import fixtures as fx
 from benchmarks import sound_banks
-from tests import data_fixtures as fx
 from tests import train_helpers as th
 
 NORM = audio.NORM_STATS["audioset"]

@@ -29,7 +29,7 @@ from asda_jax import (
     train_lib,
 )
 from asda_jax.data import datasets
-from tests import data_fixtures as fx
+from asda_jax.testing import fixtures as fx
 from tests import train_helpers as th
 
 TINY = {
@@ -48,7 +48,9 @@ TINY = {
 
 
 def configured(path: str, arg: str, **overrides):
-    return th.override(th.load_config(path, arg), {**TINY, **overrides})
+    config = config_lib.load_file(path, arg)
+    config.update_from_flattened_dict({**TINY, **overrides})
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +111,8 @@ def test_every_recipe_runs_two_steps_on_eight_devices(name, sources, tmp_path):
 
 
 def test_the_as2m_recipe_samples_by_weight_and_spc2_rolls():
-    as2m = th.load_config("configs/finetune_as2m.py", "mesh=cpu")
-    spc = th.load_config("configs/finetune_spcv2.py", "mesh=cpu")
+    as2m = config_lib.load_file("configs/finetune_as2m.py", "mesh=cpu")
+    spc = config_lib.load_file("configs/finetune_spcv2.py", "mesh=cpu")
     assert as2m.data.weighted_sampling and not as2m.eval_data.weighted_sampling
     assert spc.finetune.spec_noise_and_roll and spc.finetune.loss == "bce"
     assert spc.seed == 42 and spc.optim.lr == 2e-4 and spc.data.target_frames == 128
@@ -332,8 +334,8 @@ def test_fine_tuning_from_the_pretrained_demo_beats_random_init(synthetic_60, tm
     fine-tuning steps from the pretrained encoder and from random init (same seed, data
     and budget)."""
     steps = 100
-    pretrain = th.override(
-        th.load_config("configs/demo.py"),
+    pretrain = config_lib.load_file("configs/demo.py")
+    pretrain.update_from_flattened_dict(
         {
             "data.data_dir": synthetic_60, "num_train_steps": steps, "optim.warmup_steps": 10,
             "pretrain.ema_anneal_end_step": steps,
@@ -343,7 +345,7 @@ def test_fine_tuning_from_the_pretrained_demo_beats_random_init(synthetic_60, tm
     train_lib.train(pretrain, tmp_path / "pretrain")
     accuracy = {}
     for name, init_from in (("pretrained", tmp_path / "pretrain"), ("random", "")):
-        config = th.load_config(
+        config = config_lib.load_file(
             "configs/finetune_demo.py", f"data_dir={synthetic_60},init_from={init_from}"
         )
         config.num_train_steps = config.checkpoint_every = 60

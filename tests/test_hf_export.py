@@ -18,6 +18,7 @@ import torch
 from asda_jax import (
     audio,
     checkpoints,
+    config_lib,
     embeddings,
     evaluation,
     hf_weights,
@@ -120,8 +121,12 @@ def finetuned_run(tmp_path_factory):
     init, 4 steps, evaluated), and a clip to label."""
     root = tmp_path_factory.mktemp("finetuned")
     datasets.prepare("synthetic", root / "data", clips_per_class=4)
-    config = th.load_config("configs/finetune_demo.py", f"data_dir={root / 'data'},init_from=")
-    th.override(config, {"model.preset": "tiny", "num_train_steps": 4, "optim.warmup_steps": 1})
+    config = config_lib.load_file(
+        "configs/finetune_demo.py", f"data_dir={root / 'data'},init_from="
+    )
+    config.update_from_flattened_dict(
+        {"model.preset": "tiny", "num_train_steps": 4, "optim.warmup_steps": 1}
+    )
     state, task, mesh = train_lib.train(config, root / "run")
     evaluation.final_evaluation(state, task, mesh, root / "run")  # as launch/train.py does
     clip = root / "clip.wav"

@@ -17,6 +17,7 @@ from safetensors.torch import save_file as torch_save_safetensors
 
 from asda_jax import (
     checkpoints,
+    config_lib,
     hear,
     hf_weights,
     inference,
@@ -25,7 +26,7 @@ from asda_jax import (
     torch_import,
 )
 from asda_jax import model as model_lib
-from tests import torch_reference as ref
+from asda_jax.testing import torch_reference as ref
 from tests import train_helpers as th
 
 SMALL = dict(dim=64, depth=2, num_heads=4)
@@ -374,7 +375,7 @@ def test_fine_tuning_starts_from_an_imported_eat_encoder(tmp_path):
         tmp_path / "eat", eat_model(SMALL, 0), eat_config(**SMALL, variant="pretrain")
     )
     export = imported_export(folder, tmp_path / "export")
-    config = th.load_config("configs/finetune_demo.py", f"data_dir={tmp_path / 'data'}")
+    config = config_lib.load_file("configs/finetune_demo.py", f"data_dir={tmp_path / 'data'}")
     config.finetune.init_from = str(export)
     config.model.update(preset="eat_base", embed_dim=64, depth=2, num_heads=4, decoder_dim=64)
     config.num_train_steps = config.optim.warmup_steps = 0

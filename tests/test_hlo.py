@@ -1,8 +1,8 @@
-"""The HLO text readers of benchmarks/hlo.py (what launch/compile.py prints beside the
+"""The HLO text readers of asda_jax/hlo.py (what launch/compile.py prints beside the
 compiler's own analyses), on hand-written HLO: their forms of replica groups, shapes,
 memory spaces and op names."""
 
-from benchmarks import hlo
+from asda_jax import hlo
 
 
 def test_replica_groups_of_every_form():

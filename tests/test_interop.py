@@ -28,7 +28,7 @@ from asda_jax import (
 )
 from asda_jax import model as model_lib
 from asda_jax.data import datasets
-from tests import torch_reference as ref
+from asda_jax.testing import torch_reference as ref
 from tests import train_helpers as th
 
 DIM, DEPTH, HEADS, CLASSES = 64, 2, 4, 5
@@ -389,7 +389,7 @@ def test_an_exported_run_feeds_fine_tuning_and_extraction(data_dir, exported_run
     assert run == model_lib.Execution(chip="cpu")  # not the run's remat or kernels
     spec = spectrogram()[:, :64]
     np.testing.assert_array_equal(np.asarray(encode_run(spec)), np.asarray(encode_export(spec)))
-    config = th.load_config("configs/finetune_demo.py", f"data_dir={data_dir}")
+    config = config_lib.load_file("configs/finetune_demo.py", f"data_dir={data_dir}")
     config.finetune.init_from = str(export)
     config.model.preset = "tiny"
     config.data.target_frames = config.eval_data.target_frames = 64

@@ -2,6 +2,7 @@
 cycle; and every fact about hardware lives in ``asda_jax/hardware.py``."""
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -124,6 +125,46 @@ def test_an_upward_or_local_import_is_caught(tmp_path):
     )
     found = imports_of("sharding", package=tmp_path)
     assert found == [("train_lib", False, 1), ("data.pipeline", True, 4)]
+
+
+def imported_names(source: str) -> set[str]:
+    """Every module a script's source imports, and each name it imports from one
+    (IPython's ``%`` and ``!`` lines read as ``pass``)."""
+    code = re.sub(r"(?m)^(\s*)[%!].*$", r"\1pass", source)
+    found = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def user_facing_sources() -> dict[str, str]:
+    """The launchers, configs and the notebook's code: what a user runs from an
+    installed package, so they may import from it and no further."""
+    sources = {
+        str(path.relative_to(th.ROOT)): path.read_text()
+        for folder in ("launch", "configs")
+        for path in sorted((th.ROOT / folder).glob("*.py"))
+    }
+    notebook = json.loads((th.ROOT / "notebooks" / "colab_demo.ipynb").read_text())
+    sources["notebooks/colab_demo.ipynb"] = "\n".join(
+        "".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"
+    )
+    return sources
+
+
+def test_what_users_run_imports_the_package_not_the_checkouts_tests_or_benchmarks():
+    outside = ("tests", "benchmarks", "asda_jax.testing")
+    found = {
+        name: sorted(m for m in imported_names(source) if m.split(".")[0] in outside[:2]
+                     or m.startswith(outside[2]))
+        for name, source in user_facing_sources().items()
+    }  # fmt: skip
+    assert len(found) > 15 and "notebooks/colab_demo.ipynb" in found
+    assert {name: mods for name, mods in found.items() if mods} == {}
+    assert imported_names("%pip install x\nfrom benchmarks import hlo") >= {"benchmarks"}
 
 
 def test_the_readme_draws_the_same_layer_map():

@@ -31,7 +31,8 @@ from asda_jax import (
 )
 from asda_jax import model as model_lib
 from asda_jax.data import datasets, pipeline, synthetic
-from tests import data_fixtures as fx
+from asda_jax.testing import fixtures as fx
+from asda_jax.testing import memory
 from tests import train_helpers as th
 
 NORM = audio.NORM_STATS["audioset"]
@@ -310,7 +311,8 @@ def test_pretraining_on_an_unlabelled_folder_resumes_exactly(recordings, tmp_pat
     uninterrupted = {step: values[0] for step, values in th.losses(workdir).items()}
     assert sorted(uninterrupted) == [1, 2, 3, 4]
     shutil.rmtree(workdir / "checkpoints" / "4")  # as if the run had died after step 3
-    config = th.override(th.load_config("configs/pretrain_folder.py", arg), overrides)
+    config = config_lib.load_file("configs/pretrain_folder.py", arg)
+    config.update_from_flattened_dict(overrides)
     train_lib.train(config, workdir)
     recorded = th.losses(workdir)  # steps 3 and 4 again, recorded once each
     assert recorded == {step: [loss] for step, loss in uninterrupted.items()}
@@ -338,9 +340,10 @@ def classifier(tmp_path_factory):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sf.write(path, synthetic.clip(c, seed), audio.SAMPLE_RATE)
     datasets.prepare("audio_folder", root / "data", source_dir=root / "source")
-    config = th.load_config("configs/finetune_demo.py", f"data_dir={root / 'data'},init_from=")
-    th.override(
-        config,
+    config = config_lib.load_file(
+        "configs/finetune_demo.py", f"data_dir={root / 'data'},init_from="
+    )
+    config.update_from_flattened_dict(
         {
             "model.preset": "tiny", "model.drop_path": 0.0, "num_train_steps": 150,
             "data.dataset": "audio_folder", "eval_data.dataset": "audio_folder",
@@ -357,8 +360,8 @@ def test_a_long_recording_gives_a_timeline_with_its_events(classifier, tmp_path)
     classes = [(synthetic.CLASS_NAMES.index(n), a, b) for n, a, b in TRUTH]
     recording = fx.event_recording(tmp_path / "five_minutes.wav", 300.0, classes)
     output = tmp_path / "timeline.json"
-    done, _ = th.run_measured(
-        "infer", f"--checkpoint={classifier}", f"--audio={recording}", "--events",
+    done, _ = memory.run_measured(
+        "launch/infer.py", f"--checkpoint={classifier}", f"--audio={recording}", "--events",
         f"--output={output}", "--top_k=2",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -386,11 +389,11 @@ def test_an_hour_through_extract_and_infer_keeps_memory_bounded(classifier, tmp_
     ):
         grown = {}
         for path in (short, hour):
-            done, memory = th.run_measured(
-                script, f"--checkpoint={classifier}", f"--audio={path}", *extra
+            done, measured = memory.run_measured(
+                f"launch/{script}.py", f"--checkpoint={classifier}", f"--audio={path}", *extra
             )
             assert done.returncode == 0, done.stderr[-3000:]
-            grown[path.stem] = memory["reading_growth_mib"]
+            grown[path.stem] = measured["reading_growth_mib"]
         print(f"{script}: resident memory grew {grown} MiB while reading")
         assert grown["hour"] - grown["short"] < whole_mib / 3, (script, grown)
     rows = (tmp_path / "hour.csv").read_text().splitlines()
@@ -422,7 +425,8 @@ def test_continued_pretraining_starts_student_and_teacher_from_an_exports_encode
     overrides = {"num_train_steps": 0, "optim.warmup_steps": 0, "data.batch_size": 8,
                  "pretrain.average_top_k_layers": 2,
                  "mask.clone_batch": 2, "data.threads": 1}  # fmt: skip
-    config = th.override(th.load_config("configs/pretrain_small_corpus.py", arg), overrides)
+    config = config_lib.load_file("configs/pretrain_small_corpus.py", arg)
+    config.update_from_flattened_dict(overrides)
     state, task, _ = train_lib.train(config, tmp_path / "run")
     assert task.config.model == source.config.model and task.config.model.depth == 3
     assert task.data_cfg.norm == (-3.5, 2.25)
@@ -434,4 +438,4 @@ def test_continued_pretraining_starts_student_and_teacher_from_an_exports_encode
     for a, b in zip(jax.tree.leaves(state.params["decoder"]), jax.tree.leaves(fresh), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(config_lib.ConfigError, match="not an export"):
-        th.load_config("configs/pretrain_small_corpus.py", f"init_from={tmp_path / 'run'}")
+        config_lib.load_file("configs/pretrain_small_corpus.py", f"init_from={tmp_path / 'run'}")

@@ -13,7 +13,7 @@ from asda_jax import hardware, release_weights, sharding
 from asda_jax import model as model_lib
 from asda_jax.kernels import decoder as decoder_kernel
 from asda_jax.kernels import mlp as mlp_kernel
-from tests import torch_reference as ref
+from asda_jax.testing import torch_reference as ref
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4, max_time_patches=64)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from asda_jax import masking, objectives, release_weights
 from asda_jax import model as model_lib
-from tests import torch_reference as ref
+from asda_jax.testing import torch_reference as ref
 from tests.test_training_update import release_ema_decay
 
 RELEASE_GRID = (64, 8)

@@ -12,7 +12,7 @@ import pytest
 
 from asda_jax import audio, hardware, sharding
 from asda_jax.data import datasets, pipeline
-from tests import data_fixtures as fx
+from asda_jax.testing import fixtures as fx
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from asda_jax.data import datasets
 from asda_jax.kernels import decoder as decoder_kernel
 from asda_jax.kernels import mlp as mlp_kernel
 from asda_jax.model.config import DTYPES
-from tests.train_helpers import ROOT, override, tiny_config
+from tests.train_helpers import ROOT, tiny_config
 
 KERNELS_INTERPRETED = {
     "execution.interpret_kernels": True,
@@ -174,8 +174,9 @@ def test_a_dropped_tail_block_is_caught(interpreted_config, monkeypatch):
 
 
 def test_fastest_drops_a_kernel_slower_than_its_xla_form(interpreted_config):
-    run = config_lib.read(override(interpreted_config.copy_and_resolve_references(),
-                                   {"selfcheck": "fastest"}), hardware.HOST)  # fmt: skip
+    fastest = interpreted_config.copy_and_resolve_references()
+    fastest.selfcheck = "fastest"
+    run = config_lib.read(fastest, hardware.HOST)
     check = lambda kernel, ms: selfcheck.Check(
         kernel, "pallas", "", "bfloat16", 0.0, 0.0, 2e-2, 5e-2, kernel_ms=ms, xla_ms=1.0
     )
@@ -183,8 +184,8 @@ def test_fastest_drops_a_kernel_slower_than_its_xla_form(interpreted_config):
     assert selfcheck.dropped(run, checks) == ["mlp"]
     assert selfcheck.dropped(dataclasses.replace(run, selfcheck="on"), checks) == []
     with pytest.raises(config_lib.ConfigError, match="selfcheck must be one of"):
-        config_lib.read(override(interpreted_config.copy_and_resolve_references(),
-                                 {"selfcheck": "sometimes"}), hardware.HOST)  # fmt: skip
+        fastest.selfcheck = "sometimes"
+        config_lib.read(fastest, hardware.HOST)
 
 
 def final_params(workdir, config):

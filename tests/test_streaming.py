@@ -19,7 +19,7 @@ import soundfile as sf
 from asda_jax import audio, checkpoints, embeddings, inference, streaming, timeline, windows
 from asda_jax import model as model_lib
 from asda_jax.data import synthetic
-from tests import data_fixtures as fx
+from asda_jax.testing import fixtures as fx
 from tests import train_helpers as th
 
 SR = audio.SAMPLE_RATE

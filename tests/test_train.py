@@ -13,7 +13,7 @@ import pytest
 
 from asda_jax import checkpoints, config_lib, hardware, optim, sharding, train_lib, train_state
 from asda_jax.data import datasets, pipeline
-from tests import data_fixtures as fx
+from asda_jax.testing import fixtures as fx
 from tests import train_helpers as th
 
 
@@ -188,7 +188,7 @@ def test_three_steps_on_a_data_fsdp_tensor_mesh_equal_one_device(data_dir):
 
 @pytest.mark.subprocess
 def test_pretrain_as2m_runs_on_a_pod_style_mesh(tmp_path):
-    from tests import data_fixtures as fx
+    from asda_jax.testing import fixtures as fx
 
     fx.audioset_segments_tree(tmp_path / "as")
     datasets.prepare("audioset", tmp_path / "data", source_dir=tmp_path / "as")

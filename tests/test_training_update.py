@@ -1,6 +1,6 @@
 """The whole training update against a float64 oracle written in the release's terms.
 
-The oracle works on release-named tensors (``tests/torch_reference.py``'s model in
+The oracle works on release-named tensors (``asda_jax/testing/torch_reference.py``'s model in
 float64 for the loss and gradients; NumPy float64 for the rest) and states each rule
 as the release does (docs/method.md §4–5): the criterion's scaling, clipping at a
 global norm, AdamW with fairseq's cosine schedule (warmup from the floor), weight decay
@@ -31,8 +31,7 @@ from asda_jax import (
     train_lib,
     train_state,
 )
-from tests import torch_reference as ref
-from tests import train_helpers as th
+from asda_jax.testing import torch_reference as ref
 
 # ---------------------------------------------------------------------------- the oracle
 
@@ -224,7 +223,7 @@ SHIPPED = {"pretrain": "configs/pretrain_as2m.py", "finetune": "configs/finetune
 
 def base_params(task: str, **optim_fields):
     """The parameter shapes of the shipped base-model config of ``task``, and its task."""
-    config = th.load_config(SHIPPED[task])
+    config = config_lib.load_file(SHIPPED[task])
     config.optim.update(optim_fields)
     model = train_lib.make_task(config_lib.read(config, hardware.HOST))
     boxed = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))

