@@ -87,8 +87,9 @@ def join_processes(config) -> None:
 
 
 def start() -> None:
-    """What every launcher does first in ``main``: chatty libraries' INFO logs dropped,
-    and ``gs://`` paths served as ``storage`` describes."""
+    """What every launcher does first, before ``app.run`` parses its flags: chatty
+    libraries' INFO logs dropped, and ``gs://`` paths served as ``storage.configure``
+    says (which must precede the process's first path operation)."""
     absl_logging.get_absl_handler().addFilter(_QuietLibraries())
     storage.configure()
 

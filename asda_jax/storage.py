@@ -39,8 +39,10 @@ REMOTE_SCHEMES = ("gs://",)
 
 def configure() -> None:
     """Serves ``gs://`` paths through gcsfs with uncached listings (see the module
-    docstring); settings the user made first are kept. Changes this process's
-    environment, which the processes it starts inherit."""
+    docstring); settings the user made first are kept. Call it before the process's
+    first epath operation on any path, local ones included: epath reads
+    ``EPATH_USE_TF`` once, then keeps its choice. Changes this process's environment,
+    which the processes it starts inherit."""
     os.environ.setdefault("EPATH_USE_TF", "false")  # epath reads it at each call
     fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 

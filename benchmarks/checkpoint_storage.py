@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    storage.configure()  # gcsfs, which the loopback server can serve
     state, plan = base_pretraining_state()
     size = sum(x.nbytes for x in jax.tree.leaves(state))
     times: dict[tuple[str, str], list[float]] = {}

@@ -100,7 +100,6 @@ def print_traffic(traffic: dict, top: int) -> None:
 
 def main(argv):
     del argv
-    cli.start()
     config = FLAGS.config
     topology = FLAGS.topology or config.get("topology")
     if not topology:
@@ -147,4 +146,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

@@ -87,7 +87,6 @@ def convert_hugging_face(source: str):
 
 def main(argv):
     del argv
-    cli.start()
     try:
         from_hub = FLAGS.checkpoint.startswith(hf_weights.HUB_PREFIX)
         is_file = not from_hub and storage.path(FLAGS.checkpoint).is_file()
@@ -102,4 +101,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

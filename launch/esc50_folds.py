@@ -60,7 +60,6 @@ def fold_accuracy(config, fold: int, workdir: epath.Path) -> float | None:
 
 def main(argv):
     del argv
-    cli.start()
     root = storage.path(FLAGS.workdir)
     accuracies = {}
     try:
@@ -83,4 +82,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

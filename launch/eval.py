@@ -64,7 +64,6 @@ def evaluation_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 def main(argv):
     del argv
-    cli.start()
     try:
         saved = ml_collections.ConfigDict(inference.saved_config(FLAGS.workdir))
         config = evaluation_config(saved)
@@ -97,4 +96,5 @@ def _fit(batch_size: int, mesh) -> int:
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

@@ -130,7 +130,6 @@ def write(output: str, params: dict, cfg, description: dict):
 
 def main(argv):
     del argv
-    cli.start()
     try:
         if FLAGS.format == "saved_model":  # restores the run itself, in its own forms
             from asda_jax import serving
@@ -147,4 +146,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

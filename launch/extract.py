@@ -72,7 +72,6 @@ def window_frames(encoder: inference.LoadedEncoder) -> int | None:
 
 def main(argv):
     del argv
-    cli.start()
     try:
         encoder = inference.load_encoder(FLAGS.checkpoint, FLAGS.step)
         embedder = embeddings.Embedder(
@@ -108,4 +107,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

@@ -168,7 +168,6 @@ def write(results: list[dict], path: epath.Path) -> None:
 
 def main(argv):
     del argv
-    cli.start()
     try:
         if FLAGS.output and storage.path(FLAGS.output).suffix not in (".csv", ".json"):
             raise ValueError(f"--output must end in .csv or .json, got {FLAGS.output}")
@@ -198,4 +197,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

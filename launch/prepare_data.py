@@ -39,7 +39,6 @@ flags.mark_flag_as_required("dataset")
 
 def main(argv):
     del argv
-    cli.start()
     options = {"max_seconds": FLAGS.max_seconds, "workers": FLAGS.workers, "pool": FLAGS.pool}
     if FLAGS.dataset == "synthetic":
         options["clips_per_class"] = FLAGS.clips_per_class
@@ -58,4 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

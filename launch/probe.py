@@ -63,7 +63,6 @@ def probed(encoders: dict, waves, files, folds) -> dict:
 
 def main(argv):
     del argv
-    cli.start()
     if not (FLAGS.checkpoint or FLAGS.logmel):
         print("error: nothing to probe: pass --checkpoint and/or --logmel", file=sys.stderr)
         sys.exit(2)
@@ -95,4 +94,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

@@ -28,7 +28,6 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    cli.start()
     try:
         page = report.write(FLAGS.workdir)
     except FileNotFoundError as e:
@@ -38,4 +37,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

@@ -40,7 +40,6 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
     del argv
-    cli.start()
     chip = hardware.of_devices(jax.devices())
     try:
         run = config_lib.validate(
@@ -65,4 +64,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

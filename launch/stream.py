@@ -132,7 +132,6 @@ def line(output, top_k: int, names) -> dict:
 
 def main(argv):
     del argv
-    cli.start()
     try:
         if FLAGS.realtime and not FLAGS.audio:
             raise ValueError("--realtime plays a file: pass --audio")
@@ -182,4 +181,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

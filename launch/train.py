@@ -82,7 +82,6 @@ def report_evaluation(state, task, mesh, workdir: epath.Path) -> None:
 
 def main(argv):
     del argv
-    cli.start()
     config = FLAGS.config
     workdir = storage.path(FLAGS.workdir)
     try:
@@ -110,4 +109,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.start()  # before the flags: a config file may already read a gs:// path
     app.run(main)

