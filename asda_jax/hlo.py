@@ -1,13 +1,14 @@
 """What a compiled program's HLO text says: its collectives, custom calls and where its
-memory traffic goes. Benchmark tooling, read from ``compiled.as_text()`` with regular
-expressions: the text's form belongs to the compiler's version, so these readers are
-kept out of the library and checked against the version in ``requirements.txt``.
+memory traffic goes, read from ``compiled.as_text()`` with regular expressions. The
+text's form belongs to the compiler's version, so these readers are checked against the
+version pinned in ``requirements.txt`` (tests/test_hlo.py), and what ``aot.py`` reports
+from the compiler's own analyses never depends on them.
 
-``summary`` gathers what ``launch/compile.py`` prints beside the library's report
-(``asda_jax/aot.py``): collectives per kind, group size and whether they cross slices;
-custom-call targets (the Pallas kernels are ``tpu_custom_call``); and the HLO's op
-traffic per scope and opcode, in HBM and in on-chip memory spaces, with the roofline
-that traffic gives (an estimate).
+``summary`` gathers what ``launch/compile.py`` prints beside ``aot.py``'s report:
+collectives per kind, group size and whether they cross slices; custom-call targets
+(the Pallas kernels are ``tpu_custom_call``); and the HLO's op traffic per scope and
+opcode, in HBM and in on-chip memory spaces, with the roofline that traffic gives (an
+estimate).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def configure() -> None:
     first epath operation on any path, local ones included: epath reads
     ``EPATH_USE_TF`` once, then keeps its choice. Changes this process's environment,
     which the processes it starts inherit."""
-    os.environ.setdefault("EPATH_USE_TF", "false")  # epath reads it at each call
+    os.environ.setdefault("EPATH_USE_TF", "false")
     fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
